@@ -1,0 +1,127 @@
+"""Determinism settings, applied once, before JAX initialises its backends.
+
+Bitwise reproducibility needs three things fixed before the first array exists:
+the XLA flags (read once, when a backend starts), the PRNG implementation and the
+default matmul precision. `apply()` sets all three; `jaxrepro/__init__.py` calls it,
+so importing anything from the package is enough. `fingerprint()` records what a
+run actually ran with, so two runs can be told apart later.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import Any
+
+# Flags every backend parses (XLA registers all debug options on every build).
+GPU_FLAGS = (
+    "--xla_gpu_deterministic_ops=true",  # deterministic scatter/reductions/convolutions
+    "--xla_gpu_exclude_nondeterministic_ops=true",  # fail rather than run a racy kernel
+)
+# CPU: XLA:CPU is run-to-run deterministic with its default flags (measured here);
+# code-path flags that change the bits (but keep determinism) are chosen per run with
+# `extra_xla_flags`, never silently.
+CPU_FLAGS: tuple[str, ...] = ()
+
+JAX_CONFIG = {
+    "jax_default_matmul_precision": "highest",
+    "jax_default_prng_impl": "threefry2x32",
+    "jax_threefry_partitionable": True,
+    "jax_enable_x64": False,
+}
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+            "tensorflow-datasets", "array-record", "chex", "ml-collections")
+
+_applied = False
+
+
+def xla_flags(extra: tuple[str, ...] = ()) -> str:
+    """The XLA_FLAGS value jaxrepro runs with: the user's own flags, then ours."""
+    user = os.environ.get("XLA_FLAGS", "").split()
+    wanted = [f for f in (*GPU_FLAGS, *CPU_FLAGS, *extra) if f not in user]
+    return " ".join(user + wanted)
+
+
+def backend_started() -> bool:
+    """True once any JAX backend exists (after which XLA flags are ignored)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # noqa: PLC0415  (only if jax is loaded already)
+
+    return bool(getattr(xla_bridge, "_backends", {}))
+
+
+def apply(extra_xla_flags: tuple[str, ...] = ()) -> None:
+    """Set XLA flags and JAX config for bitwise-deterministic runs.
+
+    Raises RuntimeError if a backend already started with other flags, because
+    then the flags could no longer take effect and the run would silently differ.
+    """
+    global _applied
+    flags = xla_flags(tuple(extra_xla_flags))
+    if backend_started():
+        if flags != os.environ.get("XLA_FLAGS", ""):
+            raise RuntimeError(
+                "jaxrepro: a JAX backend is already running, so XLA flags can no longer "
+                f"change. Wanted XLA_FLAGS={flags!r}. Import jaxrepro (or call "
+                "jaxrepro.determinism.apply) before creating any JAX array.")
+    else:
+        os.environ["XLA_FLAGS"] = flags
+    import jax  # noqa: PLC0415  (must come after XLA_FLAGS is set)
+
+    for name, value in JAX_CONFIG.items():
+        jax.config.update(name, value)
+    _applied = True
+
+
+def _cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or "", []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key == "flags":
+                    flags = sorted(value.split())
+                    break
+    except OSError:
+        pass
+    return {"model": model, "flags": flags, "machine": platform.machine()}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def fingerprint() -> dict[str, Any]:
+    """Everything about this process that can change the bits of a result."""
+    import jax  # noqa: PLC0415
+
+    devices = jax.devices()
+    threads = {k: os.environ.get(k) for k in (
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+        "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS") if os.environ.get(k)}
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = os.cpu_count()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpu": _cpu_info(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_config": {k: getattr(jax.config, k) for k in JAX_CONFIG},
+        "threads": {"cpu_count": os.cpu_count(), "affinity": affinity, **threads},
+    }
