@@ -1,0 +1,81 @@
+"""The optimizer follows Keras's RMSprop formula operation for operation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrepro.optim import keras_rmsprop, make_optimizer
+
+
+def keras_reference(w, grads, lr=1e-3, rho=0.9, eps=1e-7):
+    """Keras 3 RMSprop.update_step written again in float32 numpy."""
+    f = np.float32
+    v = np.zeros_like(w)
+    for g in grads:
+        v = f(rho) * v + f(1 - rho) * np.square(g)
+        w = w - (f(lr) * g) / np.sqrt(v + f(eps))
+    return w, v
+
+
+def _run(step, w0, grads):
+    tx = keras_rmsprop()
+    params, state = {"w": jnp.asarray(w0)}, tx.init({"w": jnp.asarray(w0)})
+    for g in grads:
+        params, state = step(tx, params, state, {"w": jnp.asarray(g)})
+    return np.asarray(params["w"]), np.asarray(state.velocity["w"])
+
+
+def _step(tx, p, s, g):
+    u, s2 = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s2
+
+
+def _inputs():
+    k = jax.random.split(jax.random.key(3), 4)
+    w0 = np.asarray(jax.random.normal(k[0], (500,)))
+    return w0, [np.asarray(jax.random.normal(kk, (500,))) * 1e-2 for kk in k[1:]]
+
+
+def test_matches_keras_formula_bitwise_op_by_op():
+    # Without jit every operation is rounded on its own, as in Keras's update_step.
+    w0, grads = _inputs()
+    with jax.disable_jit():
+        w, v = _run(_step, w0, grads)
+    w_ref, v_ref = keras_reference(w0, grads)
+    chex.assert_trees_all_equal(v, v_ref)
+    chex.assert_trees_all_equal(w, w_ref)
+
+
+def test_jit_contracts_to_fma_within_an_ulp_or_two():
+    # XLA:CPU fuses rho*v + (1-rho)*g**2 into a fused multiply-add (one rounding
+    # instead of two), so jitted bits may differ from the op-by-op formula. This test
+    # pins that down: reproducible under jit, and within 2 ulp per step of the formula.
+    w0, grads = _inputs()
+    step = jax.jit(_step, static_argnums=0)
+    w1, v1 = _run(step, w0, grads)
+    w2, v2 = _run(step, w0, grads)
+    chex.assert_trees_all_equal((w1, v1), (w2, v2))
+    _, v_ref = keras_reference(w0, grads)
+    ulps = np.abs(v1.view(np.int32).astype(np.int64) - v_ref.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 2 * len(grads)
+
+
+def test_differs_from_optax_rmsprop_bits():
+    # Documents why we do not use optax.rmsprop: same algorithm, other bits.
+    g = {"w": jnp.linspace(-1, 1, 101)}
+    ours = keras_rmsprop().update(g, keras_rmsprop().init(g))[0]["w"]
+    theirs = optax.rmsprop(1e-3, decay=0.9, eps=1e-7).update(
+        g, optax.rmsprop(1e-3, decay=0.9, eps=1e-7).init(g))[0]["w"]
+    assert not np.array_equal(np.asarray(ours), np.asarray(theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_unknown_optimizer():
+    try:
+        make_optimizer("adamw")
+    except ValueError as e:
+        assert "rmsprop" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
