@@ -1,0 +1,103 @@
+"""A readable report of one run: curves (PNG) and a Markdown summary.
+
+The curves follow Figures 10-13 of seeds/000 (training and validation accuracy and
+loss per epoch). The summary puts the final metrics next to what proves the run's
+bits: the final state SHA-256, the data and epoch-order fingerprints and the
+environment the run ran in. Two runs with the same bits print the same hashes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(epochs: list[dict], title: str, path: Path) -> None:
+    """Training/validation accuracy and loss per epoch, side by side."""
+    x = [r["epoch"] for r in epochs]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss")):
+        ax.plot(x, [r[f"train_{key}"] for r in epochs], "o-", label=f"Training {key}")
+        ax.plot(x, [r[f"val_{key}"] for r in epochs], "s--", label=f"Validation {key}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(workdir: str | Path) -> Path:
+    """Write curves.png and report.md into a run directory; returns the report path."""
+    workdir = Path(workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    final = json.loads((workdir / "final.json").read_text())
+    epochs = _jsonl(workdir / "metrics.jsonl")
+    envs = _jsonl(workdir / "environment.jsonl")
+    timing = _jsonl(workdir / "timing.jsonl")
+    data = json.loads((workdir / "data.json").read_text())
+    title = f"{config['experiment']} ({config['model']}), seed {config['seed']}"
+    if epochs:
+        plot_curves(epochs, title, workdir / "curves.png")
+
+    lines = [f"# Run report: {title}", ""]
+    if epochs:
+        last = epochs[-1]
+        lines += ["## Final metrics", "",
+                  f"- epochs: {last['epoch']}, steps: {final['step']}",
+                  f"- training accuracy {last['train_accuracy']:.4f}, loss {last['train_loss']:.4f}",
+                  f"- validation accuracy {last['val_accuracy']:.4f}, loss {last['val_loss']:.4f}",
+                  "", "![curves](curves.png)", "",
+                  "| epoch | train loss | train acc | val loss | val acc | state fingerprint |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_accuracy']:.4f} | "
+                  f"{r['val_loss']:.4f} | {r['val_accuracy']:.4f} | `{r['state'][:16]}` |"
+                  for r in epochs]
+        lines.append("")
+    pc = final.get("param_count", {})
+    lines += ["## Bits", "",
+              "Two runs are bitwise identical when these hashes agree "
+              "(`final.json` lists one SHA-256 per leaf).", "",
+              f"- final state SHA-256 (params, batch stats, optimizer): "
+              f"`{final['final_state_sha256']}`",
+              f"- last per-step fingerprint: `{final['last_step_fingerprint']}`",
+              f"- config SHA-256: `{final['config_hash']}`",
+              f"- training data: `{data['train']}`",
+              f"- validation data: `{data['validation']}`",
+              f"- epoch order ({config['num_epochs']} epochs): `{data['epoch_order']}`",
+              f"- parameters: {pc.get('trainable', '?'):,} trainable, "
+              f"{pc.get('total', '?'):,} in total", ""]
+    if timing:
+        ips = [t["images_per_second"] for t in timing]
+        lines += ["## Speed (wall clock; not part of the bits)", "",
+                  f"- training images/s per epoch: {', '.join(f'{v:.1f}' for v in ips)} "
+                  "(the first epoch includes compilation)", ""]
+    if envs:
+        env = envs[-1]
+        lines += ["## Environment", "",
+                  f"- Python {env['python']}, {env['platform']}",
+                  f"- backend {env['backend']}, device {env['device_kind']} "
+                  f"x{env['device_count']}, CPU {env['cpu']['model']} "
+                  f"({env['cpu']['machine']}, {len(env['cpu']['flags'])} flags)",
+                  f"- threads: {env['threads']}",
+                  f"- XLA_FLAGS: `{env['xla_flags']}`",
+                  f"- JAX config: {env['jax_config']}",
+                  "- packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+                  f"- started {len(envs)} time(s), at steps "
+                  f"{[e['start_step'] for e in envs]}", ""]
+    path = workdir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
