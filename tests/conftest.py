@@ -1,0 +1,61 @@
+"""Shared test fixtures: one TFDS data dir per session, and a way to run the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small versions of the paper's runs: same code path, seconds instead of hours.
+TINY = {
+    "minixception": ["--config.data.image_size=32", "--config.data.num_train=64",
+                     "--config.data.num_val=32", "--config.batch_size=16",
+                     "--config.eval_batch_size=32", "--config.num_epochs=2",
+                     "--config.checkpoint_every_steps=3"],
+    # The ConvNet's five VALID convolutions and four pools need at least 80 px.
+    "convnet": ["--config.data.image_size=80", "--config.data.num_train=64",
+                "--config.data.num_val=32", "--config.batch_size=16",
+                "--config.eval_batch_size=32", "--config.num_epochs=2",
+                "--config.checkpoint_every_steps=3"],
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory) -> Path:
+    """A TFDS data dir shared by the session (and its subprocesses), built on demand."""
+    path = Path(os.environ.get("JAXREPRO_TEST_DATA_DIR") or tmp_path_factory.mktemp("tfds"))
+    os.environ["JAXREPRO_DATA_DIR"] = str(path)
+    return path
+
+
+def run_cli(module: str, *args: str, timeout: int = 600, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` in a fresh process from the repo root."""
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
+def train_cli(model: str, workdir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    """Train the tiny version of an experiment into `workdir`."""
+    return run_cli("jaxrepro.train", f"experiments/{model}.py", *TINY[model],
+                   "--workdir", str(workdir), "--no-progress", *extra, **kw)
+
+
+def records(workdir: Path) -> dict:
+    """The deterministic records of a run, as text, for byte-for-byte comparison."""
+    return {name: (workdir / name).read_text()
+            for name in ("steps.jsonl", "metrics.jsonl", "final.json", "data.json",
+                         "config.json")}
+
+
+def final(workdir: Path) -> dict:
+    return json.loads((workdir / "final.json").read_text())
