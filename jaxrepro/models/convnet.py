@@ -1,0 +1,65 @@
+"""The paper's ConvNet (seeds/000, Listing 3) as a Flax Linen module.
+
+Layer for layer the Keras model: Rescaling(1/255), five 3x3 VALID ReLU convolutions
+(32, 64, 128, 256, 256 filters) with 2x2 max pooling between them, Flatten,
+Dropout(0.5), Dense(1). The sigmoid of the Keras head is left to the loss, so the
+module returns the logit, which is also what the explanation tools explain.
+991,041 trainable parameters at 180x180x3, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Keras `Rescaling(1./255)` multiplies by the float32 scale (it does not divide).
+RESCALE = 1.0 / 255.0
+
+# Keras defaults: glorot_uniform kernels, zero biases.
+KERNEL_INIT = nn.initializers.xavier_uniform()
+BIAS_INIT = nn.initializers.zeros
+
+
+def rescale(x: jax.Array) -> jax.Array:
+    """Keras `Rescaling(1./255)`: pixels 0..255 -> 0..1 by a float32 multiply."""
+    return x * jnp.asarray(RESCALE, jnp.float32)
+
+
+class ConvNet(nn.Module):
+    """Keras ConvNet of Listing 3; input NHWC float32 pixels 0..255, output logits [N].
+
+    Parameter names: `conv1`..`conv5`, `dense` (each with `kernel`, `bias`).
+    With `mutable=['intermediates']`, `apply` also returns the activations listed
+    in `INTERMEDIATES` (each sown as a 1-tuple): `convK_out` is the ReLU output of
+    `convK` (Keras's Conv2D(activation="relu") output), `poolK_out` the pooled map.
+    """
+
+    dropout_rate: float = 0.5
+    filters: tuple[int, ...] = (32, 64, 128, 256, 256)
+
+    # Last convolutional activation, for Grad-CAM (key in 'intermediates').
+    LAST_CONV: ClassVar[str] = "conv5_out"
+    INTERMEDIATES: ClassVar[tuple[str, ...]] = (
+        "conv1_out", "pool1_out", "conv2_out", "pool2_out", "conv3_out", "pool3_out",
+        "conv4_out", "pool4_out", "conv5_out")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Logits [N] of images [N, H, W, 3]; `train` turns dropout on."""
+        x = rescale(jnp.asarray(x, jnp.float32))
+        n_conv = len(self.filters)
+        for i, features in enumerate(self.filters, start=1):
+            x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=KERNEL_INIT,
+                        bias_init=BIAS_INIT, name=f"conv{i}")(x)
+            x = nn.relu(x)
+            self.sow("intermediates", f"conv{i}_out", x)
+            if i < n_conv:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                self.sow("intermediates", f"pool{i}_out", x)
+        x = x.reshape((x.shape[0], -1))  # Keras Flatten, channels_last (H, W, C) order
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        x = nn.Dense(1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense")(x)
+        return x[:, 0]

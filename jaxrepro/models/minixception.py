@@ -1,0 +1,118 @@
+"""The paper's mini Xception (seeds/000, Listing 6) as a Flax Linen module.
+
+Rescaling(1/255), a 5x5 VALID stem convolution, five residual blocks
+(BN, ReLU, SeparableConv, BN, ReLU, SeparableConv, MaxPool 3/2 SAME, plus a strided
+1x1 convolution of the block input), global average pooling, Dropout(0.5), Dense(1).
+Batch norm uses the Keras defaults (momentum 0.99, epsilon 1e-3). Returns the logit;
+the sigmoid of the Keras head is left to the loss. 718,849 trainable parameters and
+721,857 in all (with the batch-norm running statistics) at 180x180x3, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
+
+# Keras BatchNormalization defaults (Flax's epsilon default is 1e-5).
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+
+
+class SeparableConv(nn.Module):
+    """Keras SeparableConv2D without bias: depthwise 3x3 (multiplier 1), then pointwise 1x1.
+
+    Flax stores the depthwise kernel as [kh, kw, 1, C] (Keras: [kh, kw, C, 1]); the
+    Glorot limit is the same either way, since fan_in + fan_out does not change.
+    """
+
+    features: int
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Depthwise then pointwise convolution, SAME padding, stride 1."""
+        channels = x.shape[-1]
+        k = self.kernel_size
+        x = nn.Conv(channels, (k, k), padding="SAME", feature_group_count=channels,
+                    use_bias=False, kernel_init=KERNEL_INIT, name="depthwise")(x)
+        return nn.Conv(self.features, (1, 1), padding="VALID", use_bias=False,
+                       kernel_init=KERNEL_INIT, name="pointwise")(x)
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPSILON, use_fast_variance=False, name=name)
+
+
+class XceptionBlock(nn.Module):
+    """One residual block of Listing 6; halves the spatial size.
+
+    Parameter names: `bn_a`, `sepconv_a` (`depthwise`, `pointwise`), `bn_b`,
+    `sepconv_b`, `residual`. Sown in its own 'intermediates' scope: `act_a`, `act_b`
+    (ReLU outputs), `sepconv_a_out`, `sepconv_b_out`, `pool_out`, `residual_out`.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Block output: max-pooled separable branch plus the strided 1x1 shortcut."""
+        residual = x
+        x = nn.relu(_batch_norm(train, "bn_a")(x))
+        self.sow("intermediates", "act_a", x)
+        x = SeparableConv(self.features, name="sepconv_a")(x)
+        self.sow("intermediates", "sepconv_a_out", x)
+        x = nn.relu(_batch_norm(train, "bn_b")(x))
+        self.sow("intermediates", "act_b", x)
+        x = SeparableConv(self.features, name="sepconv_b")(x)
+        self.sow("intermediates", "sepconv_b_out", x)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        self.sow("intermediates", "pool_out", x)
+        residual = nn.Conv(self.features, (1, 1), strides=(2, 2), padding="SAME",
+                           use_bias=False, kernel_init=KERNEL_INIT, name="residual")(residual)
+        self.sow("intermediates", "residual_out", residual)
+        return x + residual  # keras.layers.add([x, residual])
+
+
+class MiniXception(nn.Module):
+    """Keras mini Xception of Listing 6; input NHWC float32 pixels 0..255, output logits [N].
+
+    Parameter names: `stem`, `block1`..`block5` (see `XceptionBlock`), `dense`; batch
+    norm running averages live in the `batch_stats` collection. `train=True` uses
+    batch statistics (pass `mutable=['batch_stats']`) and dropout (pass
+    `rngs={'dropout': key}`). With `mutable=['intermediates']` it also returns the
+    top-level activations in `INTERMEDIATES` plus each block's own (nested under
+    `blockK`), each sown as a 1-tuple.
+    """
+
+    dropout_rate: float = 0.5
+    sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    stem_features: int = 32
+
+    # Last convolutional activation, for Grad-CAM: block5's output, before the
+    # global average pooling (key in 'intermediates').
+    LAST_CONV: ClassVar[str] = "block5_out"
+    INTERMEDIATES: ClassVar[tuple[str, ...]] = (
+        "stem_out", "block1_out", "block2_out", "block3_out", "block4_out", "block5_out",
+        "gap_out")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Logits [N] of images [N, H, W, 3]; `train` selects batch statistics and dropout."""
+        x = rescale(jnp.asarray(x, jnp.float32))
+        x = nn.Conv(self.stem_features, (5, 5), padding="VALID", use_bias=False,
+                    kernel_init=KERNEL_INIT, name="stem")(x)
+        self.sow("intermediates", "stem_out", x)
+        for i, size in enumerate(self.sizes, start=1):
+            x = XceptionBlock(size, name=f"block{i}")(x, train=train)
+            self.sow("intermediates", f"block{i}_out", x)
+        x = jnp.mean(x, axis=(1, 2))  # GlobalAveragePooling2D
+        self.sow("intermediates", "gap_out", x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        x = nn.Dense(1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense")(x)
+        return x[:, 0]
