@@ -34,12 +34,22 @@ def keras_rmsprop(learning_rate: float = 1e-3, rho: float = 0.9,
         del params
         velocity = jax.tree.map(lambda v, g: rho * v + (1 - rho) * jnp.square(g),
                                 state.velocity, grads)
-        # Negated increment: w + (-d) rounds exactly like Keras's w - d.
-        updates = jax.tree.map(lambda g, v: -((learning_rate * g) / jnp.sqrt(v + epsilon)),
+        updates = jax.tree.map(lambda g, v: _increment(learning_rate, g, v, epsilon),
                                grads, velocity)
         return updates, KerasRMSpropState(velocity)
 
     return optax.GradientTransformation(init, update)
+
+
+def _increment(lr: float, g: jax.Array, v: jax.Array, epsilon: float) -> jax.Array:
+    """-(lr * g) / sqrt(v + epsilon), rounded op by op as Keras does.
+
+    XLA's simplifier rewrites a / sqrt(b) into a * rsqrt(b) (optax's form, other
+    bits); the optimization barrier keeps the square root a value of its own. The
+    negation is exact: w + (-d) rounds exactly like Keras's w - d.
+    """
+    denominator = jax.lax.optimization_barrier(jnp.sqrt(v + epsilon))
+    return -((lr * g) / denominator)
 
 
 OPTIMIZERS = {"rmsprop": keras_rmsprop}

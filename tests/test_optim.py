@@ -1,5 +1,7 @@
 """The optimizer follows Keras's RMSprop formula operation for operation."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -48,18 +50,21 @@ def test_matches_keras_formula_bitwise_op_by_op():
     chex.assert_trees_all_equal(w, w_ref)
 
 
-def test_jit_contracts_to_fma_within_an_ulp_or_two():
-    # XLA:CPU fuses rho*v + (1-rho)*g**2 into a fused multiply-add (one rounding
-    # instead of two), so jitted bits may differ from the op-by-op formula. This test
-    # pins that down: reproducible under jit, and within 2 ulp per step of the formula.
+def test_jit_matches_keras_formula_when_fma_is_off():
+    # jaxrepro caps XLA:CPU at AVX on x86-64 (no FMA), so the jitted update rounds
+    # every operation like Keras does. With FMA (other ISAs, or a user's own
+    # --xla_cpu_max_isa) XLA contracts rho*v + (1-rho)*g**2 and the bits may move by an
+    # ulp or two per step: still reproducible, checked with a bound instead.
     w0, grads = _inputs()
     step = jax.jit(_step, static_argnums=0)
     w1, v1 = _run(step, w0, grads)
-    w2, v2 = _run(step, w0, grads)
-    chex.assert_trees_all_equal((w1, v1), (w2, v2))
-    _, v_ref = keras_reference(w0, grads)
-    ulps = np.abs(v1.view(np.int32).astype(np.int64) - v_ref.view(np.int32).astype(np.int64))
-    assert ulps.max() <= 2 * len(grads)
+    chex.assert_trees_all_equal((w1, v1), _run(step, w0, grads))
+    w_ref, v_ref = keras_reference(w0, grads)
+    if "--xla_cpu_max_isa=AVX" in os.environ.get("XLA_FLAGS", "").split():
+        chex.assert_trees_all_equal((w1, v1), (w_ref, v_ref))
+    else:
+        ulps = np.abs(v1.view(np.int32).astype(np.int64) - v_ref.view(np.int32).astype(np.int64))
+        assert ulps.max() <= 2 * len(grads)
 
 
 def test_differs_from_optax_rmsprop_bits():
