@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -31,6 +32,7 @@ def plot_curves(epochs: list[dict], title: str, path: Path) -> None:
         ax.plot(x, [r[f"train_{key}"] for r in epochs], "o-", label=f"Training {key}")
         ax.plot(x, [r[f"val_{key}"] for r in epochs], "s--", label=f"Validation {key}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -49,7 +51,10 @@ def write(workdir: str | Path) -> Path:
     envs = _jsonl(workdir / "environment.jsonl")
     timing = _jsonl(workdir / "timing.jsonl")
     data = json.loads((workdir / "data.json").read_text())
-    title = f"{config['experiment']} ({config['model']}), seed {config['seed']}"
+    name = config["experiment"]
+    if config["model"] != name:
+        name += f" ({config['model']})"
+    title = f"{name}, seed {config['seed']}"
     if epochs:
         plot_curves(epochs, title, workdir / "curves.png")
 
