@@ -39,8 +39,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
     mngr.wait_until_finished()
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restore checkpoint `step` into the structure of `abstract_state`, verified."""
+def restore(mngr: ocp.CheckpointManager, step: int,
+            abstract_state: Any | None) -> tuple[Any, dict]:
+    """Restore checkpoint `step`, verified against its manifest.
+
+    With `abstract_state` the leaves come back in that structure (a TrainState);
+    with None, as the nested dicts Orbax saved (for tools that have no model).
+    """
     where = Path(mngr.directory) / str(step)
     try:
         restored = mngr.restore(int(step), args=ocp.args.Composite(

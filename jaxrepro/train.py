@@ -119,12 +119,23 @@ def make_train_step(model, tx: optax.GradientTransformation,
                          batch_stats=updates.get("batch_stats", {}), opt_state=opt_state)
         correct = jnp.sum((logits > 0) == (labels > 0))
         metrics = {"loss": loss, "correct": correct}
-        prints = {"params": fingerprint.tree_fingerprint(new.params),
-                  "batch_stats": fingerprint.tree_fingerprint(new.batch_stats),
-                  "opt_state": fingerprint.tree_fingerprint(new.opt_state)}
-        return new, metrics, prints
+        return new, metrics, _fingerprints(new)
 
     return jax.jit(train_step, donate_argnums=0)
+
+
+def _fingerprints(state: TrainState) -> dict:
+    """On-device fingerprints of every leaf of params, batch stats and optimizer state."""
+    return {"params": fingerprint.tree_fingerprint(state.params),
+            "batch_stats": fingerprint.tree_fingerprint(state.batch_stats),
+            "opt_state": fingerprint.tree_fingerprint(state.opt_state)}
+
+
+def _state_fingerprints(prints: dict) -> dict:
+    """Host record of `_fingerprints`: per-leaf hex and their combined SHA-256."""
+    leaves = {f"{group}.{k}" if k else group: v for group, tree in prints.items()
+              for k, v in fingerprint.to_hex(tree).items()}
+    return {"state": fingerprint.combine_hex(leaves), "leaves": leaves}
 
 
 def make_eval_step(model) -> Callable:
@@ -288,6 +299,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
             "root_key": np.asarray(jax.random.key_data(rng.root_key(config.seed))).tolist(),
             "config_hash": configlib.config_hash(config)})
 
+    if start == 0:  # the initial state is "step 0": a different init shows up here
+        record = {"step": 0, "epoch": 0, "loss": None, "accuracy": None,
+                  **_state_fingerprints(jax.jit(_fingerprints)(state))}
+        step_records = [record]
+        _write_jsonl(steps_log, step_records)
     step, order, order_epoch = start, None, -1
     bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
@@ -302,12 +318,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
             state, metrics, prints = train_step(state, data.train.images[idx],
                                                 data.train.labels[idx], keys)
             step += 1
-            leaves = {f"{group}.{k}" if k else group: v
-                      for group, tree in prints.items()
-                      for k, v in fingerprint.to_hex(tree).items()}
             record = {"step": step, "epoch": epoch + 1, "loss": float(metrics["loss"]),
-                      "accuracy": int(metrics["correct"]) / bs,
-                      "state": fingerprint.combine_hex(leaves), "leaves": leaves}
+                      "accuracy": int(metrics["correct"]) / bs, **_state_fingerprints(prints)}
             step_records.append(record)
             _append(steps_log, record)
             timed_images += bs

@@ -58,7 +58,8 @@ def test_records_are_complete(reference_runs, model):
     run = reference_runs / model
     steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1)) and len(steps) == 8
+    # Step 0 is the initial state, then one record per training step.
+    assert [s["step"] for s in steps] == list(range(9)) and steps[0]["loss"] is None
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(len(set(s["leaves"])) > 5 for s in steps)
     assert len({s["state"] for s in steps}) == len(steps)  # every step changes the state
