@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxrepro.records import read_jsonl
+
 # ULP-distance histogram bins: [lo, hi) per bin.
 ULP_BINS = ((0, 1), (1, 2), (2, 4), (4, 16), (16, 256), (256, 65536), (65536, 2**63))
 
@@ -114,18 +116,6 @@ def locate(path: str | Path) -> Side:
                     "nor a checkpoint directory (<run>/checkpoints/<step>)")
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
-
-
 def load_state(side: Side) -> tuple[int, dict[str, np.ndarray]]:
     """The verified leaves ('params.conv1.kernel' -> array) of a side's checkpoint."""
     from jaxrepro import checkpoint as ckpt  # noqa: PLC0415  (imports jax)
@@ -181,7 +171,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def environment_diff(a: Path, b: Path) -> dict[str, list]:
     """Fields of the (latest) environment fingerprints that differ: name -> [a, b]."""
-    ea, eb = _jsonl(a / "environment.jsonl"), _jsonl(b / "environment.jsonl")
+    ea, eb = read_jsonl(a / "environment.jsonl"), read_jsonl(b / "environment.jsonl")
     if not ea or not eb:
         return {}
     fa = _flatten({k: v for k, v in ea[-1].items() if k != "start_step"})
@@ -214,9 +204,22 @@ def diff(a: str | Path, b: str | Path) -> dict:
     identical = all(r["equal"] for r in report["leaves"].values())
     report["verdict"] = "identical" if identical else "different"
     report["first_divergence"] = first_divergent_step(
-        _jsonl(side_a.run / "steps.jsonl"), _jsonl(side_b.run / "steps.jsonl"))
+        read_jsonl(side_a.run / "steps.jsonl"), read_jsonl(side_b.run / "steps.jsonl"))
     report["environment_diff"] = environment_diff(side_a.run, side_b.run)
     return report
+
+
+def _describe_change(a: Any, b: Any) -> str:
+    """A short account of how a fingerprint field changed (flag lists by token)."""
+    if isinstance(a, str) and isinstance(b, str) and (" " in a or " " in b):
+        ta, tb = a.split(), b.split()
+        only_a = [t for t in ta if t not in tb] or ["nothing"]
+        only_b = [t for t in tb if t not in ta] or ["nothing"]
+        return f"only in A: {' '.join(only_a)}; only in B: {' '.join(only_b)}"
+    if isinstance(a, list) and isinstance(b, list):
+        return (f"only in A: {[v for v in a if v not in b][:8]}; "
+                f"only in B: {[v for v in b if v not in a][:8]}")
+    return f"{json.dumps(a)[:60]} vs {json.dumps(b)[:60]}"
 
 
 def format_text(report: dict) -> str:
@@ -256,7 +259,7 @@ def format_text(report: dict) -> str:
     env = report["environment_diff"]
     if env:
         lines.append("environment differs in:")
-        lines += [f"  {k}: {json.dumps(va)[:60]} vs {json.dumps(vb)[:60]}" for k, (va, vb) in env.items()]
+        lines += [f"  {k}: {_describe_change(va, vb)}" for k, (va, vb) in env.items()]
     else:
         lines.append("environment: same fingerprint")
     return "\n".join(lines)

@@ -17,11 +17,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from jaxrepro.records import read_jsonl  # noqa: E402
 
 
 def plot_curves(epochs: list[dict], title: str, path: Path) -> None:
@@ -47,9 +43,9 @@ def write(workdir: str | Path) -> Path:
     workdir = Path(workdir)
     config = json.loads((workdir / "config.json").read_text())
     final = json.loads((workdir / "final.json").read_text())
-    epochs = _jsonl(workdir / "metrics.jsonl")
-    envs = _jsonl(workdir / "environment.jsonl")
-    timing = _jsonl(workdir / "timing.jsonl")
+    epochs = read_jsonl(workdir / "metrics.jsonl")
+    envs = read_jsonl(workdir / "environment.jsonl")
+    timing = read_jsonl(workdir / "timing.jsonl")
     data = json.loads((workdir / "data.json").read_text())
     name = config["experiment"]
     if config["model"] != name:

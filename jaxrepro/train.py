@@ -43,6 +43,7 @@ from jaxrepro import checkpoint as ckpt
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
 from jaxrepro import determinism, fingerprint, models, report, rng
+from jaxrepro.records import append_jsonl, read_jsonl, write_jsonl
 from jaxrepro.data.augment import augment_batch
 from jaxrepro.data.order import epoch_order
 from jaxrepro.optim import make_optimizer
@@ -187,31 +188,6 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
 # ---------------------------------------------------------------- run records
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file; a torn last line (killed writer) is dropped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    tmp.replace(path)
-
-
-def _append(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-
-
 def default_workdir(config: ml_collections.ConfigDict) -> Path:
     """`checkpoints/<experiment>/seed<seed>` under the current directory."""
     return Path("checkpoints") / config.experiment / f"seed{config.seed}"
@@ -284,11 +260,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                            "(root key or data cursor do not match)")
         start = last
     steps_log, epochs_log = workdir / "steps.jsonl", workdir / "metrics.jsonl"
-    step_records = [r for r in _read_jsonl(steps_log) if r["step"] <= start]
-    epoch_records = [r for r in _read_jsonl(epochs_log) if r["step"] <= start]
-    _write_jsonl(steps_log, step_records)
-    _write_jsonl(epochs_log, epoch_records)
-    _append(workdir / "environment.jsonl", {"start_step": start, **env})
+    step_records = [r for r in read_jsonl(steps_log) if r["step"] <= start]
+    epoch_records = [r for r in read_jsonl(epochs_log) if r["step"] <= start]
+    write_jsonl(steps_log, step_records)
+    write_jsonl(epochs_log, epoch_records)
+    append_jsonl(workdir / "environment.jsonl", {"start_step": start, **env})
 
     train_step, eval_step = make_train_step(model, tx, config.augment), make_eval_step(model)
 
@@ -303,7 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         record = {"step": 0, "epoch": 0, "loss": None, "accuracy": None,
                   **_state_fingerprints(jax.jit(_fingerprints)(state))}
         step_records = [record]
-        _write_jsonl(steps_log, step_records)
+        write_jsonl(steps_log, step_records)
     step, order, order_epoch = start, None, -1
     bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
@@ -321,7 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
             record = {"step": step, "epoch": epoch + 1, "loss": float(metrics["loss"]),
                       "accuracy": int(metrics["correct"]) / bs, **_state_fingerprints(prints)}
             step_records.append(record)
-            _append(steps_log, record)
+            append_jsonl(steps_log, record)
             timed_images += bs
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -339,8 +315,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                                                  config.probe_examples),
                     "state": record["state"]}
                 epoch_records.append(epoch_record)
-                _append(epochs_log, epoch_record)
-                _append(workdir / "timing.jsonl", {
+                append_jsonl(epochs_log, epoch_record)
+                append_jsonl(workdir / "timing.jsonl", {
                     "epoch": epoch + 1, "seconds": elapsed, "train_images": timed_images,
                     "images_per_second": timed_images / elapsed})
                 bar.write(f"epoch {epoch + 1}: train loss {epoch_record['train_loss']:.4f} "
