@@ -181,8 +181,8 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
     d = config.data
     common = dict(source=d.source, image_size=d.image_size, num_train=d.num_train,
                   num_val=d.num_val, data_dir=d.data_dir or None, folder=d.folder or None)
-    return Data(train=datalib.load(split="train", **common),
-                validation=datalib.load(split="validation", **common))
+    splits = datalib.load_splits(**common)
+    return Data(train=splits["train"], validation=splits["validation"])
 
 
 # ---------------------------------------------------------------- run records

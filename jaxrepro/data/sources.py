@@ -235,14 +235,12 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def load(source: str = "shapes", split: str = "train", *, image_size: int | None = None,
-         num_train: int = 2000, num_val: int = 1000, data_dir: str | os.PathLike | None = None,
-         folder: str | os.PathLike | None = None, builder_config: Any = None) -> DataSplit:
-    """One split of a source, in memory (see the package docstring for the arguments)."""
+def _index(source: str, image_size: int | None, num_train: int, num_val: int,
+           data_dir, folder, builder_config) -> tuple[Opened, list[str], np.ndarray,
+                                                     dict[str, np.ndarray], int]:
+    """Open a source and apply the split rule: (opened, ids, labels, partition, size)."""
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; valid sources: {sorted(SOURCES)}")
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
     opened = SOURCES[source](
@@ -261,10 +259,17 @@ def load(source: str = "shapes", split: str = "train", *, image_size: int | None
         labels_list.append(int(record["label"]))
     labels = np.asarray(labels_list, dtype=np.int32)
     try:
-        chosen = partition(ids, labels, num_train, num_val)[split]
+        parts = partition(ids, labels, num_train, num_val)
     except DataError as e:
         raise DataError(f"{source}: {e} ({len(ids)} examples at "
                         f"{opened.provenance.get('path')})") from e
+    return opened, ids, labels, parts, size
+
+
+def _materialise(source: str, split: str, opened: Opened, ids: list[str], labels: np.ndarray,
+                 chosen: np.ndarray, size: int) -> DataSplit:
+    """Decode the chosen examples of a split into arrays."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
 
     # Images are decoded here, by Pillow, with the one resize rule; masks by TFDS.
     data_source = opened.builder.as_data_source(
@@ -281,6 +286,24 @@ def load(source: str = "shapes", split: str = "train", *, image_size: int | None
                      image_size=size, provenance=opened.provenance)
 
 
-def load_splits(source: str = "shapes", **kwargs: Any) -> dict[str, DataSplit]:
-    """Both splits ({"train": ..., "validation": ...}) with the same arguments."""
-    return {name: load(source, name, **kwargs) for name in SPLITS}
+def load(source: str = "shapes", split: str = "train", *, image_size: int | None = None,
+         num_train: int = 2000, num_val: int = 1000, data_dir: str | os.PathLike | None = None,
+         folder: str | os.PathLike | None = None, builder_config: Any = None) -> DataSplit:
+    """One split of a source, in memory (see the package docstring for the arguments)."""
+    if source in SOURCES and split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+    opened, ids, labels, parts, size = _index(source, image_size, num_train, num_val,
+                                              data_dir, folder, builder_config)
+    return _materialise(source, split, opened, ids, labels, parts[split], size)
+
+
+def load_splits(source: str = "shapes", *, image_size: int | None = None,
+                num_train: int = 2000, num_val: int = 1000,
+                data_dir: str | os.PathLike | None = None,
+                folder: str | os.PathLike | None = None,
+                builder_config: Any = None) -> dict[str, DataSplit]:
+    """Both splits ({"train": ..., "validation": ...}), opening and indexing the source once."""
+    opened, ids, labels, parts, size = _index(source, image_size, num_train, num_val,
+                                              data_dir, folder, builder_config)
+    return {name: _materialise(source, name, opened, ids, labels, parts[name], size)
+            for name in SPLITS}
