@@ -9,7 +9,7 @@ module returns the logit, which is also what the explanation tools explain.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,9 @@ class ConvNet(nn.Module):
 
     dropout_rate: float = 0.5
     filters: tuple[int, ...] = (32, 64, 128, 256, 256)
+    # The ReLU of every convolution; explanation methods swap in one with another
+    # backward pass (guided backprop) via `model.clone(activation=...)`.
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     # Last convolutional activation, for Grad-CAM (key in 'intermediates').
     LAST_CONV: ClassVar[str] = "conv5_out"
@@ -54,7 +57,7 @@ class ConvNet(nn.Module):
         for i, features in enumerate(self.filters, start=1):
             x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=KERNEL_INIT,
                         bias_init=BIAS_INIT, name=f"conv{i}")(x)
-            x = nn.relu(x)
+            x = self.activation(x)
             self.sow("intermediates", f"conv{i}_out", x)
             if i < n_conv:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")

@@ -10,7 +10,7 @@ the sigmoid of the Keras head is left to the loss. 718,849 trainable parameters 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -58,16 +58,17 @@ class XceptionBlock(nn.Module):
     """
 
     features: int
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Block output: max-pooled separable branch plus the strided 1x1 shortcut."""
         residual = x
-        x = nn.relu(_batch_norm(train, "bn_a")(x))
+        x = self.activation(_batch_norm(train, "bn_a")(x))
         self.sow("intermediates", "act_a", x)
         x = SeparableConv(self.features, name="sepconv_a")(x)
         self.sow("intermediates", "sepconv_a_out", x)
-        x = nn.relu(_batch_norm(train, "bn_b")(x))
+        x = self.activation(_batch_norm(train, "bn_b")(x))
         self.sow("intermediates", "act_b", x)
         x = SeparableConv(self.features, name="sepconv_b")(x)
         self.sow("intermediates", "sepconv_b_out", x)
@@ -93,6 +94,9 @@ class MiniXception(nn.Module):
     dropout_rate: float = 0.5
     sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     stem_features: int = 32
+    # The ReLU inside every block; explanation methods swap in one with another
+    # backward pass (guided backprop) via `model.clone(activation=...)`.
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     # Last convolutional activation, for Grad-CAM: block5's output, before the
     # global average pooling (key in 'intermediates').
@@ -109,7 +113,7 @@ class MiniXception(nn.Module):
                     kernel_init=KERNEL_INIT, name="stem")(x)
         self.sow("intermediates", "stem_out", x)
         for i, size in enumerate(self.sizes, start=1):
-            x = XceptionBlock(size, name=f"block{i}")(x, train=train)
+            x = XceptionBlock(size, activation=self.activation, name=f"block{i}")(x, train=train)
             self.sow("intermediates", f"block{i}_out", x)
         x = jnp.mean(x, axis=(1, 2))  # GlobalAveragePooling2D
         self.sow("intermediates", "gap_out", x)
