@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state, with a SHA-256 manifest of every leaf.
 
-A checkpoint holds two Orbax items: `state` (step, params, batch_stats, optimizer
-state) and `meta` (JSON: data cursor, root key data, config hash and a manifest of
-SHA-256 of each leaf's bytes). Restoring recomputes the hashes and refuses a
+A checkpoint holds two or three Orbax items: `state` (step, params, batch_stats,
+optimizer state), `meta` (JSON: data cursor, root key data, config hash and a
+manifest of SHA-256 of each leaf's bytes) and, optionally, `probe` (per-layer
+activations and gradients on a fixed batch, see `jaxrepro.probe`, with its own
+manifest). The checkpoint of step 0, the initial state, is always kept. Restoring recomputes the hashes and refuses a
 checkpoint whose bytes do not match, so a damaged or truncated checkpoint is
 reported, never half-loaded. Saves are synchronous and Orbax finalises a step
 directory atomically, so a run killed mid-save leaves the previous checkpoint intact.
@@ -15,8 +17,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 from jaxrepro.fingerprint import sha256_leaves
+
+
+ITEMS = ("state", "meta", "probe")
 
 
 class CheckpointError(RuntimeError):
@@ -24,18 +30,26 @@ class CheckpointError(RuntimeError):
 
 
 def manager(directory: str | Path, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-    """A synchronous Orbax CheckpointManager for the `state` and `meta` items."""
+    """A synchronous Orbax CheckpointManager: the latest `max_to_keep` steps plus step 0."""
+    policy = None
+    if max_to_keep is not None:
+        policy = cm.AnyPreservationPolicy([cm.LatestN(max_to_keep), cm.CustomSteps([0])])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
+        preservation_policy=policy, enable_async_checkpointing=False, create=True)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_names=("state", "meta"))
+                                 item_names=ITEMS)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Save state and metadata (plus the leaf manifest) as checkpoint `step`."""
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         probe: Any | None = None) -> None:
+    """Save state, metadata (plus leaf manifests) and an optional probe as `step`."""
     meta = {**meta, "step": int(step), "manifest": sha256_leaves(state)}
-    mngr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    items = {"state": ocp.args.StandardSave(state)}
+    if probe is not None:
+        meta["probe_manifest"] = sha256_leaves(probe)
+        items["probe"] = ocp.args.StandardSave(probe)
+    mngr.save(int(step), args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items),
+              force=True)
     mngr.wait_until_finished()
 
 
@@ -56,15 +70,36 @@ def restore(mngr: ocp.CheckpointManager, step: int,
     state, meta = restored["state"], restored["meta"]
     if not isinstance(meta, dict) or "manifest" not in meta:
         raise CheckpointError(f"checkpoint {where} has no manifest: not a jaxrepro checkpoint")
-    actual, expected = sha256_leaves(state), meta["manifest"]
-    bad = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+    _verify(where, state, meta["manifest"])
+    if int(meta.get("step", -1)) != int(step):
+        raise CheckpointError(f"checkpoint {where} records step {meta.get('step')}, not {step}")
+    return jax.device_put(state), meta
+
+
+def _verify(where: Path, tree: Any, manifest: dict) -> None:
+    actual = sha256_leaves(tree)
+    bad = sorted(k for k in set(actual) | set(manifest) if actual.get(k) != manifest.get(k))
     if bad:
         raise CheckpointError(
             f"checkpoint {where} is damaged: {len(bad)} leaf/leaves do not match the "
             f"SHA-256 manifest written at save time: {', '.join(bad[:8])}")
-    if int(meta.get("step", -1)) != int(step):
-        raise CheckpointError(f"checkpoint {where} records step {meta.get('step')}, not {step}")
-    return jax.device_put(state), meta
+
+
+def restore_probe(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+    """The verified probe (numpy leaves) and metadata of checkpoint `step`."""
+    where = Path(mngr.directory) / str(step)
+    if not (where / "probe").is_dir():
+        raise CheckpointError(f"checkpoint {where} has no probe (diff_probe_examples was 0, "
+                              "or the run predates probes)")
+    try:
+        restored = mngr.restore(int(step), args=ocp.args.Composite(
+            probe=ocp.args.StandardRestore(None), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for damaged files
+        raise CheckpointError(f"probe of checkpoint {where} could not be read "
+                              f"({type(e).__name__}: {str(e)[:300]})") from e
+    probe, meta = jax.device_get(restored["probe"]), restored["meta"]
+    _verify(where / "probe", probe, meta.get("probe_manifest", {}))
+    return probe, meta
 
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:

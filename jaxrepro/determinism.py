@@ -36,6 +36,9 @@ JAX_CONFIG = {
     "jax_enable_x64": False,
 }
 
+# Settings jaxrepro leaves to the user but records, since they change the bits.
+RECORDED_CONFIG = ("jax_disable_jit",)
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "tensorflow-datasets", "array-record", "chex", "ml-collections")
 
@@ -127,6 +130,6 @@ def fingerprint() -> dict[str, Any]:
         "device_count": len(devices),
         "cpu": _cpu_info(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "jax_config": {k: getattr(jax.config, k) for k in JAX_CONFIG},
+        "jax_config": {k: getattr(jax.config, k) for k in (*JAX_CONFIG, *RECORDED_CONFIG)},
         "threads": {"cpu_count": os.cpu_count(), "affinity": affinity, **threads},
     }
