@@ -43,6 +43,10 @@ def locate(path: str | Path) -> tuple[Path, int | None]:
     """(run directory, step or None for the latest) of a run or checkpoint path."""
     path = Path(path)
     if not path.exists():
+        if path.name.isdigit() and path.parent.name == "checkpoints" and path.parent.is_dir():
+            steps = sorted(int(p.name) for p in path.parent.iterdir() if p.name.isdigit())
+            raise RunNotFound(f"{path.parent.parent} has no checkpoint at step {path.name}; "
+                              f"it has {steps}")
         raise RunNotFound(f"{path} does not exist")
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)

@@ -43,6 +43,7 @@ from jaxrepro import checkpoint as ckpt
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
 from jaxrepro import determinism, fingerprint, models, report, rng
+from jaxrepro import probe as probelib
 from jaxrepro.records import append_jsonl, read_jsonl, write_jsonl
 from jaxrepro.data.augment import augment_batch
 from jaxrepro.data.order import epoch_order
@@ -218,11 +219,65 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, config_fil
 # ---------------------------------------------------------------------- train
 
 
+def fork_source(parent: str | Path) -> tuple[Path, int]:
+    """(run directory, step) of the checkpoint a fork starts from; checked before any write."""
+    from jaxrepro import runs  # noqa: PLC0415
+
+    try:
+        parent_run, step = runs.locate(parent)
+    except runs.RunNotFound as e:
+        raise RunError(f"--fork-from: {e}") from None
+    parent_mngr = ckpt.manager(parent_run / "checkpoints", max_to_keep=None)
+    if step is None:
+        step = ckpt.latest_step(parent_mngr)
+    if step is None or step not in parent_mngr.all_steps():
+        raise RunError(f"--fork-from: {parent_run} has no checkpoint at step {step}; it has "
+                       f"{sorted(parent_mngr.all_steps())}")
+    return parent_run, int(step)
+
+
+def fork(parent_run: Path, step: int, workdir: Path, config: ml_collections.ConfigDict,
+         state: TrainState) -> TrainState:
+    """Start the run in `workdir` from checkpoint `step` of another run.
+
+    The parent's checkpoint becomes this run's state, and the parent's step and epoch
+    records up to that step are copied, so `jaxrepro.diff` compares the two step by
+    step: they agree up to the fork step and part from the next one on, when this
+    run's config takes over. Records the parent, the step and the config keys that
+    differ in fork.json.
+    """
+    parent_mngr = ckpt.manager(parent_run / "checkpoints", max_to_keep=None)
+    try:
+        state, _ = ckpt.restore(parent_mngr, step, jax.eval_shape(lambda: state))
+    except ckpt.CheckpointError as e:
+        raise RunError(f"--fork-from: {e}") from None
+    except ValueError as e:  # Orbax: the tree does not match this config's model
+        raise RunError(f"--fork-from: checkpoint {step} of {parent_run} does not fit this "
+                       f"config's model and optimizer ({str(e)[:200]})") from None
+    parent_config = json.loads((parent_run / "config.json").read_text())
+    changes = configlib.diff_keys(parent_config, json.loads(configlib.to_json(config)))
+    write_jsonl(workdir / "steps.jsonl",
+                [r for r in read_jsonl(parent_run / "steps.jsonl") if r["step"] <= step])
+    write_jsonl(workdir / "metrics.jsonl",
+                [r for r in read_jsonl(parent_run / "metrics.jsonl") if r["step"] <= step])
+    (workdir / "fork.json").write_text(json.dumps(
+        {"parent": str(parent_run.resolve()), "step": int(step), "config_changes": changes},
+        indent=2) + "\n")
+    return state
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False,
           overwrite: bool = False, config_file: str | None = None,
-          progress: bool = True) -> dict:
-    """Train `config` in `workdir`; returns the final record (also in final.json)."""
+          progress: bool = True, fork_from: str | Path | None = None) -> dict:
+    """Train `config` in `workdir`; returns the final record (also in final.json).
+
+    With `fork_from` (a run or checkpoint directory) a new run starts from that
+    checkpoint instead of the initial weights; see `fork`.
+    """
     workdir = Path(workdir)
+    if fork_from is not None and resume:
+        raise RunError("--fork-from starts a new run; to continue a fork, pass --resume alone")
+    fork_at = fork_source(fork_from) if fork_from is not None else None
     prepare_workdir(workdir, config, config_file, resume, overwrite)
     env = determinism.fingerprint()
 
@@ -250,16 +305,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     model, tx = build_model(config), build_optimizer(config)
     state = init_state(model, tx, keys["init"], config.data.image_size)
     mngr = ckpt.manager(workdir / "checkpoints", config.keep_checkpoints)
+    steps_log, epochs_log = workdir / "steps.jsonl", workdir / "metrics.jsonl"
     start = 0
     last = ckpt.latest_step(mngr)
-    if last is not None:
+    if fork_at is not None and last is None:
+        state, start = fork(*fork_at, workdir, config, state), fork_at[1]
+    elif last is not None:
         state, meta = ckpt.restore(mngr, last, jax.eval_shape(lambda: state))
         expected_root = np.asarray(jax.random.key_data(rng.root_key(config.seed))).tolist()
         if meta.get("root_key") != expected_root or meta.get("steps_per_epoch") != steps_per_epoch:
             raise RunError(f"checkpoint {last} in {workdir} belongs to another run "
                            "(root key or data cursor do not match)")
         start = last
-    steps_log, epochs_log = workdir / "steps.jsonl", workdir / "metrics.jsonl"
     step_records = [r for r in read_jsonl(steps_log) if r["step"] <= start]
     epoch_records = [r for r in read_jsonl(epochs_log) if r["step"] <= start]
     write_jsonl(steps_log, step_records)
@@ -267,19 +324,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     append_jsonl(workdir / "environment.jsonl", {"start_step": start, **env})
 
     train_step, eval_step = make_train_step(model, tx, config.augment), make_eval_step(model)
+    n_probe = min(config.diff_probe_examples, len(data.validation.labels))
+    probe_size = min(bs, len(data.validation.labels))
+    probe_batch = (data.validation.images[:probe_size].astype(np.float32),
+                   data.validation.labels[:probe_size])
+    probe_fn = probelib.make_probe(model, bce_loss, n_probe)
+    probe_order = probelib.call_order(
+        model, {"params": state.params, "batch_stats": state.batch_stats}, probe_batch[0])
 
     def save(step: int) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
+        probe = None
+        if n_probe:
+            probe = jax.device_get(probe_fn(state.params, state.batch_stats, *probe_batch,
+                                            keys["probe"], step))
         ckpt.save(mngr, step, state, {
             "cursor": {"epoch": epoch, "batch": batch}, "steps_per_epoch": steps_per_epoch,
             "root_key": np.asarray(jax.random.key_data(rng.root_key(config.seed))).tolist(),
-            "config_hash": configlib.config_hash(config)})
+            "config_hash": configlib.config_hash(config),
+            "probe_order": probe_order if n_probe else None}, probe)
 
-    if start == 0:  # the initial state is "step 0": a different init shows up here
+    if not step_records:  # the initial state is "step 0": a different init shows up here
         record = {"step": 0, "epoch": 0, "loss": None, "accuracy": None,
                   **_state_fingerprints(jax.jit(_fingerprints)(state))}
         step_records = [record]
         write_jsonl(steps_log, step_records)
+    if ckpt.latest_step(mngr) is None:
+        save(start)
     step, order, order_epoch = start, None, -1
     bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
@@ -377,6 +448,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="continue the run in --workdir from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run in --workdir and start again")
+    parser.add_argument("--fork-from", metavar="RUN_OR_CHECKPOINT",
+                        help="start a new run from another run's checkpoint (its latest, or "
+                             "<run>/checkpoints/<step>), e.g. with one setting changed; "
+                             "`python -m jaxrepro.diff` then shows them parting at that step")
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -399,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         workdir = Path(args.workdir) if args.workdir else default_workdir(config)
         final = train(config, workdir, resume=args.resume, overwrite=args.overwrite,
-                      config_file=args.config_file, progress=not args.no_progress)
+                      config_file=args.config_file, progress=not args.no_progress,
+                      fork_from=args.fork_from)
     except (configlib.ConfigError, RunError, ckpt.CheckpointError, datalib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
