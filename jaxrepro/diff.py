@@ -3,11 +3,20 @@
     python -m jaxrepro.diff A B [--json] [--plot PATH]
 
 A and B are run directories (`checkpoints/<experiment>/<run>`) or checkpoint
-directories (`<run>/checkpoints/<step>`). The report gives a verdict, a per-leaf
-comparison of the latest (or named) checkpoints (how many elements differ, by how
-much, in ULPs), the first training step whose recorded fingerprint differs, and the
-fields of the environment fingerprint that differ, so the likely cause stands next
-to the effect. Exit status: 0 identical, 1 different, 2 not comparable or error.
+directories (`<run>/checkpoints/<step>`). The report gives
+  * a verdict and a per-leaf comparison of the latest (or named) checkpoints: how
+    many elements differ, by how much, in ULPs (with a histogram);
+  * the first training step whose recorded fingerprint differs, how many leaves
+    differ at each step after it, and max ULP at every common checkpoint;
+  * the first layer whose forward activation, and the first whose gradient, differs
+    on the probe batch stored with each checkpoint (at the earliest common
+    checkpoint where they differ) -- hardware computing a layer differently shows up
+    here with identical parameters;
+  * both models evaluated on A's validation split here: accuracies and how many
+    predictions change;
+  * the fields of the environment fingerprint that differ, so the likely cause stands
+    next to the effect.
+Exit status: 0 identical, 1 different, 2 not comparable or error.
 """
 
 from __future__ import annotations
@@ -105,25 +114,34 @@ class Side:
 
 def locate(path: str | Path) -> Side:
     """Resolve a run directory or a checkpoint step directory."""
-    path = Path(path)
-    if not path.exists():
-        raise DiffError(f"{path} does not exist")
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return Side(run=path.parent.parent, step=int(path.name))
-    if (path / "checkpoints").is_dir() or (path / "config.json").exists():
-        return Side(run=path, step=None)
-    raise DiffError(f"{path} is neither a run directory (with config.json and checkpoints/) "
-                    "nor a checkpoint directory (<run>/checkpoints/<step>)")
+    from jaxrepro import runs  # noqa: PLC0415  (imports jax)
+
+    try:
+        return Side(*runs.locate(path))
+    except runs.RunNotFound as e:
+        raise DiffError(str(e)) from None
 
 
-def load_state(side: Side) -> tuple[int, dict[str, np.ndarray]]:
+def _manager(run: Path):
+    from jaxrepro import checkpoint as ckpt  # noqa: PLC0415  (imports jax)
+
+    return ckpt.manager(run / "checkpoints", max_to_keep=None)
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    """The finalised checkpoint steps of a run."""
+    return sorted(int(s) for s in _manager(run).all_steps())
+
+
+def load_state(side: Side, step: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
     """The verified leaves ('params.conv1.kernel' -> array) of a side's checkpoint."""
     from jaxrepro import checkpoint as ckpt  # noqa: PLC0415  (imports jax)
     from jaxrepro.fingerprint import path_name  # noqa: PLC0415
     import jax  # noqa: PLC0415
 
-    mngr = ckpt.manager(side.run / "checkpoints", max_to_keep=None)
-    step = side.step if side.step is not None else ckpt.latest_step(mngr)
+    mngr = _manager(side.run)
+    step = step if step is not None else side.step
+    step = step if step is not None else ckpt.latest_step(mngr)
     if step is None:
         raise DiffError(f"{side.run} has no checkpoint")
     if step not in mngr.all_steps():
@@ -135,6 +153,22 @@ def load_state(side: Side) -> tuple[int, dict[str, np.ndarray]]:
         raise DiffError(str(e)) from e
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
     return step, {path_name(p): np.asarray(v) for p, v in flat}
+
+
+def load_probe(run: Path, step: int) -> tuple[dict, dict] | None:
+    """The verified probe of checkpoint `step` and its layer order, or None if it has none."""
+    from jaxrepro import checkpoint as ckpt  # noqa: PLC0415
+    from jaxrepro.probe import flat_gradients  # noqa: PLC0415
+
+    if not (run / "checkpoints" / str(step) / "probe").is_dir():
+        return None
+    try:
+        probe, meta = ckpt.restore_probe(_manager(run), step)
+    except ckpt.CheckpointError as e:
+        raise DiffError(str(e)) from e
+    order = meta.get("probe_order") or {}
+    probe["gradients"] = flat_gradients(probe["gradients"])
+    return probe, order
 
 
 def first_divergent_step(steps_a: list[dict], steps_b: list[dict]) -> dict:
@@ -160,6 +194,136 @@ def first_divergent_step(steps_a: list[dict], steps_b: list[dict]) -> dict:
             "reason": "no logged step differs" if common else "no step records"}
 
 
+def _brief(r: dict) -> dict:
+    """The headline numbers of a `compare_leaf` result."""
+    return {k: r.get(k) for k in ("equal", "fraction_different", "max_ulp", "max_rel_diff",
+                                  "max_abs_diff")}
+
+
+def _state_record_equal(steps_a: list[dict], steps_b: list[dict], step: int) -> bool | None:
+    """Whether both runs logged the same state fingerprint at `step` (None: not logged)."""
+    ra = next((r for r in steps_a if r.get("step") == step), None)
+    rb = next((r for r in steps_b if r.get("step") == step), None)
+    return None if ra is None or rb is None else ra["state"] == rb["state"]
+
+
+def compare_probes(pa: dict, order: dict, pb: dict) -> dict:
+    """Layer by layer: activations in forward order, gradients in backward order.
+
+    Names the first forward activation (or the logits) and the first gradient whose
+    bits differ; the per-layer numbers say by how much.
+    """
+    from jaxrepro.probe import gradient_order  # noqa: PLC0415
+
+    names = list(order.get("activations") or sorted(pa["activations"]))
+    forward: dict[str, dict] = {}
+    for name in names + ["logits"]:
+        a = pa["logits"] if name == "logits" else pa["activations"].get(name)
+        b = pb["logits"] if name == "logits" else pb["activations"].get(name)
+        if a is None or b is None or np.shape(a) != np.shape(b):
+            forward[name] = {"equal": False, "note": "missing on one side or other shape"}
+        else:
+            forward[name] = _brief(compare_leaf(a, b))
+    grad_names = gradient_order(list(order.get("layers") or []),
+                                sorted(set(pa["gradients"]) | set(pb["gradients"])))
+    gradients: dict[str, dict] = {}
+    for name in grad_names:
+        a, b = pa["gradients"].get(name), pb["gradients"].get(name)
+        if a is None or b is None or np.shape(a) != np.shape(b):
+            gradients[name] = {"equal": False, "note": "missing on one side or other shape"}
+        else:
+            gradients[name] = _brief(compare_leaf(a, b))
+    return {"first_forward": next((k for k, r in forward.items() if not r["equal"]), None),
+            "first_gradient": next((k for k, r in gradients.items() if not r["equal"]), None),
+            "forward": forward, "gradients": gradients}
+
+
+def layer_localisation(a: Path, b: Path, steps: list[int], steps_a: list[dict],
+                       steps_b: list[dict]) -> dict:
+    """Probe comparison at each common checkpoint step; the earliest that differs leads.
+
+    `state_equal` (from the step fingerprints) tells how to read it: with equal states,
+    a differing layer is computed differently by the two environments; with states
+    that already differ, the layers differ because the parameters do.
+    """
+    per_step = []
+    for step in steps:
+        got_a, got_b = load_probe(a, step), load_probe(b, step)
+        if got_a is None or got_b is None:
+            continue
+        cmp = compare_probes(got_a[0], got_a[1], got_b[0])
+        per_step.append({"step": step,
+                         "state_equal": _state_record_equal(steps_a, steps_b, step), **cmp})
+    if not per_step:
+        return {"step": None, "reason": "no common checkpoint holds a probe on both sides"}
+    lead = next((r for r in per_step if r["first_forward"] or r["first_gradient"]), None)
+    summary = [{k: r[k] for k in ("step", "state_equal", "first_forward", "first_gradient")}
+               for r in per_step]
+    if lead is None:
+        return {"step": None, "probed_steps": summary,
+                "reason": "the probes of all common checkpoints are identical"}
+    quiet = [r["step"] for r in per_step if r["step"] < lead["step"] and r["state_equal"]]
+    note = None
+    if quiet and lead["state_equal"] is False:
+        note = (f"at checkpoint {quiet[-1]} the states and probes are identical, yet the states "
+                "part later: the difference arises outside the forward and backward pass of "
+                "the probe (e.g. the optimizer update, batch-norm running statistics, "
+                "augmentation, data order)")
+    return {**lead, "probed_steps": summary, "note": note}
+
+
+def checkpoint_growth(a: Side, b: Side, steps: list[int]) -> list[dict]:
+    """Per common checkpoint step: leaves that differ, max ULP and max relative difference."""
+    growth = []
+    for step in steps:
+        _, la = load_state(a, step)
+        _, lb = load_state(b, step)
+        if set(la) != set(lb) or any(la[k].shape != lb[k].shape for k in la):
+            continue
+        rs = [compare_leaf(la[k], lb[k]) for k in sorted(la)]
+        ulps = [r["max_ulp"] for r in rs if r.get("max_ulp") is not None]
+        rels = [r["max_rel_diff"] for r in rs if r.get("max_rel_diff") is not None]
+        growth.append({"step": step, "leaves_different": sum(not r["equal"] for r in rs),
+                       "max_ulp": max(ulps, default=0), "max_rel_diff": max(rels, default=0.0)})
+    return growth
+
+
+def predictions_diff(a: Side, b: Side) -> dict:
+    """Both checkpoints evaluated on A's validation split, on this machine.
+
+    Accuracy of each, how many images change their predicted class, and whether the
+    logits are bitwise equal. Evaluating both on one device isolates the weights from
+    the device that trained them.
+    """
+    from jaxrepro import runs, train  # noqa: PLC0415
+    from jaxrepro.data import DataError  # noqa: PLC0415
+
+    try:
+        ma, mb = runs.load(a.run, a.step), runs.load(b.run, b.step)
+        data = train.load_data(ma.config)
+    except (DataError, runs.RunNotFound) as e:
+        return {"skipped": str(e)}
+    val = data.validation
+    logits = []
+    for m in (ma, mb):
+        step = train.make_eval_step(m.model)
+        n, bs = len(val.labels), int(ma.config.eval_batch_size)
+        out = []
+        for start in range(0, n, bs):
+            idx = np.minimum(np.arange(start, start + bs), n - 1)
+            _, _, lg = step(m.state, val.images[idx], val.labels[idx], np.ones(bs, np.float32))
+            out.append(np.asarray(lg)[: n - start])
+        logits.append(np.concatenate(out)[:n])
+    la, lb = logits
+    pred_a, pred_b = la > 0, lb > 0
+    labels = np.asarray(val.labels) > 0
+    return {"num_images": int(len(labels)),
+            "accuracy_a": float(np.mean(pred_a == labels)),
+            "accuracy_b": float(np.mean(pred_b == labels)),
+            "predictions_changed": int(np.sum(pred_a != pred_b)),
+            "logits": _brief(compare_leaf(la.astype(np.float32), lb.astype(np.float32)))}
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out = {}
@@ -182,8 +346,23 @@ def environment_diff(a: Path, b: Path) -> dict[str, list]:
 # --------------------------------------------------------------------- report
 
 
-def diff(a: str | Path, b: str | Path) -> dict:
-    """The full comparison of two runs or checkpoints, as a JSON-able dict."""
+def fork_relation(a: Path, b: Path) -> dict | None:
+    """If one run was forked from the other (fork.json), from which step and with what."""
+    for child, parent, name in ((b, a, "B"), (a, b, "A")):
+        path = child / "fork.json"
+        if path.exists():
+            info = json.loads(path.read_text())
+            if Path(info["parent"]).resolve() == parent.resolve():
+                return {"child": name, **info}
+    return None
+
+
+def diff(a: str | Path, b: str | Path, *, predictions: bool = True) -> dict:
+    """The full comparison of two runs or checkpoints, as a JSON-able dict.
+
+    `predictions=False` skips evaluating both models on the validation split (which
+    needs the data set on this machine).
+    """
     side_a, side_b = locate(a), locate(b)
     step_a, leaves_a = load_state(side_a)
     step_b, leaves_b = load_state(side_b)
@@ -203,8 +382,15 @@ def diff(a: str | Path, b: str | Path) -> dict:
     report["leaves"] = {k: compare_leaf(leaves_a[k], leaves_b[k]) for k in sorted(leaves_a)}
     identical = all(r["equal"] for r in report["leaves"].values())
     report["verdict"] = "identical" if identical else "different"
-    report["first_divergence"] = first_divergent_step(
-        read_jsonl(side_a.run / "steps.jsonl"), read_jsonl(side_b.run / "steps.jsonl"))
+    steps_a, steps_b = read_jsonl(side_a.run / "steps.jsonl"), read_jsonl(side_b.run / "steps.jsonl")
+    report["first_divergence"] = first_divergent_step(steps_a, steps_b)
+    report["fork"] = fork_relation(side_a.run, side_b.run)
+    common = sorted(set(checkpoint_steps(side_a.run)) & set(checkpoint_steps(side_b.run)))
+    report["common_checkpoints"] = common
+    report["checkpoint_growth"] = checkpoint_growth(side_a, side_b, common)
+    report["layers"] = layer_localisation(side_a.run, side_b.run, common, steps_a, steps_b)
+    if predictions:
+        report["predictions"] = predictions_diff(side_a, side_b)
     report["environment_diff"] = environment_diff(side_a.run, side_b.run)
     return report
 
@@ -252,10 +438,33 @@ def format_text(report: dict) -> str:
                          f"{r.get('max_ulp') if r.get('max_ulp') is not None else '-':>9}")
     fd = report["first_divergence"]
     if fd.get("step") is not None:
-        lines.append(f"first divergent step: {fd['step']} (leaves: "
-                     f"{', '.join(fd['leaves'][:6])}{' ...' if len(fd['leaves']) > 6 else ''})")
+        lines.append(f"first divergent step: {fd['step']} (the states after step {fd['step'] - 1} "
+                     f"are identical; the update of step {fd['step']} differs in "
+                     f"{len(fd['leaves'])} leaves: {', '.join(fd['leaves'][:4])}"
+                     f"{' ...' if len(fd['leaves']) > 4 else ''})" if fd["step"] > 0 else
+                     f"first divergent step: 0 (the initial states differ: "
+                     f"{len(fd['leaves'])} leaves)")
     else:
         lines.append(f"first divergent step: none ({fd.get('reason')})")
+    fork = report.get("fork")
+    if fork:
+        lines.append(f"{fork['child']} was forked from the other run at step {fork['step']}"
+                     f" (config changes: {', '.join(fork['config_changes']) or 'none'})")
+    lines += _format_layers(report.get("layers") or {})
+    growth = report.get("checkpoint_growth") or []
+    if any(g["leaves_different"] for g in growth):
+        lines.append("common checkpoints (step: leaves differing, max ulp, max rel): " + "; ".join(
+            f"{g['step']}: {g['leaves_different']}, {g['max_ulp']}, {g['max_rel_diff']:.1e}"
+            for g in growth))
+    pred = report.get("predictions")
+    if pred and "skipped" in pred:
+        lines.append(f"predictions: not compared ({pred['skipped']})")
+    elif pred:
+        lines.append(f"validation ({pred['num_images']} images, evaluated here): accuracy "
+                     f"A {pred['accuracy_a']:.4f}, B {pred['accuracy_b']:.4f}; "
+                     f"{pred['predictions_changed']} predictions change; logits "
+                     + ("bitwise equal" if pred["logits"]["equal"] else
+                        f"differ (max {pred['logits']['max_ulp']} ulp)"))
     env = report["environment_diff"]
     if env:
         lines.append("environment differs in:")
@@ -265,15 +474,40 @@ def format_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_layers(layers: dict) -> list[str]:
+    """Text lines for `layer_localisation`'s result."""
+    if layers.get("step") is None:
+        return [f"layers: no probe differs ({layers.get('reason')})"] if layers else []
+    step, ff, fg = layers["step"], layers["first_forward"], layers["first_gradient"]
+    lines = [f"layers, probed at checkpoint {step}:"]
+    if layers.get("state_equal"):
+        lines.append("  the two states are identical here, so a differing layer is computed "
+                     "differently by the two environments")
+    elif layers.get("state_equal") is False:
+        lines.append("  the states already differ here, so the layers differ with the parameters")
+    if layers.get("note"):
+        lines.append(f"  note: {layers['note']}")
+    for kind, first, table in (("forward", ff, layers["forward"]),
+                               ("gradient", fg, layers["gradients"])):
+        if first is None:
+            lines.append(f"  {kind}: all layers identical")
+            continue
+        r = table[first]
+        n_diff = sum(not v["equal"] for v in table.values())
+        lines.append(f"  first {kind} layer that differs: {first} (max {r.get('max_ulp')} ulp, "
+                     f"max rel {r.get('max_rel_diff') or 0:.1e}); {n_diff} of {len(table)} differ")
+    return lines
+
+
 def plot_growth(report: dict, path: Path) -> None:
-    """Leaves that differ and the two losses per step, from the first divergence on."""
+    """How the difference grew: leaves per step, the two losses, max ULP per checkpoint."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     growth = report.get("first_divergence", {}).get("growth") or []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     steps = [g["step"] for g in growth]
     ax1.plot(steps, [g["leaves_different"] for g in growth], "o-")
     ax1.set_xlabel("step")
@@ -283,7 +517,16 @@ def plot_growth(report: dict, path: Path) -> None:
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss")
     ax2.legend()
-    fig.suptitle(f"divergence from step {report.get('first_divergence', {}).get('step')}")
+    ckpts = report.get("checkpoint_growth") or []
+    cs = [g["step"] for g in ckpts]
+    ax3.semilogy(cs, [max(g["max_ulp"], 0.5) for g in ckpts], "o-", label="max ULP distance")
+    ax3.semilogy(cs, [max(g["max_rel_diff"], 1e-12) for g in ckpts], "s--",
+                 label="max relative difference")
+    ax3.set_xlabel("checkpoint step")
+    ax3.set_title("parameters at common checkpoints (floored: 0.5 ulp, 1e-12)", fontsize=9)
+    ax3.legend()
+    fig.suptitle(f"A: {report['a']}   B: {report['b']}   first divergent step "
+                 f"{report.get('first_divergence', {}).get('step')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -299,9 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("b")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG of the divergence per step")
+    parser.add_argument("--no-predictions", action="store_true",
+                        help="skip evaluating both models on A's validation split (it needs "
+                             "the data set on this machine)")
     args = parser.parse_args(argv)
     try:
-        report = diff(args.a, args.b)
+        report = diff(args.a, args.b, predictions=not args.no_predictions)
     except DiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli, train_cli
-from jaxrepro.diff import compare_leaf, first_divergent_step, ulp_distance
+from conftest import TINY, run_cli, train_cli
+from jaxrepro.diff import compare_leaf, compare_probes, first_divergent_step, ulp_distance
+from jaxrepro.variants import VARIANTS, variant_env
 
 
 # ------------------------------------------------------------ hand-picked ULPs
@@ -61,6 +62,44 @@ def test_first_divergent_step_from_records():
     assert fd["step"] == 2 and fd["leaves"] == ["w"]
 
 
+def _probe(**changes):
+    acts = {"conv1_out": f32(1, 2), "pool1_out": f32(3), "conv2_out": f32(4)}
+    grads = {"dense/kernel": f32(1), "conv2/kernel": f32(2), "conv1/kernel": f32(3)}
+    for name, value in changes.items():
+        (grads if "/" in name else acts)[name] = value
+    return {"logits": f32(0.5), "activations": acts, "gradients": grads}
+
+
+def test_probe_comparison_names_layers_in_call_order_not_alphabetically():
+    order = {"activations": ["conv1_out", "pool1_out", "conv2_out"],
+             "layers": ["conv1", "conv2", "dense"]}
+    nudged = np.nextafter(f32(4), f32(5))
+    r = compare_probes(_probe(), order, _probe(conv2_out=nudged, pool1_out=f32(3.5),
+                                               **{"conv1/kernel": f32(0)}))
+    assert r["first_forward"] == "pool1_out"  # alphabetically conv2_out would come first
+    assert r["forward"]["conv2_out"]["max_ulp"] == 1 and r["forward"]["conv1_out"]["equal"]
+    assert r["forward"]["logits"]["equal"]  # logits unchanged here
+    assert r["first_gradient"] == "conv1/kernel"
+    same = compare_probes(_probe(), order, _probe())
+    assert same["first_forward"] is None and same["first_gradient"] is None
+    backward = compare_probes(_probe(), order, _probe(**{"dense/kernel": f32(9),
+                                                         "conv1/kernel": f32(9)}))
+    assert backward["first_gradient"] == "dense/kernel"  # backward order: the head first
+
+
+def test_variant_environment_appends_xla_flags():
+    env = variant_env(VARIANTS["ynn"], {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "A": "1"})
+    assert env["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x "
+                                "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce")
+    assert env["A"] == "1" and variant_env(VARIANTS["no-jit"], {})["JAX_DISABLE_JIT"] == "1"
+
+
+def test_unknown_variant_is_an_error():
+    r = run_cli("jaxrepro.variants", "experiments/convnet.py", "--variants", "default,gpu9",
+                check=False)
+    assert r.returncode == 2 and "gpu9" in r.stderr and "one-core" in r.stderr
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -82,6 +121,13 @@ def test_identical_runs_exit_0(runs):
     r = _diff(runs / "a", runs / "b")
     assert r.returncode == 0, r.stderr
     assert "verdict: identical" in r.stdout
+    report = json.loads(_diff(runs / "a", runs / "b", "--json").stdout)
+    assert report["common_checkpoints"][0] == 0  # the initial state is kept
+    assert report["layers"]["step"] is None  # every probe identical
+    assert all(p["first_forward"] is None for p in report["layers"]["probed_steps"])
+    pred = report["predictions"]
+    assert pred["predictions_changed"] == 0 and pred["logits"]["equal"]
+    assert pred["num_images"] == 32 and pred["accuracy_a"] == pred["accuracy_b"]
 
 
 def test_other_seed_differs_from_step_0(runs):
@@ -92,6 +138,47 @@ def test_other_seed_differs_from_step_0(runs):
     assert report["first_divergence"]["step"] == 0  # the initial weights differ
     assert all(not leaf["equal"] for k, leaf in report["leaves"].items() if "kernel" in k)
     assert report["environment_diff"] == {}
+    layers = report["layers"]  # other weights from the start: every layer differs
+    assert layers["step"] == 0 and layers["state_equal"] is False
+    assert layers["first_forward"] == "conv1_out" and layers["first_gradient"] == "dense/bias"
+    assert report["predictions"]["logits"]["equal"] is False
+
+
+def test_fork_parts_from_the_other_run_at_the_fork(runs, tmp_path):
+    # 1 epoch of 4 steps, checkpoints at 0, 3, 4. Fork at 3 with another learning rate:
+    # the states agree up to step 3, the update of step 4 (the fork's first) differs.
+    train_cli("convnet", tmp_path / "fork", "--config.num_epochs=1",
+              "--config.optimizer.learning_rate=0.002",
+              "--fork-from", str(runs / "a" / "checkpoints" / "3"))
+    report = json.loads(_diff(runs / "a", tmp_path / "fork", "--json").stdout)
+    assert report["verdict"] == "different"
+    assert report["fork"]["step"] == 3 and report["fork"]["child"] == "B"
+    assert report["fork"]["config_changes"] == ["optimizer.learning_rate: 0.001 -> 0.002"]
+    assert report["first_divergence"]["step"] == report["fork"]["step"] + 1
+    growth = {g["step"]: g["leaves_different"] for g in report["checkpoint_growth"]}
+    assert growth[3] == 0 and growth[4] > 0
+
+
+def test_fork_from_a_missing_checkpoint_is_refused_before_writing(runs, tmp_path):
+    r = train_cli("convnet", tmp_path / "fork", "--fork-from",
+                  str(runs / "a" / "checkpoints" / "2"), check=False)
+    assert r.returncode == 2 and "no checkpoint at step 2" in r.stderr and "[0, 3, 4]" in r.stderr
+    assert not (tmp_path / "fork").exists()
+
+
+def test_code_path_variant_differs_and_names_the_first_layer(tmp_path):
+    # YNNPACK fusions compute dots differently: the same initial state, other bits.
+    r = run_cli("jaxrepro.variants", "experiments/convnet.py", "--variants", "default,ynn",
+                "--out", str(tmp_path), "--no-progress", *TINY["convnet"],
+                "--config.num_epochs=1")
+    row = json.loads((tmp_path / "variants.json").read_text())["rows"][0]
+    assert row["variant"] == "ynn" and row["verdict"] == "different", r.stdout
+    assert row["probe_step"] == 0 and row["state_equal_at_probe"] is True
+    first = row["first_forward_layer"] or row["first_gradient_layer"]
+    assert first is not None and first in r.stdout
+    d = _diff(tmp_path / "default", tmp_path / "ynn")
+    assert d.returncode == 1 and "computed differently by the two environments" in d.stdout
+    assert "--xla_cpu_experimental_ynn_fusion_type" in d.stdout  # the cause, by name
 
 
 def test_different_models_are_not_comparable(runs):

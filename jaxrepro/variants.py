@@ -1,0 +1,171 @@
+"""Train one experiment under several CPU "device variants" and diff each against the first.
+
+    python -m jaxrepro.variants CONFIG_FILE [--variants default,ynn,one-core] [--out DIR]
+                                [--config.KEY=VALUE ...]
+
+Cross-device differences can be produced on one CPU machine: another XLA:CPU code
+path, another number of cores, op-by-op execution. Each variant runs the same
+config in its own process (XLA reads its flags once, at start), into DIR/<variant>;
+then `jaxrepro.diff` compares every variant with the first one. The table says
+which variants keep the bits, where the others first part (step and layer), and how
+far apart they end. Written to DIR/variants.md and DIR/variants.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one variant's training process differs from a plain run."""
+
+    description: str
+    xla_flags: str = ""                       # appended to XLA_FLAGS
+    env: Mapping[str, str] = field(default_factory=dict)
+    cpus: int | None = None                   # restrict the process to its first N CPUs
+
+
+VARIANTS: dict[str, Variant] = {
+    "default": Variant("jaxrepro's defaults"),
+    "ynn": Variant("XLA:CPU YNNPACK fusions (another code path for dots, elementwise ops "
+                   "and reductions)",
+                   xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+    "avx2": Variant("XLA:CPU code generated for AVX2 (with FMA) instead of AVX",
+                    xla_flags="--xla_cpu_max_isa=AVX2"),
+    "eigen-single-thread": Variant("Eigen kernels single-threaded",
+                                   xla_flags="--xla_cpu_multi_thread_eigen=false"),
+    "one-core": Variant("the process may use one CPU core (affinity), so XLA's intra-op "
+                        "thread pool has one thread", cpus=1),
+    "no-jit": Variant("op-by-op execution (JAX_DISABLE_JIT=1): no fusion across ops",
+                      env={"JAX_DISABLE_JIT": "1"}),
+}
+
+
+def variant_env(variant: Variant, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a variant's process, from `base` (usually os.environ)."""
+    env = {**base, **variant.env}
+    if variant.xla_flags:
+        env["XLA_FLAGS"] = f"{base.get('XLA_FLAGS', '')} {variant.xla_flags}".strip()
+    return env
+
+
+def _limit_cpus(n: int | None):
+    if n is None:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))[:n]
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def run_variant(name: str, config_file: str, overrides: Sequence[str], workdir: Path,
+                progress: bool) -> None:
+    """Train `config_file` under variant `name` into `workdir` (a new run)."""
+    variant = VARIANTS[name]
+    cmd = [sys.executable, "-m", "jaxrepro.train", config_file, *overrides,
+           "--workdir", str(workdir), "--overwrite"] + ([] if progress else ["--no-progress"])
+    r = subprocess.run(cmd, env=variant_env(variant, os.environ),
+                       preexec_fn=_limit_cpus(variant.cpus))
+    if r.returncode != 0:
+        raise SystemExit(f"variant {name}: training exited {r.returncode}")
+
+
+def summarize(name: str, report: dict) -> dict:
+    """One row of the table from a diff report against the baseline."""
+    layers = report.get("layers") or {}
+    pred = report.get("predictions") or {}
+    growth = report.get("checkpoint_growth") or []
+    return {
+        "variant": name, "description": VARIANTS[name].description,
+        "verdict": report["verdict"],
+        "first_divergent_step": (report.get("first_divergence") or {}).get("step"),
+        "first_divergent_leaves": (report.get("first_divergence") or {}).get("leaves"),
+        "probe_step": layers.get("step"),
+        "state_equal_at_probe": layers.get("state_equal"),
+        "first_forward_layer": layers.get("first_forward"),
+        "first_gradient_layer": layers.get("first_gradient"),
+        "final_max_ulp": growth[-1]["max_ulp"] if growth else None,
+        "final_max_rel_diff": growth[-1]["max_rel_diff"] if growth else None,
+        "val_accuracy": pred.get("accuracy_b"),
+        "predictions_changed": pred.get("predictions_changed"),
+    }
+
+
+def _cell(value, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict], baseline: str) -> str:
+    """A Markdown table of `summarize` rows."""
+    lines = [f"| variant | bits vs {baseline} | first divergent step | first layer that differs "
+             "(forward / gradient @ checkpoint) | final max ULP | val acc | predictions changed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        where = "-"
+        if r["probe_step"] is not None:
+            where = (f"{r['first_forward_layer'] or 'none'} / "
+                     f"{r['first_gradient_layer'] or 'none'} @ {r['probe_step']}"
+                     + (" (states already differ)" if r["state_equal_at_probe"] is False else ""))
+        step = _cell(r["first_divergent_step"])
+        if r.get("first_divergent_leaves"):
+            leaves = r["first_divergent_leaves"]
+            step += f" ({len(leaves)} leaves, e.g. {leaves[0]})"
+        lines.append(f"| {r['variant']} | {r['verdict']} | {step} | "
+                     f"{where} | {_cell(r['final_max_ulp'])} | {_cell(r['val_accuracy'], '.4f')} | "
+                     f"{_cell(r['predictions_changed'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI; exit 0 when every variant ran (whatever their bits), 2 on errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.variants", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Variants:\n" + "\n".join(f"  {k:20s} {v.description}"
+                                          for k, v in VARIANTS.items())
+        + "\n\n--config.KEY=VALUE overrides go to every run (e.g. a smaller, shorter run).")
+    parser.add_argument("config_file", help="experiment config, e.g. experiments/convnet.py "
+                        "(Python; it is executed)")
+    parser.add_argument("--variants", default="default,ynn,one-core,no-jit",
+                        help="comma-separated; the first is the baseline (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/variants"),
+                        help="directory for the runs and the table (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or len(names) < 2:
+        problem = f"unknown variant(s) {', '.join(unknown)}" if unknown else "give two or more"
+        print(f"error: {problem}; valid variants: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if not Path(args.config_file).exists():
+        print(f"error: config file {args.config_file} does not exist", file=sys.stderr)
+        return 2
+    from jaxrepro import diff as difflib  # noqa: PLC0415
+
+    for name in names:
+        print(f"== variant {name}: {VARIANTS[name].description}", file=sys.stderr)
+        run_variant(name, args.config_file, overrides, args.out / name, not args.no_progress)
+    rows = []
+    for name in names[1:]:
+        report = difflib.diff(args.out / names[0], args.out / name)
+        rows.append(summarize(name, report))
+    text = table(rows, names[0])
+    (args.out / "variants.md").write_text(text + "\n")
+    (args.out / "variants.json").write_text(json.dumps(
+        {"baseline": names[0], "config_file": args.config_file, "overrides": overrides,
+         "rows": rows}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
