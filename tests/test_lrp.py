@@ -21,6 +21,23 @@ from jaxrepro.explain.canonize import fold_batchnorm, fold_pairs, unit_variance
 from jaxrepro.models import ConvNet, MiniXception
 
 
+def _init(model, x, seed, **kwargs):
+    """Variables of `model` drawn with numpy (scaled normal kernels, zero biases, unit
+    BN statistics): the same tree as `model.init`, without compiling the initialisers."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, **kwargs))
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        name = jax.tree_util.keystr(path)
+        if name.endswith(("['kernel']",)):
+            fan_in = int(np.prod(spec.shape[:-1]))
+            return jnp.asarray(rng.normal(size=spec.shape) / np.sqrt(fan_in), spec.dtype)
+        if name.endswith(("['scale']", "['var']")):
+            return jnp.ones(spec.shape, spec.dtype)
+        return jnp.zeros(spec.shape, spec.dtype)
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 # --- matrix-form references (float64 numpy; weight is [out, in], x is [N, in]) -------
 
 def stab(z, eps=1e-6):
@@ -109,8 +126,12 @@ def _lrp(apply_fn, variables, x, composite):
 def _layer_case(name, seed=0):
     make, shape = LAYERS[name]
     layer = make()
-    x = jax.random.normal(jax.random.key(seed), shape)  # negative inputs exercise x-
-    params = layer.init(jax.random.key(seed + 1), x)["params"]
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)  # negative inputs exercise x-
+    params = _init(layer, x, seed + 1)["params"]
+    if "bias" in params:
+        params = {**params, "bias": jnp.asarray(0.5 * rng.normal(size=params["bias"].shape),
+                                                jnp.float32)}
     kernel = params["kernel"]
     w = _matrix(layer, kernel, shape)
     wflat = _matrix(layer, jnp.ones_like(kernel), shape)
@@ -126,7 +147,7 @@ def test_rule_matches_matrix_form_at_the_input_layer(rule_name, layer_name):
     rule, ref, _ = RULE_CASES[rule_name]
     layer, params, x, w, wflat, b, y = _layer_case(layer_name)
     if rule_name == "zb":
-        x = jax.random.uniform(jax.random.key(3), x.shape, minval=-1.0, maxval=2.0)
+        x = jnp.asarray(np.random.default_rng(3).uniform(-1.0, 2.0, x.shape), jnp.float32)
         y = np.asarray(layer.apply({"params": params}, x), np.float64)
     out, rel = _lrp(layer.apply, {"params": params}, x, L.Composite((("input", rule),)))
     n = x.shape[0]
@@ -145,8 +166,7 @@ class _Hidden(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        diag = nn.Dense(x.shape[-1], use_bias=False, name="first",
-                        kernel_init=lambda k, s, d: jnp.diag(jnp.linspace(0.5, 2.0, s[0])))
+        diag = nn.Dense(x.shape[-1], use_bias=False, name="first")
         return LAYERS[self.layer_name][0](name="under_test")(diag(x))
 
 
@@ -156,8 +176,8 @@ def test_rule_matches_matrix_form_at_a_hidden_layer(rule_name, layer_name):
     rule, ref, _ = RULE_CASES[rule_name]
     layer, params, x, w, wflat, b, _ = _layer_case(layer_name)
     model = _Hidden(layer_name)
-    variables = model.init(jax.random.key(0), x)
-    variables = {"params": {**variables["params"], "under_test": params}}
+    first = jnp.diag(jnp.linspace(0.5, 2.0, x.shape[-1]))
+    variables = {"params": {"first": {"kernel": first}, "under_test": params}}
     composite = L.Composite((("first", L.LRP0()), ("under_test", rule)))
     out, rel = _lrp(model.apply, variables, x, composite)
     h = np.asarray(x * jnp.linspace(0.5, 2.0, x.shape[-1]), np.float64)  # first layer
@@ -188,42 +208,71 @@ class _TinyNet(nn.Module):
 @functools.lru_cache(maxsize=None)
 def _tiny(use_bias=False):
     model = _TinyNet(use_bias)
-    x = jax.random.uniform(jax.random.key(7), (2, 10, 10, 3))  # in [0, 1] like rescaled pixels
-    variables = model.init(jax.random.key(8), x)
+    x = jnp.asarray(np.random.default_rng(7).uniform(size=(2, 10, 10, 3)), jnp.float32)
+    variables = _init(model, x, 8)  # x in [0, 1], like the models' rescaled pixels
     if use_bias:
         variables = jax.tree.map(lambda a: a + 0.1, variables)
     return model, variables, x
 
 
-def _grad_x_input(model, variables, x, sign=1.0):
-    g = jax.grad(lambda v: jnp.sum(sign * model.apply(variables, v, train=False)))(x)
-    return x * g
+@functools.lru_cache(maxsize=None)
+def _jitted_grad_x_input(model):
+    def grad_x_input(variables, x):
+        g = jax.grad(lambda v: jnp.sum(model.apply(variables, v, train=False)))(x)
+        return x * g
+    return jax.jit(grad_x_input)
+
+
+def _grad_x_input(model, variables, x):
+    return _jitted_grad_x_input(model)(variables, x)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_attribute(model, composite):
+    return jax.jit(lambda v, x, sign: L.attribute(model, v, x, sign=sign, composite=composite))
+
+
+def _attribute(model, variables, images, composite="thesis", sign=1.0):
+    """`attribute` under jit (one compilation per model and composite)."""
+    sign = jnp.broadcast_to(jnp.asarray(sign, jnp.float32), images.shape[:1])
+    return _jitted_attribute(model, composite)(variables, images, sign)
+
+
+def _apply(model, variables, images):
+    return jax.jit(functools.partial(model.apply, train=False))(variables, images)
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_lrp0_equals_gradient_times_input(use_bias):
     model, variables, x = _tiny(use_bias)
-    _, rel = L.lrp(model.apply, variables, x, 1.0, composite="lrp0")
+    _, rel = _lrp(model.apply, variables, x, "lrp0")
     np.testing.assert_allclose(rel, _grad_x_input(model, variables, x), rtol=1e-5, atol=1e-7)
 
 
-CONSERVING = ["lrp0", "epsilon", "epsilon-gamma-box", "epsilon-plus-flat", "alpha1-beta0",
-              "input=wsquare,conv=gamma:0.5,dense=zplus"]
+# z+ and alpha1-beta0 conserve where a layer has positive contributions (z+ > 0): true
+# for convolutions followed by a ReLU on a bias-free net, not for a depthwise conv (its
+# outputs feed the pointwise conv directly and may be negative), hence gamma there.
+CONSERVING = ["lrp0", "epsilon", "epsilon-gamma-box",
+              "input=flat,depthwise=gamma,conv=zplus,dense=epsilon",
+              "depthwise=gamma,conv=alphabeta:1:0,dense=epsilon",
+              "input=wsquare,conv=gamma:0.5,dense=epsilon"]
 
 
 @pytest.mark.parametrize("composite", CONSERVING)
 def test_conserving_rules_conserve_on_a_bias_free_net(composite):
     model, variables, x = _tiny()
-    logits, rel = L.lrp(model.apply, variables, x, 1.0, composite=composite)
+    logits, rel = _lrp(model.apply, variables, x, composite)
     sums = rel.reshape(rel.shape[0], -1).sum(axis=1)
     np.testing.assert_allclose(sums, logits, rtol=1e-4, atol=1e-6)
 
 
 def test_non_conserving_rules_do_not_conserve():
-    """Controls for the test above: alpha2-beta1 and a large epsilon lose relevance."""
+    """Controls for the test above: alpha2-beta1, a large epsilon, and z+ on the depthwise
+    conv (zennit's epsilon-plus-flat) lose relevance."""
     model, variables, x = _tiny()
-    for composite in ("conv=alphabeta:2:1,dense=alphabeta:2:1", "conv=epsilon:10,dense=lrp0"):
-        logits, rel = L.lrp(model.apply, variables, x, 1.0, composite=composite)
+    for composite in ("conv=alphabeta:2:1,dense=alphabeta:2:1", "conv=epsilon:10,dense=lrp0",
+                      "epsilon-plus-flat"):
+        logits, rel = _lrp(model.apply, variables, x, composite)
         sums = rel.reshape(rel.shape[0], -1).sum(axis=1)
         assert np.all(np.abs(sums - logits) > 1e-3 * np.abs(logits)), composite
 
@@ -231,7 +280,7 @@ def test_non_conserving_rules_do_not_conserve():
 def test_biases_absorb_exactly_their_share_under_lrp0():
     """With biases, LRP-0 conserves sum(R) + sum_b b * df/db = f (Euler, ReLU nets)."""
     model, variables, x = _tiny(use_bias=True)
-    logits, rel = L.lrp(model.apply, variables, x, 1.0, composite="lrp0")
+    logits, rel = _lrp(model.apply, variables, x, "lrp0")
     absorbed = _bias_share(model, variables, x)
     sums = rel.reshape(rel.shape[0], -1).sum(axis=1)
     assert np.all(np.abs(absorbed) > 1e-3)  # the biases do take a share
@@ -249,7 +298,7 @@ def _bias_share(model, variables, x):
             if jax.tree_util.keystr(path).endswith(("['bias']", "['mean']")):
                 total = total + jnp.sum(leaf * g)
         return total
-    return jnp.stack([one(variables, xi) for xi in x])
+    return jax.jit(jax.vmap(one, in_axes=(None, 0)))(variables, x)
 
 
 def test_residual_add_splits_relevance_in_proportion_to_the_summands():
@@ -288,19 +337,20 @@ def test_max_pooling_gives_all_relevance_to_the_winner():
 
 # --- the paper's models ------------------------------------------------------------
 
-def _perturbed_bn(variables, key, with_bias=True):
-    """Batch-norm statistics and affine parameters away from their init values."""
+def _perturbed_bn(variables, seed, with_bias=True):
+    """Batch-norm statistics and affine parameters (and biases) away from their init."""
+    rng = np.random.default_rng(seed)
+
     def leaf(path, a):
         name = jax.tree_util.keystr(path)
-        k = jax.random.fold_in(key, hash(name) % (2 ** 31))
         if name.endswith("['var']"):
-            return jax.random.uniform(k, a.shape, minval=0.2, maxval=3.0)
+            return jnp.asarray(rng.uniform(0.2, 3.0, a.shape), a.dtype)
         if name.endswith("['scale']") and "bn_" in name:
-            return jax.random.uniform(k, a.shape, minval=-1.5, maxval=2.0)
+            return jnp.asarray(rng.uniform(-1.5, 2.0, a.shape), a.dtype)
         if with_bias and name.endswith("['mean']"):
-            return 0.5 * jax.random.normal(k, a.shape)
+            return jnp.asarray(0.5 * rng.normal(size=a.shape), a.dtype)
         if with_bias and name.endswith("['bias']"):
-            return 0.3 * jax.random.normal(k, a.shape)
+            return jnp.asarray(0.3 * rng.normal(size=a.shape), a.dtype)
         return a
     return jax.tree_util.tree_map_with_path(leaf, variables)
 
@@ -313,10 +363,11 @@ def _model(name, small=True, with_bias=True):
     else:
         model = ConvNet(filters=(4, 6, 8, 8, 8)) if small else ConvNet()
         size = 80
-    images = jax.random.uniform(jax.random.key(1), (2, size, size, 3), maxval=255.0)
-    variables = model.init(jax.random.key(2), images, train=False)
+    images = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (2, size, size, 3)),
+                         jnp.float32)
+    variables = _init(model, images, 2, train=False)
     if name == "minixception":
-        variables = _perturbed_bn(variables, jax.random.key(3), with_bias)
+        variables = _perturbed_bn(variables, 3, with_bias)
     if not with_bias:
         variables = jax.tree_util.tree_map_with_path(
             lambda p, a: jnp.zeros_like(a) if jax.tree_util.keystr(p).endswith(
@@ -329,8 +380,8 @@ def test_folding_keeps_minixception_output_and_leaves_params_untouched():
     before = jax.tree.map(np.array, variables)
     folded = fold_batchnorm(model, variables)
     chex.assert_trees_all_equal(variables, before)  # the caller's params are untouched
-    ref = model.apply(variables, images, train=False)
-    out = model.apply(folded.variables, images, train=False)
+    ref = _apply(model, variables, images)
+    out = _apply(model, folded.variables, images)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     assert sorted(folded.biases) == [f"block{i}/sepconv_a/pointwise" for i in range(1, 6)]
     bn_b = folded.variables["params"]["block3"]["bn_b"]
@@ -366,8 +417,8 @@ def test_thesis_structure_conserves_on_the_bias_free_models(name):
     unfoldable batch norms conserve exactly when the models have no biases (BN means and
     betas zero, scales and variances perturbed)."""
     model, variables, images = _model(name, with_bias=False)
-    logits = model.apply(variables, images, train=False)
-    rel = L.attribute(model, variables, images, composite=CONSERVING_MODEL)
+    logits = _apply(model, variables, images)
+    rel = _attribute(model, variables, images, CONSERVING_MODEL)
     sums = rel.reshape(rel.shape[0], -1).sum(axis=1)
     np.testing.assert_allclose(sums, logits, rtol=1e-3, atol=1e-5)
 
@@ -376,8 +427,8 @@ def test_minixception_lrp0_conserves_up_to_the_bias_share():
     """With BN biases and means (folded and unfolded) and the dense bias: LRP-0 is
     gradient x input, and sum(R) = logit - sum_b b * dlogit/db."""
     model, variables, images = _model("minixception")
-    logits = model.apply(variables, images, train=False)
-    rel = L.attribute(model, variables, images, composite="lrp0")
+    logits = _apply(model, variables, images)
+    rel = _attribute(model, variables, images, "lrp0")
     np.testing.assert_allclose(rel, _grad_x_input(model, variables, images), rtol=1e-3,
                                atol=1e-4 * float(jnp.abs(rel).max()))
     absorbed = _bias_share(model, variables, images)
@@ -389,7 +440,7 @@ def test_minixception_lrp0_conserves_up_to_the_bias_share():
 @pytest.mark.parametrize("name", ["minixception", "convnet"])
 def test_thesis_composite_runs_on_the_full_models(name):
     model, variables, images = _model(name, small=False)
-    rel = L.attribute(model, variables, images, sign=jnp.array([1.0, -1.0]))
+    rel = _attribute(model, variables, images, sign=jnp.array([1.0, -1.0]))
     assert rel.shape == images.shape and rel.dtype == jnp.float32
     assert np.all(np.isfinite(rel)) and float(jnp.abs(rel).max()) > 0
     hm = L.heatmap(rel)
@@ -399,8 +450,8 @@ def test_thesis_composite_runs_on_the_full_models(name):
 
 def test_sign_flips_the_explanation():
     model, variables, images = _model("convnet")
-    pos = L.attribute(model, variables, images, sign=1.0)
-    mixed = L.attribute(model, variables, images, sign=jnp.array([1.0, -1.0]))
+    pos = _attribute(model, variables, images, sign=1.0)
+    mixed = _attribute(model, variables, images, sign=jnp.array([1.0, -1.0]))
     np.testing.assert_array_equal(mixed[0], pos[0])
     np.testing.assert_allclose(mixed[1], -pos[1], rtol=1e-6)
 

@@ -20,11 +20,12 @@ intercepted keeps its ordinary gradient, which gives the LRP treatment of:
 * residual adds: `R_a = a * c`, `R_b = b * c`, a split in proportion to the summands;
 * dropout: off (`train=False`); the models' 1/255 rescaling: relevance unchanged.
 
-Relevance at the input. The first layer the model calls is the *input layer*. There the
-modified inputs are multiplied by a probe `u = 1` (the only path from `u` to the
-output), and relevance is `d(cotangent . output) / du`. This is gradient x input, and
-it also covers rules whose relevance is not proportional to the input (z^B's bound
-terms, flat, w^2), which is why those rules are allowed only at the input layer.
+Relevance at the input. Relevance is `d(cotangent . output) / du` for a probe `u = 1`
+that multiplies the inputs: gradient x input. The first layer the model calls is the
+*input layer* if it sees an input-shaped tensor (the paper's models: the rescaled
+image). There the modified inputs are multiplied by `u` directly and the layer's input
+is cut from the gradient, so rules whose relevance is not proportional to the input
+(z^B's bound terms, flat, w^2) work; those rules are allowed only at the input layer.
 
 Rules (`RULES`; matrix forms as in zennit, `stabilize` adds `eps * sign(z)`):
 ``lrp0``, ``epsilon[:eps]``, ``gamma[:gamma]`` (zennit's generalised gamma, also for
@@ -456,7 +457,7 @@ COMPOSITES: dict[str, Composite] = {
     "epsilon-plus-flat": parse_composite(
         "input=flat,conv=zplus,dense=epsilon,bn=epsilon", "epsilon-plus-flat"),
     "alpha1-beta0": parse_composite(
-        "conv=alphabeta:1:0,dense=alphabeta:1:0,bn=epsilon", "alpha1-beta0"),
+        "conv=alphabeta:1:0,dense=epsilon,bn=epsilon", "alpha1-beta0"),
     "alpha2-beta1": parse_composite(
         "conv=alphabeta:2:1,dense=epsilon,bn=epsilon", "alpha2-beta1"),
 }
@@ -505,14 +506,12 @@ def _interceptor(composite: Composite, probe: Array, biases: Mapping[str, Array]
                 state["busy"] = False
         return linear
 
-    def input_probe(path: str, x: Array) -> Array | None:
+    def input_probe(x: Array) -> Array | None:
+        # The input layer: the first layer called, if it sees an input-shaped tensor.
         if state["seen_input"]:
             return None
         state["seen_input"] = True
-        if x.shape != probe.shape:
-            raise ValueError(f"the first layer {path!r} sees shape {x.shape}, not the input "
-                             f"shape {probe.shape}; LRP needs the input to enter it directly")
-        return probe
+        return probe if x.shape == probe.shape else None
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -528,7 +527,7 @@ def _interceptor(composite: Composite, probe: Array, biases: Mapping[str, Array]
                 bias = biases[path] if bias is None else bias + biases[path]
             y = z if path not in biases else z + biases[path]
             tags = frozenset({"dense"}) if isinstance(module, nn.Dense) else _conv_tags(module)
-            u = input_probe(path, x)
+            u = input_probe(x)
             rule = composite.rule_for(LayerInfo(path, tags, u is not None))
             if not rule.linear:
                 raise ValueError(f"rule {rule.name!r} is for batch norm only, not {path!r}")
@@ -553,7 +552,7 @@ def _interceptor(composite: Composite, probe: Array, biases: Mapping[str, Array]
         shift = -stats["mean"] * mul
         if module.use_bias:
             shift = shift + params["bias"]
-        u = input_probe(path, x)
+        u = input_probe(x)
         rule = composite.rule_for(LayerInfo(path, frozenset({"bn"}), u is not None))
         return rule.propagate(_Layer(path, x, y, y, mul, shift, lambda a, w: a * w, u))
 
@@ -577,8 +576,10 @@ def lrp(apply_fn: Callable[[Any, Array], Array], variables: Any, inputs: Array,
     inputs = jnp.asarray(inputs)
 
     def forward(probe: Array) -> Array:
+        # The probe scales the inputs too (exactly: times 1), so relevance that reaches
+        # the input other than through the input layer is gradient x input as well.
         with nn.intercept_methods(_interceptor(comp, probe, biases or {}, plain)):
-            return apply_fn(variables, inputs)
+            return apply_fn(variables, inputs * probe)
 
     outputs, vjp = jax.vjp(forward, jnp.ones_like(inputs))
     seed = jnp.broadcast_to(jnp.asarray(cotangent, outputs.dtype), outputs.shape)
