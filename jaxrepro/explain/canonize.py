@@ -36,6 +36,8 @@ nothing to restore afterwards.
 
 from __future__ import annotations
 
+import jaxrepro  # noqa: F401  (XLA determinism flags before jax starts)
+
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax

@@ -437,14 +437,22 @@ def parse_composite(spec: str, name: str = "custom") -> Composite:
             raise ValueError(f"bad composite entry {item!r} in {spec!r}: expected "
                              f"'selector=rule[:args]'; selectors: {', '.join(KEYWORDS)} or a "
                              f"layer-path glob; rules: {_rule_help()}")
-        entries.append((selector.strip(), make_rule(rule)))
+        try:
+            entries.append((selector.strip(), make_rule(rule)))
+        except ValueError as e:
+            raise ValueError(f"in composite entry {item!r}: {e}") from None
     if not entries:
         raise ValueError(f"empty composite {spec!r}; named composites: {sorted(COMPOSITES)}")
     return Composite(tuple(entries), name)
 
 
 # Gamma for the early convolutions, epsilon for the middle, LRP-0 for the dense head,
-# z^B at the input (seeds/004 section 3.4.2). "Early" = the first two conv stages.
+# z^B at the input (seeds/004 section 3.4.2). "Early" = the first two conv stages
+# (ConvNet conv2-3, mini Xception blocks 1-2); epsilon 0.25 absorbs weak, noisy evidence,
+# so "thesis" does not conserve by design. z+ and alpha-beta conserve only where a
+# layer has positive contributions: not on a depthwise conv with negative outputs (it
+# feeds the pointwise conv without a ReLU), so zennit's epsilon-plus-flat loses
+# relevance on the mini Xception; gamma treats negative outputs too.
 _THESIS = ("input=zb:0:1,conv[2-3]=gamma:0.25,block[1-2]=gamma:0.25,conv=epsilon:0.25,"
            "dense=lrp0,bn=epsilon:0.25")
 
