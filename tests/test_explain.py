@@ -2,6 +2,7 @@
 
 import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 
+import csv
 import functools
 
 import chex
@@ -262,3 +263,195 @@ def test_registry_names_every_method():
     assert sorted(METHODS) == sorted([*LOCAL_METHODS, "lrp"])
     with pytest.raises(ValueError, match="valid methods"):
         explain("saliency", *tiny("convnet"))
+
+
+# ------------------------------------------------------------------------- CLI
+
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from conftest import run_cli, train_cli  # noqa: E402
+from jaxrepro import robustness, runs  # noqa: E402
+from jaxrepro.data.images import decode_rgb  # noqa: E402
+from jaxrepro.explain import metrics, prediction  # noqa: E402
+from jaxrepro.explain.__main__ import main as explain_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """The one tiny training run of this file: a ConvNet at 80 px, one epoch (4 steps)."""
+    path = tmp_path_factory.mktemp("explain_run") / "convnet"
+    train_cli("convnet", path, "--config.num_epochs=1")
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> dict[str, Path]:
+    """An 80x80 PNG, a 64x50 PNG, that one resized by decode_rgb, and a broken file."""
+    base = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(7)
+    files = {"square": base / "square.png", "small": base / "small.png",
+             "small_resized": base / "small_resized.png", "broken": base / "broken.png"}
+    Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(files["square"])
+    Image.fromarray(rng.integers(0, 256, (50, 64, 3), dtype=np.uint8)).save(files["small"])
+    Image.fromarray(decode_rgb(files["small"].read_bytes(), 80)).save(files["small_resized"])
+    files["broken"].write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    return files
+
+
+def test_cli_writes_png_and_npy_prints_prediction_and_resizes(trained_run, image_files,
+                                                              tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(trained_run), str(image_files["square"]), str(image_files["small"]),
+            str(image_files["small_resized"]), "--method", "gradcam", "--out", str(out),
+            "--no-progress"]
+    assert explain_main(args) == 0
+    printed = capsys.readouterr().out
+    trained = runs.load(trained_run)
+    pixels = decode_rgb(image_files["square"].read_bytes(), 80)[None].astype(np.float32)
+    expected = prediction.predict(trained.model, trained.variables, pixels)[0]
+    assert f"square.png: predicted {expected}" in printed
+    assert f"p={expected.probability:.4f}, logit={expected.logit:+.6g}" in printed
+    assert "[resized 64x50 -> 80x80]" in printed
+    for stem in ("square", "small", "small_resized"):
+        heat = np.load(out / f"{stem}.gradcam.npy", allow_pickle=False)
+        assert heat.shape == (80, 80) and heat.dtype == np.float32
+        with Image.open(out / f"{stem}.gradcam.png") as png:
+            assert png.size == (80, 80) and png.mode == "RGB"
+    # the 64x50 image went through the one resize rule: same pixels, same heatmap bytes
+    assert ((out / "small.gradcam.npy").read_bytes()
+            == (out / "small_resized.gradcam.npy").read_bytes())
+
+
+def test_cli_npy_files_are_byte_identical_across_processes(trained_run, image_files, tmp_path):
+    args = [str(image_files["square"]), str(image_files["small"]), "--method", "ig",
+            "--steps", "4", "--class", "dog", "--no-progress"]
+    assert explain_main([str(trained_run), *args, "--out", str(tmp_path / "here")]) == 0
+    run_cli("jaxrepro.explain", str(trained_run), *args, "--out", str(tmp_path / "there"))
+    for stem in ("square", "small"):
+        here = (tmp_path / "here" / f"{stem}.ig.npy").read_bytes()
+        assert here == (tmp_path / "there" / f"{stem}.ig.npy").read_bytes()
+        assert np.abs(np.load(tmp_path / "here" / f"{stem}.ig.npy")).max() > 0
+
+
+def test_cli_unreadable_image_exits_2_with_a_clear_message(trained_run, image_files,
+                                                           tmp_path, capsys):
+    code = explain_main([str(trained_run), str(image_files["square"]),
+                         str(image_files["broken"]), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {image_files['broken']}" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()          # nothing written before the check
+    assert explain_main([str(trained_run), str(tmp_path / "missing.png")]) == 2
+    assert "No such file" in capsys.readouterr().err
+
+
+def test_cli_missing_run_exits_2(image_files, tmp_path, capsys):
+    assert explain_main([str(tmp_path / "no_run"), str(image_files["square"])]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "not_a_run").mkdir()
+    assert explain_main([str(tmp_path / "not_a_run"), str(image_files["square"])]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ robustness
+
+
+def test_rotation_is_counter_clockwise_and_exact_at_0_and_90_degrees():
+    image = np.arange(5 * 5, dtype=np.float32).reshape(1, 5, 5, 1)
+    chex.assert_trees_all_equal(np.asarray(robustness.rotate(image, 0.0)), image)
+    np.testing.assert_array_equal(robustness.rotate(image, 90.0)[0, :, :, 0],
+                                  np.rot90(image[0, :, :, 0]))
+    assert robustness.crop_box(80, 0.0) == (0, 80)
+    assert robustness.crop_box(80, 45.0) == (12, 68)    # 80 / sqrt(2) = 56.6 -> 56
+
+
+def test_noise_reruns_bit_for_bit_and_differs_with_another_seed():
+    _, _, images = tiny("convnet")
+    image = images[:1]
+    first = robustness.transforms(image, 3, angles=(), sigmas=(0.05, 1.0), seed=11)
+    again = robustness.transforms(image, 3, angles=(), sigmas=(0.05, 1.0), seed=11)
+    other = robustness.transforms(image, 3, angles=(), sigmas=(0.05, 1.0), seed=12)
+    chex.assert_trees_all_equal([t.image for t in first], [t.image for t in again])
+    assert not np.array_equal(first[0].image, other[0].image)
+    # sigma is in units of the [0, 1] pixel range: std 255 * sigma on 0..255 pixels
+    noise = np.asarray(first[1].image - image)
+    assert 0.9 * 255 < noise.std() < 1.1 * 255
+    zero = robustness.transforms(image, 3, angles=(0.0,), sigmas=(0.0,), seed=11)
+    for t in zero:
+        chex.assert_trees_all_equal(t.image, image)
+
+
+def test_protocol_rmse_is_exactly_zero_at_angle_0_and_sigma_0():
+    model, variables, images = tiny("convnet")
+    rows = robustness.protocol(model, variables, np.asarray(images[:1]), ["img"],
+                               methods=LOCAL_METHODS, angles=(0.0, 5.0),
+                               sigmas=(0.0, 0.05), seed=0, options={"steps": 2})
+    assert [(r.method, r.transform, r.amount) for r in rows] == [
+        (m, kind, a) for m in LOCAL_METHODS
+        for kind, a in (("rotation", 0.0), ("rotation", 5.0), ("noise", 0.0), ("noise", 0.05))]
+    for r in rows:
+        if r.amount == 0.0:
+            assert r.rmse == 0.0 and not r.label_changed and r.crop == 112
+        else:
+            assert r.rmse > 0.0
+    assert {r.crop for r in rows if r.transform == "rotation" and r.amount == 5.0} == {103}
+
+
+def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
+    out = tmp_path / "rob"
+    code = robustness.main([str(trained_run), "--images", "2", "--methods", "gradcam,ig",
+                            "--steps", "2", "--angles", "0,10", "--sigmas", "0,0.05,1",
+                            "--out", str(out), "--no-progress"])
+    assert code == 0
+    with open(out / "robustness.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["transform"], float(r["amount"])) for r in rows[:5]] == [
+        ("gradcam", "rotation", 0.0), ("gradcam", "rotation", 10.0), ("gradcam", "noise", 0.0),
+        ("gradcam", "noise", 0.05), ("gradcam", "noise", 1.0)]
+    assert len(rows) == 2 * 2 * 5                      # images x methods x transforms
+    names = sorted({r["image"] for r in rows})         # val<index>_<true class>
+    assert [n.split("_")[0] for n in names] == ["val0000", "val0001"]
+    zero = [r for r in rows if float(r["amount"]) == 0.0]
+    assert len(zero) == 2 * 2 * 2 and all(float(r["rmse"]) == 0.0 for r in zero)
+    assert all(r["label_changed"] in ("True", "False") for r in rows)
+    for name in names:
+        assert (out / f"{name}.rotation.png").stat().st_size > 0
+        assert (out / f"{name}.noise.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "predicted" in printed and "label changed at:" in printed
+    assert robustness.main([str(trained_run), "--methods", "saliency"]) == 2
+
+
+def test_correctness_cli_scores_every_method(trained_run, tmp_path, capsys):
+    out = tmp_path / "cor"
+    assert robustness.main([str(trained_run), "--correctness", "--images", "4", "--methods",
+                            "gradcam,guided-backprop", "--out", str(out),
+                            "--no-progress"]) == 0
+    lines = (out / "correctness.csv").read_text().splitlines()
+    assert lines[0] == "method,images,pointing_hits,pointing_rate,mass_mean,mass_defined"
+    assert [line.split(",")[:2] for line in lines[1:]] == [["gradcam", "4"],
+                                                          ["guided-backprop", "4"]]
+    assert "pointing game" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- metrics
+
+
+def test_pointing_game_and_relevance_mass_on_hand_made_maps():
+    heat = np.zeros((3, 4, 4), np.float32)
+    masks = np.zeros((3, 4, 4), np.uint8)
+    masks[:, :2, :2] = 255                     # the object: top-left 2x2
+    heat[0, 0, 1] = 3.0                        # peak inside; all mass inside
+    heat[0, 3, 3] = -5.0                       # negative relevance does not count
+    heat[1, 3, 3] = 4.0                        # peak outside; 1 of 5 inside
+    heat[1, 1, 1] = 1.0
+    heat[2] = -1.0                             # nothing positive: mass undefined
+    np.testing.assert_array_equal(metrics.pointing_game(heat, masks), [True, False, True])
+    mass = metrics.relevance_mass(heat, masks)
+    np.testing.assert_allclose(mass[:2], [1.0, 0.2])
+    assert np.isnan(mass[2])
+    assert metrics.rmse(heat[0], heat[0]) == 0.0
+    assert metrics.rmse(np.zeros((2, 2)), np.full((2, 2), 3.0)) == 3.0
