@@ -4,17 +4,24 @@ import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 
 import csv
 import functools
+import types
+from pathlib import Path
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from jaxrepro import models
-from jaxrepro.explain import METHODS, explain
+import jaxrepro.explain
+from conftest import run_cli, train_cli
+from jaxrepro import models, robustness, runs
+from jaxrepro.data.images import decode_rgb
+from jaxrepro.explain import METHODS, explain, metrics, prediction
 from jaxrepro.explain import gradcam as gc
 from jaxrepro.explain import ig
+from jaxrepro.explain.__main__ import main as explain_main
 
 # Narrow models at sizes where the last conv map is 3x3 (at the CLI's 80 px the
 # ConvNet's is 1x1, which would make every Grad-CAM map constant).
@@ -178,7 +185,7 @@ def test_guided_gradcam_is_guided_backprop_times_gradcam(name):
     product = (np.asarray(gc.guided_backprop(model, variables, images, sign=sign))
                * np.asarray(gc.gradcam(model, variables, images, sign=sign)))
     got = gc.guided_gradcam(model, variables, images, sign=sign)
-    np.testing.assert_allclose(got, product, rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(got, product)
     assert np.abs(product).max() > 0
 
 
@@ -265,17 +272,24 @@ def test_registry_names_every_method():
         explain("saliency", *tiny("convnet"))
 
 
+def test_lrp_entry_calls_the_lrp_module_with_sign_and_composite(monkeypatch):
+    # The registry's wiring only: lrp.py itself is tested on its own branch.
+    calls = []
+
+    def attribute(model, variables, images, *, sign=1.0, composite="thesis"):
+        calls.append((sign, composite))
+        return jnp.ones_like(images) * 2.0
+
+    fake = types.SimpleNamespace(attribute=attribute,
+                                 heatmap=lambda relevance: jnp.sum(relevance, axis=-1))
+    monkeypatch.setattr(jaxrepro.explain, "lrp", fake, raising=False)
+    model, variables, images = tiny("convnet")
+    heat = explain("lrp", model, variables, images, sign=-1.0, composite="epsilon", steps=9)
+    assert calls == [(-1.0, "epsilon")]                   # `steps` is not an lrp option
+    np.testing.assert_array_equal(heat, np.full(images.shape[:3], 6.0))
+
+
 # ------------------------------------------------------------------------- CLI
-
-from pathlib import Path  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-from conftest import run_cli, train_cli  # noqa: E402
-from jaxrepro import robustness, runs  # noqa: E402
-from jaxrepro.data.images import decode_rgb  # noqa: E402
-from jaxrepro.explain import metrics, prediction  # noqa: E402
-from jaxrepro.explain.__main__ import main as explain_main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +437,18 @@ def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "predicted" in printed and "label changed at:" in printed
     assert robustness.main([str(trained_run), "--methods", "saliency"]) == 2
+
+
+def test_robustness_cli_takes_image_files(trained_run, image_files, tmp_path):
+    out = tmp_path / "files"
+    assert robustness.main([str(trained_run), str(image_files["square"]),
+                            str(image_files["small"]), "--methods", "gradcam", "--angles",
+                            "5", "--sigmas", "", "--out", str(out), "--no-progress"]) == 0
+    with open(out / "robustness.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["transform"], r["amount"]) for r in rows] == [
+        ("square", "rotation", "5.0"), ("small", "rotation", "5.0")]
+    assert robustness.main([str(trained_run), str(image_files["broken"])]) == 2
 
 
 def test_correctness_cli_scores_every_method(trained_run, tmp_path, capsys):

@@ -22,7 +22,9 @@ pixels, where every ReLU passes back only positive gradients at positive inputs
 multiplies it with the upsampled Grad-CAM map. Both are summed over the colour
 channels for the [N, H, W] heatmap (a per-pixel factor commutes with that sum).
 
-Every function is jitted with the model as a static argument; same inputs, same bits.
+The model-sized work (`last_conv_gradient`, `guided_backprop_attribution`) is jitted
+with the model as a static argument, and the rest composed from small jitted or
+elementwise steps, so each model compiles once per shape; same inputs, same bits.
 """
 
 from __future__ import annotations
@@ -148,15 +150,19 @@ def upsample(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jax.image.resize(maps, (n, *size), method="linear")
 
 
-@signs_first
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(jax.jit, static_argnames=("size",))
+def heatmap_from(activation: jax.Array, gradient: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """The Grad-CAM heatmap [N, *size] in [0, 1] of A and dScore/dA."""
+    maps = normalise_max(cam(activation, gradient))
+    # Bilinear weights are convex, but their rounding may overshoot 1 by an ulp.
+    return jnp.clip(upsample(maps, size), 0.0, 1.0)
+
+
 def gradcam(model: nn.Module, variables: Any, images: jax.Array, *,
             sign: Any = 1.0) -> jax.Array:
     """Grad-CAM heatmaps [N, H, W] in [0, 1] at the input size, explaining sign*logit."""
     activation, gradient, _ = last_conv_gradient(model, variables, images, sign=sign)
-    maps = normalise_max(cam(activation, gradient))
-    # Bilinear weights are convex, but their rounding may overshoot 1 by an ulp.
-    return jnp.clip(upsample(maps, images.shape[1:3]), 0.0, 1.0)
+    return heatmap_from(activation, gradient, tuple(jnp.shape(images)[1:3]))
 
 
 # --------------------------------------------------------------- guided backprop
@@ -194,16 +200,17 @@ def guided_backprop_attribution(model: nn.Module, variables: Any, images: jax.Ar
     return jax.grad(score)(images)
 
 
-@signs_first
-@functools.partial(jax.jit, static_argnames=("model",))
+@jax.jit
+def _channel_sum(attribution: jax.Array) -> jax.Array:
+    return jnp.sum(attribution, axis=-1)
+
+
 def guided_backprop(model: nn.Module, variables: Any, images: jax.Array, *,
                     sign: Any = 1.0) -> jax.Array:
     """Guided Backprop heatmap [N, H, W]: the guided gradient summed over channels."""
-    return jnp.sum(guided_backprop_attribution(model, variables, images, sign=sign), axis=-1)
+    return _channel_sum(guided_backprop_attribution(model, variables, images, sign=sign))
 
 
-@signs_first
-@functools.partial(jax.jit, static_argnames=("model",))
 def guided_gradcam(model: nn.Module, variables: Any, images: jax.Array, *,
                    sign: Any = 1.0) -> jax.Array:
     """Guided Grad-CAM heatmap [N, H, W]: Guided Backprop times the upsampled Grad-CAM."""
