@@ -37,7 +37,9 @@ mass inside the object mask per method, explaining the true class
 (`jaxrepro.explain.metrics`).
 
 Writes `robustness.csv` (one row per image, method and transform) and per image
-`<name>.rotation.png`, `<name>.noise.png`; or `correctness.csv`. Exit 2 on user errors.
+`<name>.rotation.png`, `<name>.noise.png` (RMSE curves) and `<name>.rotation.heatmaps.png`,
+`<name>.noise.heatmaps.png` (the compared maps); or `correctness.csv`. Exit 2 on user
+errors.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from jaxrepro import checkpoint as ckpt  # noqa: E402
 from jaxrepro import data as datalib  # noqa: E402
 from jaxrepro import runs  # noqa: E402
 from jaxrepro.data.augment import rotate_image  # noqa: E402
-from jaxrepro.explain import METHODS, explain, metrics  # noqa: E402
+from jaxrepro.explain import METHODS, UNSIGNED, explain, metrics  # noqa: E402
 from jaxrepro.explain.inputs import InputError, read_image  # noqa: E402
 from jaxrepro.explain.prediction import CLASS_NAMES, class_sign, predict  # noqa: E402
 
@@ -169,8 +171,13 @@ def transforms(image: jax.Array, index: int, *, angles: Sequence[float],
 def protocol(model: Any, variables: Any, images: np.ndarray, names: Sequence[str], *,
              methods: Sequence[str], angles: Sequence[float] = ANGLES_SMALL + ANGLES_LARGE,
              sigmas: Sequence[float] = SIGMAS_SMALL + SIGMAS_LARGE, seed: int = 0,
-             options: dict | None = None, progress: bool = False) -> list[Row]:
-    """Rows of the protocol for images [N, H, W, 3] (0..255) and each method."""
+             options: dict | None = None, progress: bool = False,
+             maps: dict | None = None) -> list[Row]:
+    """Rows of the protocol for images [N, H, W, 3] (0..255) and each method.
+
+    If `maps` is a dict, it receives the compared heatmaps for figures:
+    maps[(image, method)] = {"reference": [H, W], (transform, amount): cropped map}.
+    """
     options = options or {}
     rows: list[Row] = []
     size = images.shape[1]
@@ -185,6 +192,8 @@ def protocol(model: Any, variables: Any, images: np.ndarray, names: Sequence[str
             reference = np.asarray(explain(method, model, variables, image,
                                            sign=class_sign("predicted", before), **options))[0]
             scale = float(np.max(np.abs(reference))) or 1.0
+            if maps is not None:
+                maps[(name, method)] = {"reference": reference}
             for variant, pred in zip(variants, after):
                 heat = np.asarray(explain(method, model, variables, variant.image,
                                           sign=class_sign("predicted", pred), **options))[0]
@@ -193,6 +202,8 @@ def protocol(model: Any, variables: Any, images: np.ndarray, names: Sequence[str
                 if variant.kind == "rotation":
                     ref = rotate_map(reference, variant.amount)
                     lo, hi = crop_box(size, variant.amount)
+                if maps is not None:
+                    maps[(name, method)][(variant.kind, variant.amount)] = heat[lo:hi, lo:hi]
                 rows.append(Row(
                     image=name, method=method, transform=variant.kind, amount=variant.amount,
                     rmse=metrics.rmse(heat[lo:hi, lo:hi] / scale, ref[lo:hi, lo:hi] / scale),
@@ -247,6 +258,42 @@ def plot_rmse(rows: Sequence[Row], image: str, kind: str, path: Path) -> None:
     first = mine[0]
     fig.suptitle(f"{image}: predicted {first.label_before} (p={first.p_before:.3f}); "
                  "red x = predicted label changed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_heatmaps(rows: Sequence[Row], maps: dict, image: str, kind: str, path: Path) -> None:
+    """The compared heatmaps, one row per method: the reference, then each transformed
+    input's map (cropped), a changed label in red, as in the thesis' figures 8.1, 8.5."""
+    mine = [r for r in rows if r.image == image and r.transform == kind]
+    if not mine:
+        return
+    methods = list(dict.fromkeys(r.method for r in mine))
+    amounts = list(dict.fromkeys(r.amount for r in mine))
+    changed = {r.amount: r.label_changed for r in mine}
+    fig, axes = plt.subplots(len(methods), 1 + len(amounts), squeeze=False,
+                             figsize=(1.4 * (1 + len(amounts)), 1.5 * len(methods) + 0.6))
+    for row, method in zip(axes, methods):
+        stored = maps[(image, method)]
+        reference = stored["reference"]
+        signed = method not in UNSIGNED
+        top = float(np.max(np.abs(reference))) or 1.0
+        style = dict(cmap="bwr", vmin=-top, vmax=top) if signed else dict(cmap="jet", vmin=0,
+                                                                            vmax=top)
+        for ax, (label, heat) in zip(row, [("reference", reference)]
+                                     + [(a, stored[(kind, a)]) for a in amounts]):
+            ax.imshow(heat, **style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if label == "reference":
+                ax.set_ylabel(method, fontsize=8)
+            title = label if label == "reference" else (
+                f"{label:g}°" if kind == "rotation" else f"σ {label:g}")
+            ax.set_title(title, fontsize=8,
+                         color="red" if label != "reference" and changed[label] else "black")
+    fig.suptitle(f"{image}, {kind}: heatmaps of the transformed inputs (red: label changed)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -426,13 +473,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{s.method:16s} {s.pointing_rate:14.3f} {s.mass_mean:13.3f}  {s.images}")
         print(f"wrote {out / 'correctness.csv'}")
         return 0
+    maps: dict = {}
     rows = protocol(trained.model, trained.variables, images, names, methods=methods,
                     angles=angles, sigmas=sigmas, seed=args.seed, options=options,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, maps=maps)
     write_csv(rows, out / "robustness.csv")
     for name in names:
         for kind in ("rotation", "noise"):
             plot_rmse(rows, name, kind, out / f"{name}.{kind}.png")
+            plot_heatmaps(rows, maps, name, kind, out / f"{name}.{kind}.heatmaps.png")
     for name in names:
         first = next(r for r in rows if r.image == name)
         changed = sorted({(r.transform, r.amount) for r in rows
@@ -441,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
               f"logit={first.logit_before:+.6g}); label changed at: "
               + (", ".join(f"{k} {a:g}" for k, a in changed) or "none"))
     print_table(rows)
-    print(f"wrote {out / 'robustness.csv'} and {2 * len(names)} plots in {out}")
+    print(f"wrote {out / 'robustness.csv'} and the plots in {out}")
     return 0
 
 

@@ -432,10 +432,23 @@ def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
     assert len(zero) == 2 * 2 * 2 and all(float(r["rmse"]) == 0.0 for r in zero)
     assert all(r["label_changed"] in ("True", "False") for r in rows)
     for name in names:
-        assert (out / f"{name}.rotation.png").stat().st_size > 0
-        assert (out / f"{name}.noise.png").stat().st_size > 0
+        for kind in ("rotation", "noise"):
+            assert (out / f"{name}.{kind}.png").stat().st_size > 0
+            assert (out / f"{name}.{kind}.heatmaps.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "predicted" in printed and "label changed at:" in printed
+    # the protocol reruns bit for bit; another seed changes only the noise rows
+    same = [str(trained_run), "--images", "2", "--methods", "gradcam,ig", "--steps", "2",
+            "--angles", "0,10", "--sigmas", "0,0.05,1", "--no-progress"]
+    assert robustness.main([*same, "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "robustness.csv").read_bytes() == (
+        out / "robustness.csv").read_bytes()
+    assert robustness.main([*same, "--seed", "1", "--out", str(tmp_path / "seed1")]) == 0
+    with open(tmp_path / "seed1" / "robustness.csv", newline="") as f:
+        other = list(csv.DictReader(f))
+    for a, b in zip(rows, other):
+        noisy = a["transform"] == "noise" and float(a["amount"]) > 0
+        assert (a["logit_after"] != b["logit_after"]) == noisy
     assert robustness.main([str(trained_run), "--methods", "saliency"]) == 2
 
 
