@@ -147,9 +147,14 @@ def test_gradcam_all_zero_map_stays_zero_and_max_is_one():
     np.testing.assert_array_equal(out[1], [[0.0, 1.0], [0.5, 0.25]])
 
 
-def test_gradcam_rejects_an_unknown_model():
+def test_gradcam_rejects_an_unknown_model_and_a_cut_it_does_not_meet(monkeypatch):
     with pytest.raises(ValueError, match="known models"):
         gc.cut_of(models.SeparableConv(4))
+    monkeypatch.setitem(gc.CUTS, "ConvNet", gc.Cut("conv9", "output"))
+    model, variables, images = tiny("convnet")
+    with pytest.raises(ValueError, match="met 0 times"):
+        # a shape no other test uses, so jit traces again with the patched cut
+        gc.last_conv_gradient(model, variables, images[:1, :101, :101])
 
 
 # --------------------------------------------------------------- guided backprop

@@ -94,12 +94,14 @@ def _apply_perturbed(model: nn.Module, variables: Any, images: jax.Array,
                      delta: jax.Array | None) -> tuple[jax.Array, dict]:
     """Logits and sown intermediates, with `delta` added to A at the model's cut."""
     cut = cut_of(model)
+    hits = []
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if (delta is None or context.method_name != "__call__"
                 or module.scope is None or tuple(module.scope.path) != (cut.module,)):
             return next_fun(*args, **kwargs)
+        hits.append(cut)
         if cut.where == "input":
             x = args[0]
             return next_fun(x + delta.reshape(x.shape), *args[1:], **kwargs)
@@ -108,6 +110,9 @@ def _apply_perturbed(model: nn.Module, variables: Any, images: jax.Array,
     with nn.intercept_methods(interceptor):
         logits, state = model.apply(variables, images, train=False,
                                     mutable=["intermediates"])
+    if delta is not None and len(hits) != 1:  # else the gradient would be silently 0
+        raise ValueError(f"{type(model).__name__}: the cut {cut} was met {len(hits)} times, "
+                         "not once; update gradcam.CUTS for this model")
     return logits, models.flat_intermediates(state["intermediates"])
 
 
