@@ -1,0 +1,90 @@
+"""Explanations of the paper's models: heatmaps that come out the same bits every time.
+
+Every method has one signature, registered by name in `METHODS`:
+
+    fn(model, variables, images, *, sign, **options) -> heatmap float32 [N, H, W]
+
+`images` are float32 pixels 0..255, [N, H, W, 3] (what the models take). The models
+return one logit per image (> 0: class 1, "dog"); a method explains `sign * logit`,
+with `sign` a number or an [N] array of +-1: `+1` explains "dog", `-1` explains
+"cat". Methods:
+
+| name | module | heatmap | options |
+|---|---|---|---|
+| `gradcam` | `gradcam.py` | Grad-CAM at the last conv, ReLU, max-normalised, bilinear upsampled: [0, 1] | |
+| `guided-backprop` | `gradcam.py` | guided gradient w.r.t. the pixels, summed over channels (signed) | |
+| `guided-gradcam` | `gradcam.py` | guided backprop x Grad-CAM (signed) | |
+| `ig` | `ig.py` | Integrated Gradients summed over channels (signed; sums to the logit difference) | `baseline`, `steps`, `rule`, `chunk` |
+| `lrp` | `lrp.py` | Layer-wise Relevance Propagation summed over channels (signed) | `composite` |
+
+`lrp` is imported when first used (its module lives beside this one).
+
+Other modules: `render.py` (colour-map overlays as PNG), `metrics.py` (pointing game,
+relevance mass in the object mask), the CLI `python -m jaxrepro.explain`, and
+`python -m jaxrepro.robustness` (the thesis' rotation and noise protocol).
+
+Bits: every method is a jitted pure function; the same inputs (same shapes) give the
+same bits on every call and in every process (tested). The CLI explains one image
+per call, so an image's heatmap does not depend on the other images given with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
+import jax
+
+# Modules, not their functions, are the package's attributes (`explain.gradcam` is
+# the module gradcam.py; `explain.lrp`, once imported, the module lrp.py).
+from jaxrepro.explain import gradcam as _gradcam
+from jaxrepro.explain import ig as _ig
+
+Method = Callable[..., jax.Array]
+
+
+def lrp_heatmap(model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0,
+        composite: str = "thesis") -> jax.Array:
+    """LRP heatmap [N, H, W] (`jaxrepro.explain.lrp`, imported on first use)."""
+    from jaxrepro.explain import lrp as lrp_module  # noqa: PLC0415  (lazy: own module)
+
+    relevance = lrp_module.attribute(model, variables, images, sign=sign, composite=composite)
+    return lrp_module.heatmap(relevance)
+
+
+METHODS: dict[str, Method] = {
+    "gradcam": _gradcam.gradcam,
+    "guided-backprop": _gradcam.guided_backprop,
+    "guided-gradcam": _gradcam.guided_gradcam,
+    "ig": _ig.integrated_gradients,
+    "lrp": lrp_heatmap,
+}
+
+# Options each method accepts (the CLIs pass only these).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "gradcam": (), "guided-backprop": (), "guided-gradcam": (),
+    "ig": ("baseline", "steps", "rule", "chunk"),
+    "lrp": ("composite",),
+}
+
+# Methods whose heatmap is non-negative (shown with "jet"); the others are signed.
+UNSIGNED: frozenset[str] = frozenset({"gradcam"})
+
+
+def get_method(name: str) -> Method:
+    """The method registered under `name` (ValueError listing the valid names)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}") from None
+
+
+def explain(name: str, model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0,
+            **options: Any) -> jax.Array:
+    """Heatmaps [N, H, W] of method `name`; options it does not take are dropped."""
+    method = get_method(name)
+    accepted = {k: v for k, v in options.items() if k in OPTIONS[name] and v is not None}
+    return method(model, variables, images, sign=sign, **accepted)
+
+
+__all__ = ["METHODS", "OPTIONS", "UNSIGNED", "explain", "get_method", "lrp_heatmap"]

@@ -1,0 +1,64 @@
+"""What the model says about an image, and which sign of the logit to explain.
+
+The models' head is one logit; class 1 ("dog") when it is positive, as in training
+(`(logits > 0) == labels`). The probability of the predicted class is sigmoid(logit)
+for "dog" and 1 - sigmoid(logit) for "cat".
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CLASS_NAMES = ("cat", "dog")          # label 0, label 1
+CLASS_CHOICES = ("predicted", *CLASS_NAMES)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's logit, predicted class and that class's probability."""
+
+    logit: float
+
+    @property
+    def label(self) -> int:
+        return int(self.logit > 0)
+
+    @property
+    def name(self) -> str:
+        return CLASS_NAMES[self.label]
+
+    @property
+    def probability(self) -> float:
+        dog = 1.0 / (1.0 + np.exp(-np.float64(self.logit)))
+        return float(dog if self.label else 1.0 - dog)
+
+    def __str__(self) -> str:
+        return f"{self.name} (p={self.probability:.4f}, logit={self.logit:+.6g})"
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def logits(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
+    """Logits [N] of images [N, H, W, 3] (pixels 0..255), eval mode."""
+    return model.apply(variables, jnp.asarray(images, jnp.float32), train=False)
+
+
+def predict(model: nn.Module, variables: Any, images: jax.Array) -> list[Prediction]:
+    """One `Prediction` per image."""
+    return [Prediction(float(v)) for v in np.asarray(logits(model, variables, images))]
+
+
+def class_sign(choice: str, prediction: Prediction) -> float:
+    """+1 to explain "dog", -1 to explain "cat"; "predicted" follows the prediction."""
+    if choice == "predicted":
+        return 1.0 if prediction.label else -1.0
+    if choice not in CLASS_NAMES:
+        raise ValueError(f"unknown class {choice!r}; valid: {list(CLASS_CHOICES)}")
+    return 1.0 if choice == "dog" else -1.0
