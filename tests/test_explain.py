@@ -4,7 +4,6 @@ import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 
 import csv
 import functools
-import types
 from pathlib import Path
 
 import chex
@@ -277,21 +276,16 @@ def test_registry_names_every_method():
         explain("saliency", *tiny("convnet"))
 
 
-def test_lrp_entry_calls_the_lrp_module_with_sign_and_composite(monkeypatch):
-    # The registry's wiring only: lrp.py itself is tested on its own branch.
-    calls = []
+def test_lrp_entry_is_the_lrp_module_with_sign_and_composite():
+    from jaxrepro.explain import lrp
 
-    def attribute(model, variables, images, *, sign=1.0, composite="thesis"):
-        calls.append((sign, composite))
-        return jnp.ones_like(images) * 2.0
-
-    fake = types.SimpleNamespace(attribute=attribute,
-                                 heatmap=lambda relevance: jnp.sum(relevance, axis=-1))
-    monkeypatch.setattr(jaxrepro.explain, "lrp", fake, raising=False)
     model, variables, images = tiny("convnet")
     heat = explain("lrp", model, variables, images, sign=-1.0, composite="epsilon", steps=9)
-    assert calls == [(-1.0, "epsilon")]                   # `steps` is not an lrp option
-    np.testing.assert_array_equal(heat, np.full(images.shape[:3], 6.0))
+    direct = lrp.heatmap(lrp.attribute(model, variables, images, sign=-1.0,
+                                       composite="epsilon"))
+    chex.assert_trees_all_equal(heat, direct)             # `steps` is not an lrp option
+    other = explain("lrp", model, variables, images, sign=-1.0, composite="lrp0")
+    assert not np.array_equal(np.asarray(heat), np.asarray(other))
 
 
 # ------------------------------------------------------------------------- CLI
@@ -352,6 +346,16 @@ def test_cli_npy_files_are_byte_identical_across_processes(trained_run, image_fi
         here = (tmp_path / "here" / f"{stem}.ig.npy").read_bytes()
         assert here == (tmp_path / "there" / f"{stem}.ig.npy").read_bytes()
         assert np.abs(np.load(tmp_path / "here" / f"{stem}.ig.npy")).max() > 0
+
+
+def test_cli_explains_with_lrp_and_a_composite(trained_run, image_files, tmp_path, capsys):
+    args = [str(trained_run), str(image_files["square"]), "--method", "lrp", "--no-progress"]
+    assert explain_main([*args, "--composite", "epsilon", "--out", str(tmp_path / "e")]) == 0
+    assert "square.png: predicted" in capsys.readouterr().out
+    eps = np.load(tmp_path / "e" / "square.lrp.npy", allow_pickle=False)
+    assert eps.shape == (80, 80) and np.abs(eps).max() > 0
+    assert explain_main([*args, "--composite", "lrp0", "--out", str(tmp_path / "z")]) == 0
+    assert not np.array_equal(eps, np.load(tmp_path / "z" / "square.lrp.npy"))
 
 
 def test_cli_unreadable_image_exits_2_with_a_clear_message(trained_run, image_files,
