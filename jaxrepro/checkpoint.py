@@ -61,12 +61,7 @@ def restore(mngr: ocp.CheckpointManager, step: int,
     with None, as the nested dicts Orbax saved (for tools that have no model).
     """
     where = Path(mngr.directory) / str(step)
-    try:
-        restored = mngr.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types for damaged files
-        raise CheckpointError(f"checkpoint {where} could not be read "
-                              f"({type(e).__name__}: {str(e)[:300]})") from e
+    restored = _read(mngr, step, state=ocp.args.StandardRestore(abstract_state))
     state, meta = restored["state"], restored["meta"]
     if not isinstance(meta, dict) or "manifest" not in meta:
         raise CheckpointError(f"checkpoint {where} has no manifest: not a jaxrepro checkpoint")
@@ -74,6 +69,16 @@ def restore(mngr: ocp.CheckpointManager, step: int,
     if int(meta.get("step", -1)) != int(step):
         raise CheckpointError(f"checkpoint {where} records step {meta.get('step')}, not {step}")
     return jax.device_put(state), meta
+
+
+def _read(mngr: ocp.CheckpointManager, step: int, **items: Any) -> Any:
+    """Orbax-restore `items` and the metadata of `step`; any failure is a CheckpointError."""
+    try:
+        return mngr.restore(int(step), args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore(), **items))
+    except Exception as e:  # Orbax raises many types for damaged files
+        raise CheckpointError(f"checkpoint {Path(mngr.directory) / str(step)} could not be "
+                              f"read ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def _verify(where: Path, tree: Any, manifest: dict) -> None:
@@ -91,12 +96,7 @@ def restore_probe(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
     if not (where / "probe").is_dir():
         raise CheckpointError(f"checkpoint {where} has no probe (diff_probe_examples was 0, "
                               "or the run predates probes)")
-    try:
-        restored = mngr.restore(int(step), args=ocp.args.Composite(
-            probe=ocp.args.StandardRestore(None), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types for damaged files
-        raise CheckpointError(f"probe of checkpoint {where} could not be read "
-                              f"({type(e).__name__}: {str(e)[:300]})") from e
+    restored = _read(mngr, step, probe=ocp.args.StandardRestore(None))
     probe, meta = jax.device_get(restored["probe"]), restored["meta"]
     _verify(where / "probe", probe, meta.get("probe_manifest", {}))
     return probe, meta
