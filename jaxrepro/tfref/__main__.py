@@ -63,13 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "mirror" and (args.images is None) != (args.logits is None):
         parser.error("--images and --logits go together")
 
-    tf = runtime.start(runtime.Recipe(deterministic=False))
+    recipe = runtime.Recipe(deterministic=False)  # no training here, nothing random
+    tf = runtime.start(recipe)
     if args.command == "summary":
         result = summary(args.image_size)
     else:
         result = mirror(args.model, args.weights_in, args.weights_out, args.image_size,
                         args.images, args.logits)
-    result["runtime"] = runtime.describe(tf)
+    result["runtime"] = runtime.describe(tf, recipe)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0

@@ -61,14 +61,15 @@ def start(recipe: Recipe) -> Any:
     return tf
 
 
-def describe(tf: Any) -> dict[str, Any]:
-    """Versions and settings of the running TF, for the record."""
+def describe(tf: Any, recipe: Recipe) -> dict[str, Any]:
+    """Versions and settings of the running TF (after `start(recipe)`), for the record."""
     import keras  # noqa: PLC0415
 
     return {
         "tensorflow": tf.__version__, "keras": keras.__version__,
         "keras_backend": keras.backend.backend(),
-        "op_determinism": bool(tf.config.experimental.is_op_determinism_enabled()),
+        "recipe": {"deterministic": recipe.deterministic,
+                   "single_thread": recipe.single_thread, "seed": recipe.seed},
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
