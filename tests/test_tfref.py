@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, run_cli
 from jaxrepro import models
 from jaxrepro.diff import ulp_distance
-from jaxrepro.tfref import export, transfer, weights
+from jaxrepro.tfref import export, runtime, transfer, weights
 
 # Smallest sizes the models take (the ConvNet's VALID convolutions need 80 px).
 SIZES = {"convnet": 80, "minixception": 32}
@@ -199,6 +199,15 @@ def test_transfer_refuses_partial_extra_or_misshapen_weights():
     wrong = {**flat, "params/block1/sepconv_a/depthwise/kernel": np.zeros((3, 3, 3, 1), np.float32)}
     with pytest.raises(transfer.TransferError, match="does not fit"):
         transfer.load_into_keras(_fake_sepconv_model(), wrong)
+
+
+def test_recipe_environment_is_listing_1():
+    on = runtime.child_environment(runtime.Recipe(), base={"PYTHONHASHSEED": "0"})
+    assert (on["PYTHONHASHSEED"], on["TF_DETERMINISTIC_OPS"], on["KERAS_BACKEND"]) == (
+        "1", "1", "tensorflow")
+    off = runtime.child_environment(runtime.Recipe(deterministic=False),
+                                    base={"TF_DETERMINISTIC_OPS": "1", "PYTHONHASHSEED": "1"})
+    assert "TF_DETERMINISTIC_OPS" not in off and "PYTHONHASHSEED" not in off
 
 
 TF_SIDE = {"models.py", "runtime.py", "__main__.py", "determinism.py"}
