@@ -1,0 +1,77 @@
+"""Start TensorFlow in this process, with or without the paper's determinism recipe.
+
+TF side only. The recipe (seeds/000 Listings 1, 2 and 7; seeds/001): PYTHONHASHSEED
+(must be set before Python starts, so the caller sets it in the child's environment
+and `start` only checks it), TF_DETERMINISTIC_OPS / `enable_op_determinism()`, the
+Python, NumPy and TensorFlow seeds, and optionally one thread for inter- and intra-op
+parallelism. Keras runs on the TensorFlow backend, whatever KERAS_BACKEND says outside.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+# The paper's seed (Listing 2).
+SEED = 1001
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `start` applies; `deterministic=False` seeds nothing and leaves TF as is."""
+
+    deterministic: bool = True
+    single_thread: bool = False
+    seed: int = SEED
+
+
+def child_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a TF child process: Listing 1's variables when deterministic."""
+    env = dict(os.environ if base is None else base)
+    env["KERAS_BACKEND"] = "tensorflow"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("PYTHONHASHSEED", "TF_DETERMINISTIC_OPS", "TF_CUDNN_DETERMINISTIC"):
+        env.pop(name, None)
+    if recipe.deterministic:
+        env.update(PYTHONHASHSEED="1", TF_DETERMINISTIC_OPS="1", TF_CUDNN_DETERMINISTIC="1")
+    return env
+
+
+def start(recipe: Recipe) -> Any:
+    """Import TensorFlow, apply `recipe`, and return the `tf` module."""
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # noqa: PLC0415  (TF side: only ever imported here)
+
+    if recipe.single_thread:  # Listing 7; must precede any op
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    if recipe.deterministic:
+        if os.environ.get("PYTHONHASHSEED") != "1":
+            raise RuntimeError("the determinism recipe needs PYTHONHASHSEED=1 set before "
+                               "Python starts (use child_environment)")
+        import numpy as np  # noqa: PLC0415
+
+        tf.config.experimental.enable_op_determinism()
+        tf.random.set_seed(recipe.seed)
+        np.random.seed(recipe.seed)
+        random.seed(recipe.seed)
+    return tf
+
+
+def describe(tf: Any, recipe: Recipe) -> dict[str, Any]:
+    """Versions and settings of the running TF (after `start(recipe)`), for the record."""
+    import keras  # noqa: PLC0415
+
+    return {
+        "tensorflow": tf.__version__, "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "recipe": {"deterministic": recipe.deterministic,
+                   "single_thread": recipe.single_thread, "seed": recipe.seed},
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+        "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
+    }
