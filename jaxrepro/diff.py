@@ -538,8 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m jaxrepro.diff", description=__doc__.split("\n\n")[0],
         epilog="A and B: run directories or <run>/checkpoints/<step>. "
                "Exit status 0 identical, 1 different, 2 not comparable or error.")
-    parser.add_argument("a")
-    parser.add_argument("b")
+    parser.add_argument("a", help="run directory, or <run>/checkpoints/<step>")
+    parser.add_argument("b", help="the other run or checkpoint (this machine's or another's)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG of the divergence per step")
     parser.add_argument("--no-predictions", action="store_true",

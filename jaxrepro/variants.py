@@ -131,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Variants:\n" + "\n".join(f"  {k:20s} {v.description}"
                                           for k, v in VARIANTS.items())
-        + "\n\n--config.KEY=VALUE overrides go to every run (e.g. a smaller, shorter run).")
+        + "\n\n--config.KEY=VALUE overrides go to every run. Each variant trains the whole "
+          "config (no-jit is many times slower), so a short run is usually what you want:\n"
+          "  python -m jaxrepro.variants experiments/minixception.py --out /tmp/variants \\\n"
+          "    --config.data.image_size=32 --config.data.num_train=64 --config.data.num_val=32 \\\n"
+          "    --config.batch_size=16 --config.num_epochs=2 --config.checkpoint_every_steps=3")
     parser.add_argument("config_file", help="experiment config, e.g. experiments/convnet.py "
                         "(Python; it is executed)")
     parser.add_argument("--variants", default="default,ynn,one-core,no-jit",
