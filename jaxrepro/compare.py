@@ -310,6 +310,8 @@ def build_report(config, steps: int, jx: dict, keras_dir: Path, keras_result: di
             "params_max_ulp": max((v["max_ulp"] for v in params), default=0),
             "params_max_rel": _max_over(params, "max_rel"),
             "params_rel_to_max": _max_over(params, "rel_to_max"),
+            "worst_leaf": max((n for n in leaves if n.startswith("params/")),
+                              key=lambda n: leaves[n]["rel_to_max"]),
             "batch_stats_rel_to_max": _max_over(bstats, "rel_to_max") if bstats else None,
         })
 
