@@ -210,7 +210,7 @@ def test_recipe_environment_is_listing_1():
     assert "TF_DETERMINISTIC_OPS" not in off and "PYTHONHASHSEED" not in off
 
 
-TF_SIDE = {"models.py", "runtime.py", "__main__.py", "determinism.py"}
+TF_SIDE = {"models.py", "runtime.py", "__main__.py", "determinism.py", "matched.py"}
 
 
 def test_tensorflow_stays_out_of_the_jax_process():

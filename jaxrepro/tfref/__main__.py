@@ -1,4 +1,4 @@
-"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror} ...` (a TF process).
+"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched} ...` (a TF process).
 
     summary [--image-size 180]
         parameter counts of both Keras models, as JSON
@@ -6,6 +6,9 @@
         load Flax-named weights into the Keras model, write back what Keras then holds
         (OUT.npz, same names), and optionally the Keras logits of IMAGES (inference mode:
         dropout off, batch norm on its moving statistics)
+    matched MODEL WEIGHTS.npz INPUTS.npz OUTDIR
+        the Keras half of `python -m jaxrepro.compare` (see `jaxrepro.tfref.matched`):
+        activations, gradients, N training steps and Grad-CAM on given batches
 
 The JAX side writes WEIGHTS.npz with `python -m jaxrepro.tfref.export` and compares.
 """
@@ -59,13 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=180)
     p.add_argument("--images", help="float32 or uint8 images [N, S, S, 3] (.npy)")
     p.add_argument("--logits", help="where to write the Keras logits [N] (.npy)")
+    p = sub.add_parser("matched", help="Keras side of python -m jaxrepro.compare")
+    p.add_argument("model", choices=("convnet", "minixception"))
+    p.add_argument("weights_in")
+    p.add_argument("inputs", help="batches and probe images (.npz, see tfref.matched)")
+    p.add_argument("outdir")
     args = parser.parse_args(argv)
     if args.command == "mirror" and (args.images is None) != (args.logits is None):
         parser.error("--images and --logits go together")
 
-    recipe = runtime.Recipe(deterministic=False)  # no training here, nothing random
+    # matched trains: the paper's recipe (the caller sets PYTHONHASHSEED=1, see
+    # runtime.child_environment); summary and mirror draw nothing random.
+    recipe = runtime.Recipe(deterministic=args.command == "matched")
     tf = runtime.start(recipe)
-    if args.command == "summary":
+    if args.command == "matched":
+        from jaxrepro.tfref import matched  # noqa: PLC0415
+
+        result = matched.run(args.model, args.weights_in, args.inputs, args.outdir)
+    elif args.command == "summary":
         result = summary(args.image_size)
     else:
         result = mirror(args.model, args.weights_in, args.weights_out, args.image_size,

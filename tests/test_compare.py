@@ -1,0 +1,143 @@
+"""`python -m jaxrepro.compare`: JAX vs Keras from the same init on the same batches.
+
+One tiny end-to-end run (mini Xception at 64 px, so Grad-CAM's A is 2x2 and not a
+single pixel; 2 steps) with the exchanged files kept, checked from this process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from jaxrepro import compare, config as configlib, rng
+from jaxrepro.tfref import weights
+from jaxrepro.train import build_optimizer, init_state
+
+TINY = ["--config.data.image_size=64", "--config.data.num_train=48",
+        "--config.data.num_val=16", "--config.batch_size=16"]
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("compare")
+    r = run_cli("jaxrepro.compare", "experiments/minixception.py", "--against", "tensorflow",
+                "--steps", str(STEPS), "--out", str(out), "--probe", "4", "--keep-exchange",
+                *TINY, timeout=300)
+    return {"out": out, "stdout": r.stdout,
+            "report": json.loads((out / "compare.json").read_text()),
+            "ex": out / "exchange"}
+
+
+def _bitwise(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_cli_writes_every_section_and_the_plot(run):
+    rep = run["report"]
+    assert {"forward", "backward", "trajectory", "gradcam"} <= set(rep)
+    assert [r["step"] for r in rep["trajectory"]] == list(range(STEPS + 1))
+    assert {r["layer"] for r in rep["forward"]} >= {"stem_out", "block1_out", "block5_out",
+                                                    "logits"}
+    params = weights.load(run["ex"] / "init.npz")
+    assert {r["param"] for r in rep["backward"]} == {n for n in params if n.startswith("params/")}
+    assert set(rep["gradcam"]) == {"start", "end"}
+    assert rep["gradcam"]["start"]["lowres_shape"] == [2, 2]
+    assert (run["out"] / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "forward" in run["stdout"] and "Grad-CAM" in run["stdout"]
+
+
+def test_initial_weights_are_the_config_init_and_bitwise_equal_in_keras(run):
+    config = configlib.resolve("experiments/minixception.py",
+                               [t[len("--config."):] for t in TINY])
+    keys = rng.stream_keys(config.seed, {k: v for k, v in config.rng.items() if v >= 0})
+    model = compare.models.get_model(config.model, dropout_rate=0.0)
+    state = init_state(model, build_optimizer(config), keys["init"], config.data.image_size)
+    ours = weights.flatten(jax.device_get({"params": state.params,
+                                           "batch_stats": state.batch_stats}))
+    sent = weights.load(run["ex"] / "init.npz")
+    keras0 = weights.load(run["ex"] / "keras" / "weights_000.npz")
+    assert set(ours) == set(sent) == set(keras0)
+    for name in ours:
+        assert _bitwise(ours[name], sent[name]), name
+        assert _bitwise(sent[name], keras0[name]), name
+    assert run["report"]["initial_weights_bitwise"] is True
+
+
+def _independent_ulp(a: np.ndarray, b: np.ndarray) -> int:
+    """Max ULP distance via sign and magnitude bits (another route than diff.ulp_distance)."""
+    ia = np.frombuffer(np.asarray(a, "<f4").tobytes(), "<u4").astype(np.int64)
+    ib = np.frombuffer(np.asarray(b, "<f4").tobytes(), "<u4").astype(np.int64)
+    ma, mb = ia & 0x7FFFFFFF, ib & 0x7FFFFFFF
+    same_sign = (ia >> 31) == (ib >> 31)
+    return int(np.max(np.where(same_sign, np.abs(ma - mb), ma + mb)))
+
+
+def test_forward_logits_agree_and_the_reported_ulp_is_right(run):
+    keras = weights.load(run["ex"] / "keras" / "forward.npz")
+    ours = weights.load(run["ex"] / "jax" / "forward.npz")
+    z_k, z_j = keras["logits"], ours["logits"]
+    assert z_k.shape == z_j.shape == (4,)
+    assert np.max(np.abs(z_k - z_j)) <= 1e-4 * np.max(np.abs(z_j))
+    rows = {r["layer"]: r for r in run["report"]["forward"]}
+    for layer in ("logits", "stem_out", "block3_out", "gap_out"):
+        assert rows[layer]["max_ulp"] == _independent_ulp(ours[layer], keras[layer]), layer
+        d = np.abs(ours[layer].astype(np.float64) - keras[layer])
+        assert rows[layer]["rel_to_max"] == pytest.approx(d.max() / np.abs(ours[layer]).max())
+    # The JAX logits in the report are those of the sent weights, recomputed here.
+    inputs = np.load(run["ex"] / "inputs.npz", allow_pickle=False)
+    model = compare.models.get_model("minixception", dropout_rate=0.0)
+    z = np.asarray(model.apply(weights.unflatten(weights.load(run["ex"] / "init.npz")),
+                               inputs["probe_images"], train=False))
+    assert np.max(np.abs(z - z_j)) <= 1e-5 * np.max(np.abs(z_j))
+
+
+def test_trajectory_starts_at_exactly_zero_and_losses_agree_at_step_1(run):
+    t = run["report"]["trajectory"]
+    assert t[0]["all_bitwise"] and t[0]["params_max_ulp"] == 0
+    assert t[0]["params_max_rel"] == 0.0 and t[0]["params_rel_to_max"] == 0.0
+    assert t[1]["loss_jax"] == pytest.approx(t[1]["loss_keras"], rel=1e-5)
+    assert not t[STEPS]["all_bitwise"]  # two frameworks' float32: not the same bits
+    # The reported difference at the last step is that of the exported weights.
+    jw = weights.load(run["ex"] / "jax" / f"weights_{STEPS:03d}.npz")
+    kw = weights.load(run["ex"] / "keras" / f"weights_{STEPS:03d}.npz")
+    ulp = max(_independent_ulp(jw[n], kw[n]) for n in jw if n.startswith("params/"))
+    assert t[STEPS]["params_max_ulp"] == ulp
+
+
+def test_gradients_agree_loosely(run):
+    for r in run["report"]["backward"]:
+        assert r["rel_to_max"] < 0.05, r
+
+
+def test_gradcam_agrees_at_the_start(run):
+    g = run["report"]["gradcam"]["start"]
+    assert g["rmse_mean"] < 1e-3 and g["top10_overlap_mean"] > 0.9
+    assert g["spearman_mean"] is not None and g["spearman_mean"] > 0.99
+
+
+def test_ranks_spearman_and_top_overlap():
+    np.testing.assert_array_equal(compare.ranks(np.array([3.0, 1.0, 3.0, 2.0])),
+                                  [3.5, 1.0, 3.5, 2.0])
+    x = np.random.default_rng(0).standard_normal(50)
+    assert compare.spearman(x, np.exp(x)) == pytest.approx(1.0)
+    assert compare.spearman(x, -x) == pytest.approx(-1.0)
+    assert compare.spearman(x, np.zeros(50)) is None
+    a = np.arange(100.0)
+    assert compare.top_overlap(a, a) == 1.0
+    assert compare.top_overlap(a, -a) == 0.0
+    assert compare.top_overlap(a, np.r_[a[:95], a[95:] - 1000]) == 0.5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--against", "pytorch"], "only"),
+    (["--against", "tensorflow", "--config.no_such_key=1"], "unknown config key"),
+])
+def test_user_errors_exit_2(args, message):
+    r = run_cli("jaxrepro.compare", "experiments/convnet.py", *args, check=False, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
