@@ -249,11 +249,8 @@ def fork(parent_run: Path, step: int, workdir: Path, config: ml_collections.Conf
     parent_mngr = ckpt.manager(parent_run / "checkpoints", max_to_keep=None)
     try:
         state, _ = ckpt.restore(parent_mngr, step, jax.eval_shape(lambda: state))
-    except ckpt.CheckpointError as e:
+    except ckpt.CheckpointError as e:  # also a tree that does not fit this config's model
         raise RunError(f"--fork-from: {e}") from None
-    except ValueError as e:  # Orbax: the tree does not match this config's model
-        raise RunError(f"--fork-from: checkpoint {step} of {parent_run} does not fit this "
-                       f"config's model and optimizer ({str(e)[:200]})") from None
     parent_config = json.loads((parent_run / "config.json").read_text())
     changes = configlib.diff_keys(parent_config, json.loads(configlib.to_json(config)))
     write_jsonl(workdir / "steps.jsonl",
@@ -309,7 +306,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     start = 0
     last = ckpt.latest_step(mngr)
     if fork_at is not None and last is None:
-        state, start = fork(*fork_at, workdir, config, state), fork_at[1]
+        try:
+            state, start = fork(*fork_at, workdir, config, state), fork_at[1]
+        except RunError:
+            shutil.rmtree(workdir)  # created by this call (a fork never resumes): leave nothing
+            raise
     elif last is not None:
         state, meta = ckpt.restore(mngr, last, jax.eval_shape(lambda: state))
         expected_root = np.asarray(jax.random.key_data(rng.root_key(config.seed))).tolist()

@@ -166,6 +166,12 @@ def test_fork_from_a_missing_checkpoint_is_refused_before_writing(runs, tmp_path
     assert not (tmp_path / "fork").exists()
 
 
+def test_fork_from_another_model_is_refused_and_leaves_nothing(runs, tmp_path):
+    r = train_cli("convnet", tmp_path / "fork", "--fork-from", str(runs / "size"), check=False)
+    assert r.returncode == 2 and "--fork-from" in r.stderr and "could not be read" in r.stderr
+    assert not (tmp_path / "fork").exists()
+
+
 def test_code_path_variant_differs_and_names_the_first_layer(tmp_path):
     # YNNPACK fusions compute dots differently: the same initial state, other bits.
     r = run_cli("jaxrepro.variants", "experiments/convnet.py", "--variants", "default,ynn",
