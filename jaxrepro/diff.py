@@ -305,8 +305,9 @@ def predictions_diff(a: Side, b: Side) -> dict:
         return {"skipped": str(e)}
     val = data.validation
     logits = []
-    for m in (ma, mb):
-        step = train.make_eval_step(m.model)
+    step_a = train.make_eval_step(ma.model)
+    for m in (ma, mb):  # one compiled program when both runs use the same model
+        step = step_a if m.model == ma.model else train.make_eval_step(m.model)
         n, bs = len(val.labels), int(ma.config.eval_batch_size)
         out = []
         for start in range(0, n, bs):

@@ -329,9 +329,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     probe_size = min(bs, len(data.validation.labels))
     probe_batch = (data.validation.images[:probe_size].astype(np.float32),
                    data.validation.labels[:probe_size])
-    probe_fn = probelib.make_probe(model, bce_loss, n_probe)
-    probe_order = probelib.call_order(
-        model, {"params": state.params, "batch_stats": state.batch_stats}, probe_batch[0])
+    if n_probe:  # traced once here, compiled at the first save
+        probe_fn = probelib.make_probe(model, bce_loss, n_probe)
+        probe_order = probelib.call_order(
+            model, {"params": state.params, "batch_stats": state.batch_stats}, probe_batch[0])
 
     def save(step: int) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
