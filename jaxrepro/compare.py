@@ -43,7 +43,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
 import jax
@@ -190,14 +190,12 @@ def _variables(params, batch_stats) -> dict:
     return {"params": params, "batch_stats": batch_stats}
 
 
-def run_jax(model, state, tx: optax.GradientTransformation, inputs: dict) -> dict:
-    """The JAX half: forward probe, step-1 gradients, N steps, Grad-CAM, accuracy."""
-    probe = jnp.asarray(inputs["probe_images"])
+def matched_step(model, tx: optax.GradientTransformation) -> Callable:
+    """The jitted training step both halves mirror: dropout off, batches pre-augmented.
 
-    @jax.jit
-    def forward(variables, x):
-        logits, s = model.apply(variables, x, train=False, mutable=["intermediates"])
-        return logits, models.flat_intermediates(s["intermediates"])
+    `(params, batch_stats, opt_state, x, y) -> (loss, grads, params, batch_stats,
+    opt_state)`; the loss is the mean BCE on the logit, batch norm in training mode.
+    """
 
     @jax.jit
     def step(params, batch_stats, opt_state, x, y):
@@ -210,6 +208,20 @@ def run_jax(model, state, tx: optax.GradientTransformation, inputs: dict) -> dic
         deltas, opt_state = tx.update(grads, opt_state, params)
         return (loss, grads, optax.apply_updates(params, deltas),
                 updates.get("batch_stats", {}), opt_state)
+
+    return step
+
+
+def run_jax(model, state, tx: optax.GradientTransformation, inputs: dict) -> dict:
+    """The JAX half: forward probe, step-1 gradients, N steps, Grad-CAM, accuracy."""
+    probe = jnp.asarray(inputs["probe_images"])
+
+    @jax.jit
+    def forward(variables, x):
+        logits, s = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return logits, models.flat_intermediates(s["intermediates"])
+
+    step = matched_step(model, tx)
 
     def gradcam(variables):
         a, g, _ = gradcamlib.last_conv_gradient(model, variables, probe, sign=1.0)
