@@ -1,12 +1,16 @@
 """jaxrepro: bitwise-reproducible training and explanations in JAX/Flax.
 
 Importing the package applies the determinism settings (XLA flags, PRNG
-implementation, matmul precision) before any JAX backend starts.
+implementation, matmul precision) before any JAX backend starts, except in a
+TensorFlow reference process (JAXREPRO_SIDE=tensorflow, see `jaxrepro.tfref.runtime`),
+which must neither load JAX nor carry its XLA flags.
 """
+
+import os as _os
 
 from jaxrepro import determinism as _determinism
 
-if not _determinism._applied:
+if _os.environ.get("JAXREPRO_SIDE") != "tensorflow" and not _determinism._applied:
     _determinism.apply()
 
 __version__ = "0.1.0"

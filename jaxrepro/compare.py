@@ -59,7 +59,7 @@ from jaxrepro.data.augment import augment_batch
 from jaxrepro.data.order import epoch_order
 from jaxrepro.diff import ulp_distance
 from jaxrepro.explain import gradcam as gradcamlib
-from jaxrepro.tfref import weights
+from jaxrepro.tfref import process, weights
 from jaxrepro.train import bce_loss, build_optimizer, init_state, load_data
 
 AGAINST = ("tensorflow",)
@@ -262,12 +262,8 @@ def run_jax(model, state, tx: optax.GradientTransformation, inputs: dict) -> dic
 
 
 def tf_environment() -> dict[str, str]:
-    """The paper's recipe for the Keras child (as `tfref.runtime.child_environment`)."""
-    env = dict(os.environ)
-    env.update(KERAS_BACKEND="tensorflow", PYTHONHASHSEED="1", TF_DETERMINISTIC_OPS="1",
-               TF_CUDNN_DETERMINISTIC="1")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
+    """The Keras child's environment: a clean TF process under the paper's recipe."""
+    return process.child_environment(process.Recipe(deterministic=True))
 
 
 def run_keras(model_name: str, exchange: Path, timeout: int | None = None) -> dict:

@@ -53,6 +53,12 @@ def xla_flags(extra: tuple[str, ...] = ()) -> str:
     return " ".join(user + wanted)
 
 
+def without_own_flags(value: str) -> str:
+    """XLA_FLAGS minus the flags jaxrepro adds (for a process that is not JAX's)."""
+    own = {*GPU_FLAGS, *CPU_FLAGS}
+    return " ".join(f for f in value.split() if f not in own)
+
+
 def backend_started() -> bool:
     """True once any JAX backend exists (after which XLA flags are ignored)."""
     if "jax" not in sys.modules:

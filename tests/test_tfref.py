@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,23 @@ def test_recipe_environment_is_listing_1():
     off = runtime.child_environment(runtime.Recipe(deterministic=False),
                                     base={"TF_DETERMINISTIC_OPS": "1", "PYTHONHASHSEED": "1"})
     assert "TF_DETERMINISTIC_OPS" not in off and "PYTHONHASHSEED" not in off
+
+
+def test_a_tf_process_has_no_jax_backend_and_no_jaxrepro_flags():
+    # This test process carries jaxrepro's XLA_FLAGS (set on import); the TF command,
+    # started plainly, re-executes itself as a clean TF process.
+    from jaxrepro import determinism
+
+    own = {*determinism.GPU_FLAGS, *determinism.CPU_FLAGS}
+    assert own <= set(os.environ["XLA_FLAGS"].split())
+    r = run_cli("jaxrepro.tfref", "summary", "--image-size", "80", timeout=300,
+                env={"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_dump_to=/nonexistent"})
+    described = _json(r)["runtime"]
+    assert described["jax_backend_started"] is False
+    assert described["xla_flags"] == "--xla_dump_to=/nonexistent"  # the user's own flag stays
+    env = runtime.child_environment(runtime.Recipe(), base=dict(os.environ))
+    assert env[runtime.SIDE_VARIABLE] == "tensorflow"
+    assert not set(determinism.GPU_FLAGS) & set(env.get("XLA_FLAGS", "").split())
 
 
 TF_SIDE = {"models.py", "runtime.py", "__main__.py", "determinism.py", "matched.py"}

@@ -7,7 +7,8 @@ Two sides, two processes, one file format between them:
   determinism recipe of seeds/000 and seeds/001), `__main__` (the CLI),
   `determinism` (TF's own rerun check).
 - Neutral (NumPy only, safe on both sides): `weights` (the `.npz` file of Flax-named
-  arrays) and `transfer` (Flax <-> Keras names and layouts).
+  arrays), `transfer` (Flax <-> Keras names and layouts) and `process` (a TF child's
+  environment; `JAXREPRO_SIDE=tensorflow` keeps JAX and its XLA flags out of it).
 - JAX side: `export` (a run or checkpoint, or Flax variables, to the weights file).
 
 This package's `__init__` imports nothing, so `import jaxrepro.tfref.weights` in the

@@ -91,4 +91,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.ensure_tf_process("jaxrepro.tfref", sys.argv[1:])
     sys.exit(main())

@@ -11,32 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from typing import Any
 
-# The paper's seed (Listing 2).
-SEED = 1001
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What `start` applies; `deterministic=False` seeds nothing and leaves TF as is."""
-
-    deterministic: bool = True
-    single_thread: bool = False
-    seed: int = SEED
-
-
-def child_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a TF child process: Listing 1's variables when deterministic."""
-    env = dict(os.environ if base is None else base)
-    env["KERAS_BACKEND"] = "tensorflow"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("PYTHONHASHSEED", "TF_DETERMINISTIC_OPS", "TF_CUDNN_DETERMINISTIC"):
-        env.pop(name, None)
-    if recipe.deterministic:
-        env.update(PYTHONHASHSEED="1", TF_DETERMINISTIC_OPS="1", TF_CUDNN_DETERMINISTIC="1")
-    return env
+from jaxrepro.tfref.process import (  # noqa: F401  (re-exported for TF-side callers)
+    SEED, SIDE_VARIABLE, Recipe, child_environment, ensure_tf_process, tf_side_environment)
+from jaxrepro import determinism
 
 
 def start(recipe: Recipe) -> Any:
@@ -74,4 +53,8 @@ def describe(tf: Any, recipe: Recipe) -> dict[str, Any]:
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
+        # TF's own tf.lite imports the jax module when it is installed, but no JAX
+        # backend may start here, and jaxrepro's XLA flags must be absent.
+        "jax_backend_started": determinism.backend_started(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }

@@ -1,0 +1,71 @@
+"""How a TensorFlow reference process is started: its environment and the recipe.
+
+Neutral (no TensorFlow, no JAX): the JAX process uses it to start TF children, and
+TF-side entry points use it to make sure they run in a clean process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from jaxrepro import determinism  # flags only; imports no JAX
+
+# Marks a TF reference process: `jaxrepro/__init__` then neither imports JAX nor sets
+# XLA flags, so that neither framework's settings leak into the other.
+SIDE_VARIABLE = "JAXREPRO_SIDE"
+
+# The paper's seed (Listing 2).
+SEED = 1001
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What `start` applies; `deterministic=False` seeds nothing and leaves TF as is."""
+
+    deterministic: bool = True
+    single_thread: bool = False
+    seed: int = SEED
+
+
+def child_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a TF child process: Listing 1's variables when deterministic."""
+    env = tf_side_environment(os.environ if base is None else base)
+    env["KERAS_BACKEND"] = "tensorflow"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("PYTHONHASHSEED", "TF_DETERMINISTIC_OPS", "TF_CUDNN_DETERMINISTIC"):
+        env.pop(name, None)
+    if recipe.deterministic:
+        env.update(PYTHONHASHSEED="1", TF_DETERMINISTIC_OPS="1", TF_CUDNN_DETERMINISTIC="1")
+    return env
+
+
+def tf_side_environment(base: dict[str, str] | os._Environ) -> dict[str, str]:
+    """`base` marked as a TF process, without the XLA flags jaxrepro adds for JAX."""
+    env = dict(base)
+    env[SIDE_VARIABLE] = "tensorflow"
+    flags = determinism.without_own_flags(env.get("XLA_FLAGS", ""))
+    if flags:
+        env["XLA_FLAGS"] = flags
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env
+
+
+def ensure_tf_process(module: str, argv: Sequence[str]) -> None:
+    """Re-execute `python -m module argv` as a clean TF process if JAX got loaded here.
+
+    Started from a shell, `python -m jaxrepro.tfref ...` imports `jaxrepro` first, and
+    that loads JAX and sets XLA_FLAGS; a TF-side entry point calls this first thing,
+    so its work always runs in a process that has neither.
+    """
+    if os.environ.get(SIDE_VARIABLE) == "tensorflow" and "jax" not in sys.modules:
+        return
+    if os.environ.get(SIDE_VARIABLE) == "tensorflow":
+        raise RuntimeError("JAX is loaded in a TensorFlow reference process")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv],
+              tf_side_environment(os.environ))
