@@ -179,10 +179,7 @@ def probe_logits(eval_step: Callable, state: TrainState, split, count: int) -> l
 
 def load_data(config: ml_collections.ConfigDict) -> Data:
     """The train and validation splits named by `config.data`."""
-    d = config.data
-    common = dict(source=d.source, image_size=d.image_size, num_train=d.num_train,
-                  num_val=d.num_val, data_dir=d.data_dir or None, folder=d.folder or None)
-    splits = datalib.load_splits(**common)
+    splits = datalib.load_config_splits(config.data)
     return Data(train=splits["train"], validation=splits["validation"])
 
 

@@ -49,12 +49,12 @@ from jaxrepro.data.errors import DataError
 from jaxrepro.data.fingerprint import data_fingerprint, order_fingerprint
 from jaxrepro.data.order import batch_at, batch_indices, epoch_order, num_batches
 from jaxrepro.data.sources import (SOURCES, DataSplit, Opened, default_data_dir, load,
-                                   load_splits, register_source)
+                                   load_config_splits, load_splits, register_source)
 from jaxrepro.data.split import SPLITS, SplitError, partition, split_key
 
 __all__ = [
     "DataError", "DataSplit", "Opened", "SOURCES", "SPLITS", "SplitError", "batch_at",
     "batch_indices", "data_fingerprint", "default_data_dir", "epoch_order", "load",
-    "load_splits", "num_batches", "order_fingerprint", "partition", "register_source",
-    "split_key",
+    "load_config_splits", "load_splits", "num_batches", "order_fingerprint", "partition",
+    "register_source", "split_key",
 ]

@@ -307,3 +307,10 @@ def load_splits(source: str = "shapes", *, image_size: int | None = None,
                                               data_dir, folder, builder_config)
     return {name: _materialise(source, name, opened, ids, labels, parts[name], size)
             for name in SPLITS}
+
+
+def load_config_splits(data: Mapping[str, Any]) -> dict[str, DataSplit]:
+    """Both splits named by a config's `data` block (what every trainer reads)."""
+    return load_splits(data["source"], image_size=data["image_size"],
+                       num_train=data["num_train"], num_val=data["num_val"],
+                       data_dir=data["data_dir"] or None, folder=data["folder"] or None)

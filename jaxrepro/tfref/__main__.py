@@ -1,4 +1,4 @@
-"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched} ...` (a TF process).
+"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched,train} ...` (a TF process).
 
     summary [--image-size 180]
         parameter counts of both Keras models, as JSON
@@ -9,6 +9,12 @@
     matched MODEL WEIGHTS.npz INPUTS.npz OUTDIR
         the Keras half of `python -m jaxrepro.compare` (see `jaxrepro.tfref.matched`):
         activations, gradients, N training steps and Grad-CAM on given batches
+    train CONFIG_FILE --out DIR [--mode recipe|none|single] [--init-from W.npz] [--config.K=V]
+        the paper's Keras training (model.fit, Keras augmentation) on the config's data
+        set, as `python -m jaxrepro.train` loads it (see `jaxrepro.tfref.train`)
+
+Started from a shell, the command re-executes itself as a clean TF process (no JAX
+backend, none of jaxrepro's XLA flags; the recipe's environment when it needs one).
 
 The JAX side writes WEIGHTS.npz with `python -m jaxrepro.tfref.export` and compares.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -50,6 +57,8 @@ def mirror(model_name: str, weights_in: str, weights_out: str, image_size: int,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,29 +76,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("weights_in")
     p.add_argument("inputs", help="batches and probe images (.npz, see tfref.matched)")
     p.add_argument("outdir")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("train", help="the paper's Keras training on the config's data set",
+                       description=train_doc(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config_file", help="experiment config (Python; it is executed)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mode", default="recipe", choices=("recipe", "none", "single"),
+                   help="determinism recipe (default: %(default)s)")
+    p.add_argument("--init-from", help="start from these Flax-named weights (.npz)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines from Keras")
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     if args.command == "mirror" and (args.images is None) != (args.logits is None):
         parser.error("--images and --logits go together")
+    if overrides and args.command != "train":
+        parser.error("--config.KEY=VALUE goes with the train command only")
 
-    # matched trains: the paper's recipe (the caller sets PYTHONHASHSEED=1, see
-    # runtime.child_environment); summary and mirror draw nothing random.
-    recipe = runtime.Recipe(deterministic=args.command == "matched")
-    tf = runtime.start(recipe)
-    if args.command == "matched":
-        from jaxrepro.tfref import matched  # noqa: PLC0415
+    # matched trains: the paper's recipe; summary and mirror draw nothing random.
+    recipe = (_train_recipe(args.mode) if args.command == "train"
+              else runtime.Recipe(deterministic=args.command == "matched"))
+    runtime.ensure_tf_process("jaxrepro.tfref", argv, recipe)
+    if args.command == "train":
+        from jaxrepro import config as configlib  # noqa: PLC0415
+        from jaxrepro import data as datalib  # noqa: PLC0415
+        from jaxrepro.tfref import train as trainlib  # noqa: PLC0415
 
-        result = matched.run(args.model, args.weights_in, args.inputs, args.outdir)
-    elif args.command == "summary":
-        result = summary(args.image_size)
+        try:
+            result = trainlib.train(args.config_file, overrides, Path(args.out), args.mode,
+                                    args.init_from, verbose=0 if args.quiet else 2)
+        except (configlib.ConfigError, datalib.DataError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        result = {k: v for k, v in result.items() if k != "sha256"}
     else:
-        result = mirror(args.model, args.weights_in, args.weights_out, args.image_size,
-                        args.images, args.logits)
-    result["runtime"] = runtime.describe(tf, recipe)
+        tf = runtime.start(recipe)
+        if args.command == "matched":
+            from jaxrepro.tfref import matched  # noqa: PLC0415
+
+            result = matched.run(args.model, args.weights_in, args.inputs, args.outdir)
+        elif args.command == "summary":
+            result = summary(args.image_size)
+        else:
+            result = mirror(args.model, args.weights_in, args.weights_out, args.image_size,
+                            args.images, args.logits)
+        result["runtime"] = runtime.describe(tf, recipe)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0
 
 
+def _train_recipe(mode: str) -> runtime.Recipe:
+    from jaxrepro.tfref import determinism  # noqa: PLC0415  (no TF at import)
+
+    return determinism.MODES[mode]
+
+
+def train_doc() -> str:
+    from jaxrepro.tfref import train  # noqa: PLC0415  (no TF at import)
+
+    return train.__doc__
+
+
 if __name__ == "__main__":
-    runtime.ensure_tf_process("jaxrepro.tfref", sys.argv[1:])
     sys.exit(main())

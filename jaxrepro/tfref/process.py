@@ -54,18 +54,23 @@ def tf_side_environment(base: dict[str, str] | os._Environ) -> dict[str, str]:
     return env
 
 
-def ensure_tf_process(module: str, argv: Sequence[str]) -> None:
-    """Re-execute `python -m module argv` as a clean TF process if JAX got loaded here.
+def ensure_tf_process(module: str, argv: Sequence[str],
+                      recipe: Recipe | None = None) -> None:
+    """Re-execute `python -m module argv` as a clean TF process if this one is not.
 
     Started from a shell, `python -m jaxrepro.tfref ...` imports `jaxrepro` first, and
-    that loads JAX and sets XLA_FLAGS; a TF-side entry point calls this first thing,
-    so its work always runs in a process that has neither.
+    that sets up JAX and its XLA_FLAGS; a TF-side entry point calls this first thing,
+    so its work always runs in a process that has neither, with `recipe`'s environment
+    (Listing 1's variables must be set before Python starts) when one is given.
     """
-    if os.environ.get(SIDE_VARIABLE) == "tensorflow" and "jax" not in sys.modules:
-        return
     if os.environ.get(SIDE_VARIABLE) == "tensorflow":
-        raise RuntimeError("JAX is loaded in a TensorFlow reference process")
+        # Importing the jax module starts nothing (jaxrepro.data and TF's tf.lite do);
+        # a started backend would mean JAX work in the TF process.
+        if determinism.backend_started():
+            raise RuntimeError("a JAX backend runs in a TensorFlow reference process")
+        return
+    env = (child_environment(recipe, dict(os.environ)) if recipe is not None
+           else tf_side_environment(os.environ))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv],
-              tf_side_environment(os.environ))
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)

@@ -31,13 +31,26 @@ def start(recipe: Recipe) -> Any:
         if os.environ.get("PYTHONHASHSEED") != "1":
             raise RuntimeError("the determinism recipe needs PYTHONHASHSEED=1 set before "
                                "Python starts (use child_environment)")
-        import numpy as np  # noqa: PLC0415
-
         tf.config.experimental.enable_op_determinism()
-        tf.random.set_seed(recipe.seed)
-        np.random.seed(recipe.seed)
-        random.seed(recipe.seed)
+        reseed(tf, recipe)
     return tf
+
+
+def reseed(tf: Any, recipe: Recipe) -> None:
+    """Listing 2's seeds (Python, NumPy, TF), set again.
+
+    TF derives each random op's seed from the global seed and a counter of the random
+    ops made since it was set; work done before training (e.g. a TFDS builder that
+    generates the data set the first time and only reads it later) moves that counter.
+    Seeding again right before the model is built makes the run independent of it.
+    """
+    if not recipe.deterministic:
+        return
+    import numpy as np  # noqa: PLC0415
+
+    tf.random.set_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    random.seed(recipe.seed)
 
 
 def describe(tf: Any, recipe: Recipe) -> dict[str, Any]:
