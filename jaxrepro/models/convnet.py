@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrepro.models.pooling import max_pool_2x2
+
 # Keras `Rescaling(1./255)` multiplies by the float32 scale (it does not divide).
 RESCALE = 1.0 / 255.0
 
@@ -42,6 +44,9 @@ class ConvNet(nn.Module):
     # The ReLU of every convolution; explanation methods swap in one with another
     # backward pass (guided backprop) via `model.clone(activation=...)`.
     activation: Callable[[jax.Array], jax.Array] = nn.relu
+    # 2x2 max pooling; `max_pool_2x2` is `nn.max_pool` with a cheaper backward pass that
+    # gives the same bits (see `jaxrepro.models.pooling`).
+    pool: Callable[[jax.Array], jax.Array] = max_pool_2x2
 
     # Last convolutional activation, for Grad-CAM (key in 'intermediates').
     LAST_CONV: ClassVar[str] = "conv5_out"
@@ -60,7 +65,7 @@ class ConvNet(nn.Module):
             x = self.activation(x)
             self.sow("intermediates", f"conv{i}_out", x)
             if i < n_conv:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = self.pool(x)
                 self.sow("intermediates", f"pool{i}_out", x)
         x = x.reshape((x.shape[0], -1))  # Keras Flatten, channels_last (H, W, C) order
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
