@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrepro.models import convolutions
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
 
 # Keras BatchNormalization defaults (Flax's epsilon default is 1e-5).
@@ -32,6 +33,10 @@ class SeparableConv(nn.Module):
 
     features: int
     kernel_size: int = 3
+    # Depthwise as shifted multiply-adds and pointwise as a matrix product
+    # (`jaxrepro.models.convolutions`, several times faster on CPU), or, False, both
+    # as XLA convolutions (`lax.conv_general_dilated`, the default before).
+    fast_convs: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -39,9 +44,16 @@ class SeparableConv(nn.Module):
         channels = x.shape[-1]
         k = self.kernel_size
         x = nn.Conv(channels, (k, k), padding="SAME", feature_group_count=channels,
-                    use_bias=False, kernel_init=KERNEL_INIT, name="depthwise")(x)
+                    use_bias=False, kernel_init=KERNEL_INIT, name="depthwise",
+                    conv_general_dilated=_impl(self.fast_convs, convolutions.depthwise_conv))(x)
         return nn.Conv(self.features, (1, 1), padding="VALID", use_bias=False,
-                       kernel_init=KERNEL_INIT, name="pointwise")(x)
+                       kernel_init=KERNEL_INIT, name="pointwise",
+                       conv_general_dilated=_impl(self.fast_convs, convolutions.pointwise_conv))(x)
+
+
+def _impl(fast: bool, conv: Callable[..., jax.Array]) -> Callable[..., jax.Array] | None:
+    """`conv` for `nn.Conv(conv_general_dilated=...)`, or None (Flax's own) when not fast."""
+    return conv if fast else None
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
@@ -59,6 +71,7 @@ class XceptionBlock(nn.Module):
 
     features: int
     activation: Callable[[jax.Array], jax.Array] = nn.relu
+    fast_convs: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -66,16 +79,20 @@ class XceptionBlock(nn.Module):
         residual = x
         x = self.activation(_batch_norm(train, "bn_a")(x))
         self.sow("intermediates", "act_a", x)
-        x = SeparableConv(self.features, name="sepconv_a")(x)
+        x = SeparableConv(self.features, fast_convs=self.fast_convs,
+                          name="sepconv_a")(x)
         self.sow("intermediates", "sepconv_a_out", x)
         x = self.activation(_batch_norm(train, "bn_b")(x))
         self.sow("intermediates", "act_b", x)
-        x = SeparableConv(self.features, name="sepconv_b")(x)
+        x = SeparableConv(self.features, fast_convs=self.fast_convs,
+                          name="sepconv_b")(x)
         self.sow("intermediates", "sepconv_b_out", x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         self.sow("intermediates", "pool_out", x)
         residual = nn.Conv(self.features, (1, 1), strides=(2, 2), padding="SAME",
-                           use_bias=False, kernel_init=KERNEL_INIT, name="residual")(residual)
+                           use_bias=False, kernel_init=KERNEL_INIT, name="residual",
+                           conv_general_dilated=_impl(self.fast_convs,
+                                                      convolutions.pointwise_conv))(residual)
         self.sow("intermediates", "residual_out", residual)
         return x + residual  # keras.layers.add([x, residual])
 
@@ -97,6 +114,9 @@ class MiniXception(nn.Module):
     # The ReLU inside every block; explanation methods swap in one with another
     # backward pass (guided backprop) via `model.clone(activation=...)`.
     activation: Callable[[jax.Array], jax.Array] = nn.relu
+    # Depthwise and 1x1 convolutions in the form XLA:CPU runs fast (default), or, False,
+    # as XLA convolutions, as before (see `jaxrepro.models.convolutions`).
+    fast_convs: bool = True
 
     # Last convolutional activation, for Grad-CAM: block5's output, before the
     # global average pooling (key in 'intermediates').
@@ -113,7 +133,9 @@ class MiniXception(nn.Module):
                     kernel_init=KERNEL_INIT, name="stem")(x)
         self.sow("intermediates", "stem_out", x)
         for i, size in enumerate(self.sizes, start=1):
-            x = XceptionBlock(size, activation=self.activation, name=f"block{i}")(x, train=train)
+            x = XceptionBlock(size, activation=self.activation,
+                              fast_convs=self.fast_convs, name=f"block{i}")(
+                x, train=train)
             self.sow("intermediates", f"block{i}_out", x)
         x = jnp.mean(x, axis=(1, 2))  # GlobalAveragePooling2D
         self.sow("intermediates", "gap_out", x)
