@@ -230,7 +230,7 @@ def test_a_tf_process_has_no_jax_backend_and_no_jaxrepro_flags():
 
 
 TF_SIDE = {"models.py", "runtime.py", "__main__.py", "determinism.py", "matched.py",
-           "train.py"}
+           "train.py", "bench.py"}
 
 
 def test_tensorflow_stays_out_of_the_jax_process():

@@ -31,9 +31,7 @@ import numpy as np
 
 from jaxrepro.tfref import runtime, transfer, weights
 
-MODES = {"none": runtime.Recipe(deterministic=False),
-         "recipe": runtime.Recipe(deterministic=True),
-         "single": runtime.Recipe(deterministic=True, single_thread=True)}
+MODES = runtime.MODES
 # Smallest sizes the models take (the ConvNet's VALID convolutions need 80 px).
 IMAGE_SIZES = {"convnet": 80, "minixception": 32}
 DATA_SEED = 20240101  # the data are fixed; only the training may vary

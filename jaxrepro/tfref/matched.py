@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -88,6 +88,35 @@ def _grad_to_flax(name: str, value: np.ndarray) -> np.ndarray:
     return transfer.depthwise_to_flax(value) if name.endswith("depthwise/kernel") else value
 
 
+def keras_gradcam(model: Any, model_name: str) -> Callable:
+    """Grad-CAM as in the keras.io example: `x -> (A-sized maps, input-sized maps)`.
+
+    Eager TF (GradientTape), explaining the logit; maps normalised to their maximum
+    (all-zero maps stay zero) and bilinearly upsampled to the input size.
+    """
+    import keras  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    cam_model = keras.Model(model.inputs, [model.get_layer(LAST_CONV[model_name]).output,
+                                           model.get_layer("dense").output])
+
+    def gradcam(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = int(x.shape[1])
+        with tf.GradientTape() as tape:
+            conv_out, logit = cam_model(x, training=False)
+            score = logit[:, 0]
+        grads = tape.gradient(score, conv_out)
+        pooled = tf.reduce_mean(grads, axis=(1, 2))                      # [P, c]
+        heat = tf.einsum("nhwc,nc->nhw", conv_out, pooled)
+        heat = tf.maximum(heat, 0.0)
+        top = tf.reduce_max(heat, axis=(1, 2), keepdims=True)
+        heat = tf.where(top > 0, heat / tf.where(top > 0, top, 1.0), 0.0)
+        up = tf.image.resize(heat[..., None], (size, size), method="bilinear")[..., 0]
+        return np.asarray(heat.numpy()), np.asarray(tf.clip_by_value(up, 0.0, 1.0).numpy())
+
+    return gradcam
+
+
 def run(model_name: str, weights_in: str, inputs: str, outdir: str) -> dict:
     """Load, probe, train and explain in Keras; write the files listed in the docstring."""
     import keras  # noqa: PLC0415
@@ -118,21 +147,7 @@ def run(model_name: str, weights_in: str, inputs: str, outdir: str) -> dict:
     forward["logits"] = np.asarray(acts[-1].numpy(), np.float32)[:, 0]
     weights.save(out / "forward.npz", forward)
 
-    cam_model = keras.Model(model.inputs, [model.get_layer(LAST_CONV[model_name]).output,
-                                           model.get_layer("dense").output])
-
-    def gradcam(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with tf.GradientTape() as tape:
-            conv_out, logit = cam_model(x, training=False)
-            score = logit[:, 0]
-        grads = tape.gradient(score, conv_out)
-        pooled = tf.reduce_mean(grads, axis=(1, 2))                      # [P, c]
-        heat = tf.einsum("nhwc,nc->nhw", conv_out, pooled)
-        heat = tf.maximum(heat, 0.0)
-        top = tf.reduce_max(heat, axis=(1, 2), keepdims=True)
-        heat = tf.where(top > 0, heat / tf.where(top > 0, top, 1.0), 0.0)
-        up = tf.image.resize(heat[..., None], (size, size), method="bilinear")[..., 0]
-        return np.asarray(heat.numpy()), np.asarray(tf.clip_by_value(up, 0.0, 1.0).numpy())
+    gradcam = keras_gradcam(model, model_name)
 
     cams = {}
     cams["start_lowres"], cams["start"] = gradcam(probe_x)

@@ -30,6 +30,13 @@ class Recipe:
     seed: int = SEED
 
 
+# The determinism modes every TF entry point offers: no recipe; seeds/000 Listings 1
+# and 2 plus enable_op_determinism(); and that plus Listing 7 (one thread).
+MODES = {"none": Recipe(deterministic=False),
+         "recipe": Recipe(deterministic=True),
+         "single": Recipe(deterministic=True, single_thread=True)}
+
+
 def child_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a TF child process: Listing 1's variables when deterministic."""
     env = tf_side_environment(os.environ if base is None else base)

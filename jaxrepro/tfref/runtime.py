@@ -14,7 +14,8 @@ import random
 from typing import Any
 
 from jaxrepro.tfref.process import (  # noqa: F401  (re-exported for TF-side callers)
-    SEED, SIDE_VARIABLE, Recipe, child_environment, ensure_tf_process, tf_side_environment)
+    MODES, SEED, SIDE_VARIABLE, Recipe, child_environment, ensure_tf_process,
+    tf_side_environment)
 from jaxrepro import determinism
 
 
