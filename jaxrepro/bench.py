@@ -13,6 +13,8 @@ flip / rotate 0.1 / zoom 0.2 augmentation inside the step, batch 32, RMSprop), r
   jax-ynn          the same with XLA:CPU's YNNPACK fusions (`jaxrepro.variants` "ynn")
   jax-flax-pool    jaxrepro with Flax's own max-pool gradient (select-and-scatter), as
                    before `jaxrepro.models.pooling` (ConvNet only; the same bits)
+  jax-fast-convs   the mini Xception with `--config.fast_convs=True` (depthwise and 1x1
+                   convolutions as shifted sums and matmuls; other bits)
   tf-recipe        Keras model.fit under the paper's recipe (Listings 1, 2 and
                    enable_op_determinism), TF's oneDNN kernels, multi-threaded
   tf-none          Keras model.fit without the recipe (TF's default)
@@ -49,6 +51,7 @@ SYSTEMS = {
     "jax": "jaxrepro, deterministic (default)",
     "jax-ynn": "jaxrepro + YNNPACK fusions",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
+    "jax-fast-convs": "jaxrepro with --config.fast_convs=True (mini Xception)",
     "tf-recipe": "Keras/TF, determinism recipe",
     "tf-none": "Keras/TF default",
     "tf-single": "Keras/TF, recipe, single thread",
@@ -90,11 +93,12 @@ def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
 
 
 def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
-                repeats: int, flax_pool: bool = False) -> dict:
+                repeats: int, flax_pool: bool = False, fast_convs: bool = False) -> dict:
     """Measure jaxrepro in this process (a fresh one, started by `run_system`).
 
     `flax_pool`: the ConvNet with Flax's own max-pool gradient instead of
-    `pooling.max_pool_2x2`'s (the speed-up it brings, measured).
+    `pooling.max_pool_2x2`'s (the speed-up it brings, measured). `fast_convs`: the
+    mini Xception with `fast_convs=True`.
     """
     import jax  # noqa: PLC0415  (the parent process never starts JAX)
     import numpy as np  # noqa: PLC0415
@@ -106,7 +110,8 @@ def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
     from jaxrepro.models import pooling  # noqa: PLC0415
 
     config = configlib.resolve(experiment_file(model_name),
-                               data_overrides(image_size, batch_size, steps))
+                               data_overrides(image_size, batch_size, steps)
+                               + (["fast_convs=True"] if fast_convs else []))
     data = train.load_data(config)
     model, tx = train.build_model(config), train.build_optimizer(config)
     if flax_pool:
@@ -179,7 +184,8 @@ def child_command(system: str, model: str, args: argparse.Namespace, out: Path) 
         return [sys.executable, "-m", "jaxrepro.tfref.bench", model, "--mode",
                 TF_MODES[system], *common]
     return [sys.executable, "-m", "jaxrepro.bench", "--child", model, *common,
-            *(["--flax-pool"] if system == "jax-flax-pool" else [])]
+            *(["--flax-pool"] if system == "jax-flax-pool" else []),
+            *(["--fast-convs"] if system == "jax-fast-convs" else [])]
 
 
 def child_environment(system: str) -> dict[str, str]:
@@ -223,6 +229,13 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         if (model, "jax") in by and (model, "jax-flax-pool") in by:
             out.setdefault(model, {})["jaxrepro/jax-flax-pool"] = (
                 by[model, "jax"] / by[model, "jax-flax-pool"])
+        if (model, "jax-fast-convs") in by:
+            for name, tf_system in RATIOS.items():
+                if (model, tf_system) in by:
+                    out.setdefault(model, {})[name.replace("jaxrepro", "jax-fast-convs")] = (
+                        by[model, "jax-fast-convs"] / by[model, tf_system])
+            if (model, "jax") in by:
+                out[model]["jax-fast-convs/jaxrepro"] = by[model, "jax-fast-convs"] / by[model, "jax"]
     return out
 
 
@@ -304,6 +317,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--child", metavar="MODEL", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--flax-pool", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fast-convs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
@@ -320,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jaxrepro  # noqa: F401,PLC0415  (determinism settings before JAX starts)
 
         result = measure_jax(args.child, args.image_size, args.batch_size, args.steps,
-                             args.repeats, flax_pool=args.flax_pool)
+                             args.repeats, flax_pool=args.flax_pool,
+                             fast_convs=args.fast_convs)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         return 0
     out = Path(args.out)
@@ -328,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for model in args.models:
         for system in args.systems:
-            if system == "jax-flax-pool" and model != "convnet":
-                continue  # only the ConvNet has 2x2 pooling
+            if (system, model) in (("jax-flax-pool", "minixception"),
+                                   ("jax-fast-convs", "convnet")):
+                continue  # 2x2 pooling is the ConvNet's, fast_convs the mini Xception's
             print(f"measuring {system} on {model} ...", file=sys.stderr, flush=True)
             try:
                 rows.append(run_system(system, model, args, out / f"{model}_{system}.json"))

@@ -60,7 +60,7 @@ from jaxrepro.data.order import epoch_order
 from jaxrepro.diff import ulp_distance
 from jaxrepro.explain import gradcam as gradcamlib
 from jaxrepro.tfref import process, weights
-from jaxrepro.train import bce_loss, build_optimizer, init_state, load_data
+from jaxrepro.train import bce_loss, build_optimizer, init_state, load_data, model_options
 
 AGAINST = ("tensorflow",)
 TOP_FRACTION = 0.1
@@ -164,7 +164,7 @@ def matched_inputs(config: ml_collections.ConfigDict, steps: int, probe: int) ->
                     jnp.asarray(data.train.images[idx], jnp.float32))
         xs.append(np.asarray(jax.device_get(x), np.float32))
         ys.append(np.asarray(data.train.labels[idx], np.float32))
-    model = models.get_model(config.model, dropout_rate=0.0)
+    model = models.get_model(config.model, dropout_rate=0.0, **model_options(config))
     state = init_state(model, build_optimizer(config), keys["init"], config.data.image_size)
     n_probe = min(probe, len(data.validation.labels))
     return {"model": model, "state": state,

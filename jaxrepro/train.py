@@ -71,9 +71,15 @@ class Data:
     validation: Any
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Model settings a config may hold besides its name (the mini Xception's fast_convs)."""
+    return {"fast_convs": bool(config.fast_convs)} if "fast_convs" in config else {}
+
+
 def build_model(config: ml_collections.ConfigDict):
     """The Flax module named by `config.model`."""
-    return models.get_model(config.model, dropout_rate=config.dropout_rate)
+    return models.get_model(config.model, dropout_rate=config.dropout_rate,
+                            **model_options(config))
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -55,7 +55,7 @@ from jaxrepro import models
 from jaxrepro import variants as variantslib
 from jaxrepro.explain import gradcam as gradcamlib
 from jaxrepro.tfref import weights
-from jaxrepro.train import build_optimizer, load_data
+from jaxrepro.train import build_optimizer, load_data, model_options
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORS = ("seed", "framework", "code path", "rerun JAX", "rerun TF")
@@ -111,7 +111,7 @@ def write_inputs(config, steps: int, probe: int, directory: Path) -> None:
 
 def train_jax(config, init: Path, inputs: Path, out: Path) -> None:
     """The JAX trainer (run in a child process): N matched steps, final weights to `out`."""
-    model = models.get_model(config.model, dropout_rate=0.0)
+    model = models.get_model(config.model, dropout_rate=0.0, **model_options(config))
     tx = build_optimizer(config)
     variables = weights.unflatten(weights.load(init))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
@@ -283,7 +283,7 @@ def decompose(config_file: str, overrides: Sequence[str], k: int, steps: int, pr
         train_run(run, config_file, overrides, exchange, out / "runs" / run.name)
 
     split = load_data(config).validation
-    model = models.get_model(config.model, dropout_rate=0.0)
+    model = models.get_model(config.model, dropout_rate=0.0, **model_options(config))
     with np.load(exchange / f"s{config.seed}" / "inputs.npz", allow_pickle=False) as d:
         probe_images = d["probe_images"]
     results = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conftest import train_cli
 from jaxrepro.models import convolutions, minixception
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -89,9 +92,21 @@ def test_what_they_do_not_cover_is_xlas_own_bits():
 
 def test_mini_xception_fast_convs_keep_parameters_and_outputs():
     x = jnp.asarray(np.random.default_rng(9).integers(0, 256, (2, 32, 32, 3)), jnp.float32)
-    fast = minixception.MiniXception()
+    fast = minixception.MiniXception(fast_convs=True)
     plain = fast.clone(fast_convs=False)
     variables = fast.init(jax.random.key(0), x, train=False)
     chex.assert_trees_all_equal(variables, plain.init(jax.random.key(0), x, train=False))
     _close(fast.apply(variables, x, train=False), plain.apply(variables, x, train=False),
            tol=1e-5)
+
+
+def test_fast_convs_training_repeats_its_bits_and_differs_from_xla_convs(tmp_path):
+    finals = {}
+    for name, extra in (("a", ["--config.fast_convs=True"]), ("b", ["--config.fast_convs=True"]),
+                        ("xla", [])):
+        train_cli("minixception", tmp_path / name, "--config.num_epochs=1", *extra)
+        finals[name] = json.loads((tmp_path / name / "final.json").read_text())
+    assert finals["a"]["final_state_sha256"] == finals["b"]["final_state_sha256"]
+    assert (tmp_path / "a" / "steps.jsonl").read_bytes() == (tmp_path / "b" / "steps.jsonl").read_bytes()
+    # Another order of the sums: other bits than XLA's convolutions (opt-in for that reason).
+    assert finals["a"]["final_state_sha256"] != finals["xla"]["final_state_sha256"]

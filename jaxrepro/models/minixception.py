@@ -33,10 +33,10 @@ class SeparableConv(nn.Module):
 
     features: int
     kernel_size: int = 3
-    # Depthwise as shifted multiply-adds and pointwise as a matrix product
-    # (`jaxrepro.models.convolutions`, several times faster on CPU), or, False, both
-    # as XLA convolutions (`lax.conv_general_dilated`, the default before).
-    fast_convs: bool = True
+    # True: depthwise as shifted multiply-adds and 1x1 as a matrix product
+    # (`jaxrepro.models.convolutions`, several times faster on CPU, other bits);
+    # False (default): XLA convolutions (`lax.conv_general_dilated`).
+    fast_convs: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,7 +71,7 @@ class XceptionBlock(nn.Module):
 
     features: int
     activation: Callable[[jax.Array], jax.Array] = nn.relu
-    fast_convs: bool = True
+    fast_convs: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -114,9 +114,10 @@ class MiniXception(nn.Module):
     # The ReLU inside every block; explanation methods swap in one with another
     # backward pass (guided backprop) via `model.clone(activation=...)`.
     activation: Callable[[jax.Array], jax.Array] = nn.relu
-    # Depthwise and 1x1 convolutions in the form XLA:CPU runs fast (default), or, False,
-    # as XLA convolutions, as before (see `jaxrepro.models.convolutions`).
-    fast_convs: bool = True
+    # Depthwise and 1x1 convolutions in the form XLA:CPU runs several times faster
+    # (`jaxrepro.models.convolutions`; opt-in: other bits, and jitted and op-by-op
+    # steps then differ in the last bits), or XLA's convolutions (default).
+    fast_convs: bool = False
 
     # Last convolutional activation, for Grad-CAM: block5's output, before the
     # global average pooling (key in 'intermediates').
