@@ -376,6 +376,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         if n_probe:
             probe = jax.device_get(probe_fn(saved.params, saved.batch_stats, *probe_batch,
                                             keys["probe"], step))
+        if jax.process_count() > 1:  # Orbax refuses host-local jax.Arrays across processes
+            saved = parallel.to_host(saved)
         ckpt.save(mngr, step, saved, {
             "cursor": {"epoch": epoch, "batch": batch}, "steps_per_epoch": steps_per_epoch,
             "root_key": np.asarray(jax.random.key_data(rng.root_key(config.seed))).tolist(),
@@ -503,6 +505,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = parser.add_argument_group(
+        "multi-process (one process per host; README \"Data-parallel training\")")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, for jax.distributed.initialize")
+    multi.add_argument("--num-processes", type=int, default=1, help="processes in the run")
+    multi.add_argument("--process-id", type=int, default=0, help="this process's index")
     overrides, rest = [], []
     for arg in argv:
         if arg.startswith("--config."):
@@ -515,6 +523,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.coordinator:  # before any JAX computation; CPU collectives: gloo (JAX's default)
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         config = configlib.resolve(args.config_file, overrides)
         if args.show_config:
