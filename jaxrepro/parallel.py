@@ -17,10 +17,11 @@ Two ways to train on `num_devices` devices (a 1-D mesh, axis "data"):
   in a fixed pairwise tree in micro-batch order, then divided by M. The result is a
   function of (params, batch, M) only, not of D.
 
-Cost of the invariant mode (see `python -m jaxrepro.parallel`): every device holds M/D
-gradient slots plus M gathered gradients (M x params memory) and receives
-(M - M/D) x params bytes per step, instead of an all-reduce of 1 x params; and a batch
-split in M micro-batches runs smaller convolutions, slower per image on one device.
+Cost of the invariant mode (`benchmarks/parallel_bench.py`): every device holds M/D
+gradient slots plus M gathered gradients ((M + M/D) x params memory) and receives
+(M - M/D) x params bytes per step, instead of an all-reduce of about 2 x params. On
+XLA:CPU the step was also about 4.5x slower (ConvNet, 96 px, batch 32, M=8), mostly
+because XLA:CPU runs the run-time loop's body slowly (M=1 was slower still).
 """
 
 from __future__ import annotations
