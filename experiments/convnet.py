@@ -52,6 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         name="rmsprop", learning_rate=1e-3, rho=0.9, epsilon=1e-7))  # Keras defaults
     c.batch_size = 32
+    # Data parallelism (README "Data-parallel training"). num_devices: devices the batch
+    # is sharded over (must divide batch_size; 1: one device, the plain program).
+    # microbatches: 0 = off; M > 0 splits every batch in M fixed micro-batches (ghost
+    # batch norm over batch_size/M examples, other maths than off) combined in a fixed
+    # order, so the bits do not depend on num_devices (which must divide M).
+    c.num_devices = 1
+    c.microbatches = 0
     c.eval_batch_size = 100
     c.num_epochs = 2  # about 7 minutes on 2 CPU cores; the paper: 90
 

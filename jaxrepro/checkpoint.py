@@ -34,8 +34,16 @@ def manager(directory: str | Path, max_to_keep: int | None = 3) -> ocp.Checkpoin
     policy = None
     if max_to_keep is not None:
         policy = cm.AnyPreservationPolicy([cm.LatestN(max_to_keep), cm.CustomSteps([0])])
+    multi, create = ocp.options.MultiprocessingOptions(), True
+    if jax.process_count() > 1:  # data parallel over processes: each keeps its own copy
+        pid = jax.process_index()
+        multi = ocp.options.MultiprocessingOptions(
+            primary_host=pid, active_processes={pid}, barrier_sync_key_prefix=f"process{pid}")
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        create = False  # Orbax does not create directories for a subset of processes
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=False, create=True)
+        preservation_policy=policy, enable_async_checkpointing=False, create=create,
+        multiprocessing_options=multi)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                  item_names=ITEMS)
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from jaxrepro import checkpoint as ckpt
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
-from jaxrepro import determinism, fingerprint, models, report, rng
+from jaxrepro import determinism, fingerprint, models, parallel, report, rng
 from jaxrepro import probe as probelib
 from jaxrepro.records import append_jsonl, read_jsonl, write_jsonl
 from jaxrepro.data.augment import augment_batch
@@ -105,8 +105,18 @@ def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_train_step(model, tx: optax.GradientTransformation,
-                    augment: ml_collections.ConfigDict) -> Callable:
-    """A jitted `(state, images_u8, labels, keys) -> (state, metrics, fingerprints)`."""
+                    augment: ml_collections.ConfigDict, mesh=None, microbatches: int = 0,
+                    batch_size: int = 0) -> Callable:
+    """A jitted `(state, images_u8, labels, keys) -> (state, metrics, fingerprints)`.
+
+    Without `mesh`, one program on one device. With a mesh (see `jaxrepro.parallel`),
+    the batch is sharded over it: split in `microbatches` fixed micro-batches whose
+    gradients are combined in a fixed order (bits independent of the device count),
+    or, with `microbatches=0`, partitioned by XLA (bits depend on the device count).
+    """
+    if mesh is not None and microbatches:
+        return parallel.make_invariant_step(model, tx, augment, mesh, batch_size, microbatches,
+                                            bce_loss, _fingerprints, TrainState)
 
     def train_step(state: TrainState, images, labels, keys):
         step = state.step
@@ -129,6 +139,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
         metrics = {"loss": loss, "correct": correct}
         return new, metrics, _fingerprints(new)
 
+    if mesh is not None:
+        return parallel.make_sharded_step(train_step, mesh)
     return jax.jit(train_step, donate_argnums=0)
 
 
@@ -208,7 +220,8 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, config_fil
             raise RunError(f"run directory {workdir} already holds a run. Pass --resume to "
                            "continue it, --overwrite to start it again, or another --workdir.")
         old = json.loads(saved.read_text())
-        changed = configlib.diff_keys(old, json.loads(configlib.to_json(config)))
+        changed = [c for c in configlib.diff_keys(old, json.loads(configlib.to_json(config)))
+                   if not c.startswith(PLACEMENT_ONLY)]
         if changed:
             raise RunError(f"cannot resume {workdir}: the config differs from the saved one:\n  "
                            + "\n  ".join(changed))
@@ -217,6 +230,26 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, config_fil
     (workdir / "config.json").write_text(configlib.to_json(config) + "\n")
     if config_file:
         shutil.copyfile(config_file, workdir / "config_source.py")
+
+
+# Keys a resumed run may change: where it runs, not what it computes (with
+# microbatches > 0 not even the bits); a run from before data parallelism has neither.
+PLACEMENT_ONLY = ("num_devices: ", "microbatches: None -> 0")
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+    """The device mesh of a data-parallel run, or None for the single-device program."""
+    if config.num_devices == 1 and not config.microbatches and jax.process_count() == 1:
+        return None
+    try:
+        parallel.check_layout(config.batch_size, config.num_devices, config.microbatches)
+        if jax.process_count() > 1 and config.num_devices != jax.device_count():
+            raise parallel.LayoutError(
+                f"num_devices={config.num_devices}: a run over {jax.process_count()} "
+                f"processes uses all their {jax.device_count()} devices")
+    except parallel.LayoutError as e:
+        raise RunError(str(e)) from None
+    return parallel.make_mesh(config.num_devices)
 
 
 # ---------------------------------------------------------------------- train
@@ -278,6 +311,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     if fork_from is not None and resume:
         raise RunError("--fork-from starts a new run; to continue a fork, pass --resume alone")
     fork_at = fork_source(fork_from) if fork_from is not None else None
+    mesh = make_mesh(config)
+
+    def local(tree):  # a replicated state as ordinary single-device arrays
+        return tree if mesh is None else jax.device_put(parallel.to_host(tree))
+
     prepare_workdir(workdir, config, config_file, resume, overwrite)
     env = determinism.fingerprint()
 
@@ -327,7 +365,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     write_jsonl(epochs_log, epoch_records)
     append_jsonl(workdir / "environment.jsonl", {"start_step": start, **env})
 
-    train_step, eval_step = make_train_step(model, tx, config.augment), make_eval_step(model)
+    train_step = make_train_step(model, tx, config.augment, mesh, config.microbatches, bs)
+    eval_step = make_eval_step(model)
     n_probe = min(config.diff_probe_examples, len(data.validation.labels))
     probe_size = min(bs, len(data.validation.labels))
     probe_batch = (data.validation.images[:probe_size].astype(np.float32),
@@ -339,11 +378,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
 
     def save(step: int) -> None:
         epoch, batch = divmod(step, steps_per_epoch)
-        probe = None
+        probe, saved = None, local(state)
         if n_probe:
-            probe = jax.device_get(probe_fn(state.params, state.batch_stats, *probe_batch,
+            probe = jax.device_get(probe_fn(saved.params, saved.batch_stats, *probe_batch,
                                             keys["probe"], step))
-        ckpt.save(mngr, step, state, {
+        if jax.process_count() > 1:  # Orbax refuses host-local jax.Arrays across processes
+            saved = parallel.to_host(saved)
+        ckpt.save(mngr, step, saved, {
             "cursor": {"epoch": epoch, "batch": batch}, "steps_per_epoch": steps_per_epoch,
             "root_key": np.asarray(jax.random.key_data(rng.root_key(config.seed))).tolist(),
             "config_hash": configlib.config_hash(config),
@@ -356,6 +397,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         write_jsonl(steps_log, step_records)
     if ckpt.latest_step(mngr) is None:
         save(start)
+    step_keys = keys
+    if mesh is not None:  # state and keys replicated on every device of the mesh
+        state = parallel.put(state, parallel.replicated(mesh))
+        step_keys = parallel.put(keys, parallel.replicated(mesh))
     step, order, order_epoch = start, None, -1
     bar = tqdm(total=total_steps, initial=start, disable=not progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
@@ -367,8 +412,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                 order, order_epoch = epoch_order(keys["shuffle"], epoch, n_train), epoch
                 bar.set_description(f"epoch {epoch + 1}/{config.num_epochs}")
             idx = np.asarray(order[batch * bs:(batch + 1) * bs])
-            state, metrics, prints = train_step(state, data.train.images[idx],
-                                                data.train.labels[idx], keys)
+            images, labels = data.train.images[idx], data.train.labels[idx]
+            if mesh is not None:  # each device (each process) gets its slice of the batch
+                images, labels = parallel.put((images, labels), parallel.batch_sharded(mesh))
+            state, metrics, prints = train_step(state, images, labels, step_keys)
+            if mesh is not None:
+                metrics, prints = parallel.to_host((metrics, prints))
             step += 1
             record = {"step": step, "epoch": epoch + 1, "loss": float(metrics["loss"]),
                       "accuracy": int(metrics["correct"]) / bs, **_state_fingerprints(prints)}
@@ -381,13 +430,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
             if end_of_epoch:
                 elapsed = time.perf_counter() - t_epoch
                 ep = [r for r in step_records if r["epoch"] == epoch + 1]
-                val = evaluate(eval_step, state, data.validation, config.eval_batch_size)
+                val = evaluate(eval_step, local(state), data.validation,
+                               config.eval_batch_size)
                 epoch_record = {
                     "epoch": epoch + 1, "step": step,
                     "train_loss": float(np.mean([r["loss"] for r in ep])),
                     "train_accuracy": float(np.mean([r["accuracy"] for r in ep])),
                     "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                    "probe_logits": probe_logits(eval_step, state, data.validation,
+                    "probe_logits": probe_logits(eval_step, local(state), data.validation,
                                                  config.probe_examples),
                     "state": record["state"]}
                 epoch_records.append(epoch_record)
@@ -411,6 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     bar.close()
     if ckpt.latest_step(mngr) != step:
         save(step)
+    state = local(state)
 
     leaves = fingerprint.sha256_leaves({"params": state.params,
                                         "batch_stats": state.batch_stats,
@@ -460,6 +511,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = parser.add_argument_group(
+        "multi-process (one process per host; README \"Data-parallel training\")")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, for jax.distributed.initialize")
+    multi.add_argument("--num-processes", type=int, default=1, help="processes in the run")
+    multi.add_argument("--process-id", type=int, default=0, help="this process's index")
     overrides, rest = [], []
     for arg in argv:
         if arg.startswith("--config."):
@@ -472,6 +529,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.coordinator:  # before any JAX computation; CPU collectives: gloo (JAX's default)
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         config = configlib.resolve(args.config_file, overrides)
         if args.show_config:
