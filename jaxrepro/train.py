@@ -233,8 +233,9 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, config_fil
 
 
 # Keys a resumed run may change: where it runs, not what it computes (with
-# microbatches > 0 not even the bits); a run from before data parallelism has neither.
-PLACEMENT_ONLY = ("num_devices: ", "microbatches: None -> 0")
+# microbatches > 0 not even the bits); a run from before data parallelism has neither,
+# and a mini Xception run from before fast_convs ran what fast_convs=False runs.
+PLACEMENT_ONLY = ("num_devices: ", "microbatches: None -> 0", "fast_convs: None -> False")
 
 
 def make_mesh(config: ml_collections.ConfigDict):
