@@ -43,15 +43,13 @@ from jax import lax
 def _supported(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
                lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None,
                dimension_numbers: Any, feature_group_count: int) -> bool:
-    if lhs.ndim != 4 or rhs.ndim != 4:
+    if not _nhwc_hwio(lhs, rhs, dimension_numbers):
         return False
     channels = lhs.shape[-1]
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     ones = (None, (1, 1), [1, 1])
     return (feature_group_count == channels and rhs.shape[2] == 1
             and rhs.shape[3] == channels and tuple(window_strides) == (1, 1)
-            and padding == "SAME" and lhs_dilation in ones and rhs_dilation in ones
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+            and padding == "SAME" and lhs_dilation in ones and rhs_dilation in ones)
 
 
 def depthwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],

@@ -35,10 +35,10 @@ def measure(model_name: str, mode: str, image_size: int, batch_size: int, steps:
     from jaxrepro import config as configlib  # noqa: PLC0415
     from jaxrepro import data as datalib  # noqa: PLC0415
     from jaxrepro.tfref import matched, models, runtime  # noqa: PLC0415
+    from jaxrepro.tfref import train as trainlib  # noqa: PLC0415
 
     recipe = process.MODES[mode]
     tf = runtime.start(recipe)
-    import keras  # noqa: PLC0415
 
     config = configlib.resolve(benchlib.experiment_file(model_name),
                                benchlib.data_overrides(image_size, batch_size, steps))
@@ -48,10 +48,7 @@ def measure(model_name: str, mode: str, image_size: int, batch_size: int, steps:
     x = splits["train"].images[:n].astype(np.float32)
     y = splits["train"].labels[:n].astype(np.float32)
     model = models.build(model_name, image_size, augment=True)
-    opt = config.optimizer
-    model.compile(loss="binary_crossentropy", metrics=["accuracy"], jit_compile=False,
-                  optimizer=keras.optimizers.RMSprop(learning_rate=opt.learning_rate,
-                                                     rho=opt.rho, epsilon=opt.epsilon))
+    trainlib.compile_as_paper(model, config)
 
     def fit(count: int):
         return lambda: model.fit(x[:count], y[:count], batch_size=batch_size, epochs=1,

@@ -38,6 +38,19 @@ from jaxrepro import data as datalib
 from jaxrepro.tfref import transfer, weights
 
 
+def compile_as_paper(model: Any, config: Any) -> None:
+    """The listings' compile: BCE on the sigmoid, the config's RMSprop, TF kernels (no XLA)."""
+    import keras  # noqa: PLC0415
+
+    opt = config.optimizer
+    if opt.name != "rmsprop":
+        raise configlib.ConfigError(f"optimizer {opt.name!r}: the Keras reference runs "
+                                    "RMSprop only")
+    model.compile(loss="binary_crossentropy", metrics=["accuracy"], jit_compile=False,
+                  optimizer=keras.optimizers.RMSprop(learning_rate=opt.learning_rate,
+                                                     rho=opt.rho, epsilon=opt.epsilon))
+
+
 def train(config_file: str, overrides: Sequence[str], out: Path, mode: str,
           init_from: str | None = None, verbose: int = 2) -> dict[str, Any]:
     """Train the config's Keras model in this (TF) process; write DIR's files."""
@@ -46,8 +59,6 @@ def train(config_file: str, overrides: Sequence[str], out: Path, mode: str,
     config = configlib.resolve(config_file, overrides)
     recipe = determinism.MODES[mode]
     tf = runtime.start(recipe)
-    import keras  # noqa: PLC0415
-
     splits = datalib.load_config_splits(config.data)
     train, val = splits["train"], splits["validation"]
     runtime.reseed(tf, recipe)  # the first load generates the data set: forget its draws
@@ -55,13 +66,7 @@ def train(config_file: str, overrides: Sequence[str], out: Path, mode: str,
     model.get_layer("dropout").rate = float(config.dropout_rate)
     if init_from:
         transfer.load_into_keras(model, weights.load(init_from))
-    opt = config.optimizer
-    if opt.name != "rmsprop":
-        raise configlib.ConfigError(f"optimizer {opt.name!r}: the Keras reference runs "
-                                    "RMSprop only")
-    model.compile(loss="binary_crossentropy", metrics=["accuracy"], jit_compile=False,
-                  optimizer=keras.optimizers.RMSprop(learning_rate=opt.learning_rate,
-                                                     rho=opt.rho, epsilon=opt.epsilon))
+    compile_as_paper(model, config)
     x = train.images.astype(np.float32)
     y = train.labels.astype(np.float32)
     start = time.perf_counter()
