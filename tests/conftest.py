@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
+import jax
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +27,33 @@ TINY = {
                 "--config.eval_batch_size=32", "--config.num_epochs=2",
                 "--config.checkpoint_every_steps=3"],
 }
+
+
+def _leaf_bytes(leaf) -> bytes | object:
+    """The bytes of an array leaf (typed PRNG keys by their key data); other leaves as is."""
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        a = np.asarray(leaf)
+        return str(a.dtype).encode() + str(a.shape).encode() + np.ascontiguousarray(a).tobytes()
+    return leaf
+
+
+def assert_bitwise_equal(*trees) -> None:
+    """Same structure, shapes, dtypes and bits in every leaf.
+
+    `chex.assert_trees_all_equal` first (its messages name the leaf and the values),
+    then the leaves' bytes: chex compares values, so it counts -0.0 and +0.0 as equal,
+    and NaN as equal to any NaN.
+    """
+    chex.assert_trees_all_equal(*trees)
+    first, *others = (jax.tree_util.tree_leaves_with_path(t) for t in trees)
+    for k, other in enumerate(others, start=1):
+        for (path, a), (_, b) in zip(first, other):
+            if _leaf_bytes(a) != _leaf_bytes(b):
+                raise AssertionError(f"tree 0 and tree {k} differ in the bits of "
+                                     f"{jax.tree_util.keystr(path)} (signed zeros or NaN "
+                                     "payloads: equal as values)")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
-import chex
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxrepro import checkpoint as ckpt
 from jaxrepro.optim import keras_rmsprop
+
+from conftest import assert_bitwise_equal
 
 
 def _state():
@@ -27,7 +28,7 @@ def _saved(tmp_path):
 def test_round_trip_is_bitwise(tmp_path):
     mngr, state = _saved(tmp_path)
     restored, meta = ckpt.restore(mngr, 7, jax.eval_shape(lambda: state))
-    chex.assert_trees_all_equal(restored, state)
+    assert_bitwise_equal(restored, state)
     assert meta["cursor"] == {"epoch": 0, "batch": 7} and meta["step"] == 7
     assert len(meta["manifest"]) == 5  # step, 2 params, 2 velocities
 

@@ -6,7 +6,6 @@ import csv
 import functools
 from pathlib import Path
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 import jaxrepro.explain
-from conftest import run_cli, train_cli
+from conftest import assert_bitwise_equal, run_cli, train_cli
 from jaxrepro import models, robustness, runs
 from jaxrepro.data.images import decode_rgb
 from jaxrepro.explain import METHODS, explain, metrics, prediction
@@ -267,7 +266,7 @@ def test_each_method_gives_the_same_bits_twice(method, name):
                     **options)
     assert first.shape == images.shape[:3] and first.dtype == jnp.float32
     assert np.abs(np.asarray(first)).max() > 0
-    chex.assert_trees_all_equal(first, again)
+    assert_bitwise_equal(first, again)
 
 
 def test_registry_names_every_method():
@@ -283,7 +282,7 @@ def test_lrp_entry_is_the_lrp_module_with_sign_and_composite():
     heat = explain("lrp", model, variables, images, sign=-1.0, composite="epsilon", steps=9)
     direct = lrp.heatmap(lrp.attribute(model, variables, images, sign=-1.0,
                                        composite="epsilon"))
-    chex.assert_trees_all_equal(heat, direct)             # `steps` is not an lrp option
+    assert_bitwise_equal(heat, direct)             # `steps` is not an lrp option
     other = explain("lrp", model, variables, images, sign=-1.0, composite="lrp0")
     assert not np.array_equal(np.asarray(heat), np.asarray(other))
 
@@ -384,7 +383,7 @@ def test_cli_missing_run_exits_2(image_files, tmp_path, capsys):
 
 def test_rotation_is_counter_clockwise_and_exact_at_0_and_90_degrees():
     image = np.arange(5 * 5, dtype=np.float32).reshape(1, 5, 5, 1)
-    chex.assert_trees_all_equal(np.asarray(robustness.rotate(image, 0.0)), image)
+    assert_bitwise_equal(np.asarray(robustness.rotate(image, 0.0)), image)
     np.testing.assert_array_equal(robustness.rotate(image, 90.0)[0, :, :, 0],
                                   np.rot90(image[0, :, :, 0]))
     assert robustness.crop_box(80, 0.0) == (0, 80)
@@ -397,14 +396,14 @@ def test_noise_reruns_bit_for_bit_and_differs_with_another_seed():
     first = robustness.transforms(image, 3, angles=(), sigmas=(0.05, 1.0), seed=11)
     again = robustness.transforms(image, 3, angles=(), sigmas=(0.05, 1.0), seed=11)
     other = robustness.transforms(image, 3, angles=(), sigmas=(0.05, 1.0), seed=12)
-    chex.assert_trees_all_equal([t.image for t in first], [t.image for t in again])
+    assert_bitwise_equal([t.image for t in first], [t.image for t in again])
     assert not np.array_equal(first[0].image, other[0].image)
     # sigma is in units of the [0, 1] pixel range: std 255 * sigma on 0..255 pixels
     noise = np.asarray(first[1].image - image)
     assert 0.9 * 255 < noise.std() < 1.1 * 255
     zero = robustness.transforms(image, 3, angles=(0.0,), sigmas=(0.0,), seed=11)
     for t in zero:
-        chex.assert_trees_all_equal(t.image, image)
+        assert_bitwise_equal(t.image, image)
 
 
 def test_protocol_rmse_is_exactly_zero_at_angle_0_and_sigma_0():

@@ -9,7 +9,6 @@ import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 
 import functools
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,8 @@ import pytest
 from jaxrepro.explain import lrp as L
 from jaxrepro.explain.canonize import fold_batchnorm, fold_pairs, unit_variance
 from jaxrepro.models import ConvNet, MiniXception
+
+from conftest import assert_bitwise_equal
 
 
 def _init(model, x, seed, **kwargs):
@@ -403,7 +404,7 @@ def test_folding_keeps_minixception_output_and_leaves_params_untouched():
     model, variables, images = _model("minixception", small=False)
     before = jax.tree.map(np.array, variables)
     folded = fold_batchnorm(model, variables)
-    chex.assert_trees_all_equal(variables, before)  # the caller's params are untouched
+    assert_bitwise_equal(variables, before)  # the caller's params are untouched
     ref = _apply(model, variables, images)
     out = _apply(model, folded.variables, images)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
@@ -414,7 +415,7 @@ def test_folding_keeps_minixception_output_and_leaves_params_untouched():
                            ["kernel"], variables["params"]["block3"]["sepconv_a"]["pointwise"]
                            ["kernel"])
     # bn_a is not foldable: left exactly as it was
-    chex.assert_trees_all_equal(folded.variables["params"]["block3"]["bn_a"],
+    assert_bitwise_equal(folded.variables["params"]["block3"]["bn_a"],
                                 variables["params"]["block3"]["bn_a"])
 
 
@@ -428,7 +429,7 @@ def test_unit_variance_makes_rsqrt_exactly_one():
 def test_convnet_has_nothing_to_fold():
     model, variables, _ = _model("convnet")
     assert fold_pairs(model) == ()
-    chex.assert_trees_all_equal(fold_batchnorm(model, variables).variables, variables)
+    assert_bitwise_equal(fold_batchnorm(model, variables).variables, variables)
 
 
 CONSERVING_MODEL = ("input=zb:0:1,conv[2-3]=gamma:0.25,block[1-2]=gamma:0.25,"
@@ -487,8 +488,8 @@ def test_attribute_is_deterministic_under_jit():
     again = _attribute(model, variables, images, "thesis")  # same executable, rerun
     # a separate trace and compilation of the same computation
     other = jax.jit(lambda v, x: L.attribute(model, v, x, composite="thesis"))(variables, images)
-    chex.assert_trees_all_equal(first, again)
-    chex.assert_trees_all_equal(first, other)
+    assert_bitwise_equal(first, again)
+    assert_bitwise_equal(first, other)
     assert float(jnp.abs(first).max()) > 0
 
 

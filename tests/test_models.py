@@ -15,6 +15,8 @@ import pytest
 from jaxrepro import models
 from jaxrepro.models import ConvNet, MiniXception
 
+from conftest import assert_bitwise_equal
+
 # Smallest inputs that keep the tests fast: the ConvNet needs at least 78 px (five VALID
 # convolutions and four poolings); the mini Xception runs on anything from 6 px.
 SMALL = {"convnet": 80, "minixception": 32}
@@ -112,15 +114,15 @@ def test_output_is_one_logit_per_image(name):
 def test_initialisers_follow_keras():
     _, variables = _init("minixception")
     p = variables["params"]
-    chex.assert_trees_all_equal(p["block1"]["bn_a"]["scale"], jnp.ones(32))
-    chex.assert_trees_all_equal(p["block1"]["bn_a"]["bias"], jnp.zeros(32))
-    chex.assert_trees_all_equal(p["dense"]["bias"], jnp.zeros(1))
+    assert_bitwise_equal(p["block1"]["bn_a"]["scale"], jnp.ones(32))
+    assert_bitwise_equal(p["block1"]["bn_a"]["bias"], jnp.zeros(32))
+    assert_bitwise_equal(p["dense"]["bias"], jnp.zeros(1))
     # glorot_uniform: limit sqrt(6 / (fan_in + fan_out)); 1x1x32x32 residual: sqrt(6/64).
     kernel = np.asarray(p["block1"]["residual"]["kernel"])
     limit = np.sqrt(6 / 64)
     assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
     bs = variables["batch_stats"]["block1"]["bn_a"]
-    chex.assert_trees_all_equal(bs, {"mean": jnp.zeros(32), "var": jnp.ones(32)})
+    assert_bitwise_equal(bs, {"mean": jnp.zeros(32), "var": jnp.ones(32)})
 
 
 def test_rescaling_multiplies_by_float32_one_over_255():
@@ -135,7 +137,7 @@ def test_rescaling_multiplies_by_float32_one_over_255():
     # this multiply, so the contrast is computed with numpy).
     assert not np.array_equal(scaled, np.asarray(x) / np.float32(255.0))
     expected = nn.relu(conv1.apply({"params": variables["params"]["conv1"]}, scaled))
-    chex.assert_trees_all_equal(state["intermediates"]["conv1_out"][0], expected)
+    assert_bitwise_equal(state["intermediates"]["conv1_out"][0], expected)
 
 
 def test_get_model_and_registry():
@@ -153,7 +155,7 @@ def test_init_is_a_function_of_the_key(name):
     _, a = _init(name, key=0)
     _, b = _init(name, key=0)
     _, c = _init(name, key=1)
-    chex.assert_trees_all_equal(a, b)
+    assert_bitwise_equal(a, b)
     kernels = lambda v: [x for path, x in jax.tree_util.tree_leaves_with_path(v["params"])
                          if "kernel" in str(path[-1])]
     assert _all_different(kernels(a), kernels(c))
@@ -164,9 +166,9 @@ def test_eval_is_deterministic_and_ignores_the_dropout_key(name):
     model, variables = _init(name)
     x = _images(name)
     plain = model.apply(variables, x, train=False)
-    chex.assert_trees_all_equal(
+    assert_bitwise_equal(
         model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(1)}), plain)
-    chex.assert_trees_all_equal(
+    assert_bitwise_equal(
         model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(2)}), plain)
 
 
@@ -180,8 +182,8 @@ def test_train_dropout_is_a_function_of_the_key(name):
                            mutable=["batch_stats"])
 
     (a, stats_a), (b, stats_b), (c, _) = run(1), run(1), run(2)
-    chex.assert_trees_all_equal(a, b)
-    chex.assert_trees_all_equal(stats_a, stats_b)
+    assert_bitwise_equal(a, b)
+    assert_bitwise_equal(stats_a, stats_b)
     assert not np.array_equal(a, c)
     with pytest.raises(flax_errors.InvalidRngError):
         model.apply(variables, x, train=True, mutable=["batch_stats"])  # no dropout key
@@ -199,7 +201,7 @@ def test_batchnorm_running_stats_update_in_train_mode_only():
     stem = np.asarray(state["intermediates"]["stem_out"][0])
     np.testing.assert_allclose(new_mean, 0.01 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7)
     _, same = model.apply(variables, x, train=False, mutable=["batch_stats"])
-    chex.assert_trees_all_equal(same["batch_stats"], variables["batch_stats"])
+    assert_bitwise_equal(same["batch_stats"], variables["batch_stats"])
 
 
 def test_train_mode_normalises_with_batch_statistics():
@@ -248,12 +250,12 @@ class JitVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_convnet_bitwise(self):
         for train in (False, True):
-            chex.assert_trees_all_equal(self._forward("convnet", train),
+            assert_bitwise_equal(self._forward("convnet", train),
                                         self._reference("convnet", train))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_minixception_eval_bitwise(self):
-        chex.assert_trees_all_equal(self._forward("minixception", False),
+        assert_bitwise_equal(self._forward("minixception", False),
                                     self._reference("minixception", False))
 
     @chex.variants(with_jit=True, without_jit=True)

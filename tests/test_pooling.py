@@ -1,18 +1,21 @@
-"""The ConvNet's 2x2 max pooling: a cheaper backward pass with the bits of the default."""
+"""Max pooling with a cheaper backward pass and the bits of the default (Flax's).
+
+The ConvNet's 2x2 VALID pooling and the mini Xception's overlapping 3x3/2 SAME pooling."""
 
 from __future__ import annotations
 
 import contextlib
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrepro.models import convnet
+from jaxrepro.models import convnet, minixception
 from jaxrepro.models.pooling import flax_max_pool_2x2 as flax_pool
-from jaxrepro.models.pooling import max_pool_2x2
+from jaxrepro.models.pooling import flax_max_pool_3x3_s2, max_pool_2x2, max_pool_3x3_s2
+
+from conftest import assert_bitwise_equal
 
 
 def pool_vjp(pool, x, g):
@@ -30,19 +33,26 @@ def inputs(kind: str, shape) -> np.ndarray:
     return rng.normal(size=shape).astype(np.float32)
 
 
+def gradients(shape) -> np.ndarray:
+    """Output gradients over 16 orders of magnitude (so the order of a sum shows in its
+    bits), a fifth of them -0.0."""
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=shape) * 10.0 ** rng.integers(-8, 8, shape)
+    return np.where(rng.random(shape) < 0.2, -0.0, g).astype(np.float32)
+
+
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "no_jit"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 5), (1, 2, 3, 1)])
 def test_max_pool_2x2_matches_flax_bitwise(shape, kind, jit):
     x = jnp.asarray(inputs(kind, shape))
-    g = jnp.asarray(np.random.default_rng(1).normal(
-        size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32))
+    g = jnp.asarray(gradients((shape[0], shape[1] // 2, shape[2] // 2, shape[3])))
     context = contextlib.nullcontext() if jit else jax.disable_jit()
     with context:
         run = jax.jit(pool_vjp, static_argnums=0) if jit else pool_vjp
         want = run(flax_pool, x, g)
         got = run(max_pool_2x2, x, g)
-    chex.assert_trees_all_equal(got, want)  # values and signs of zero, bit for bit
+    assert_bitwise_equal(got, want)
     assert np.count_nonzero(np.asarray(got[1])) <= g.size  # one input per window
 
 
@@ -53,6 +63,37 @@ def test_a_backward_pass_that_routes_ties_elsewhere_is_caught():
     _, want = pool_vjp(flax_pool, x, g)
     last = jax.grad(lambda v: jnp.sum(flax_pool(v[:, ::-1, ::-1])[:, ::-1, ::-1] * g))(x)
     assert not np.array_equal(np.asarray(last), np.asarray(want))
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "no_jit"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 5), (2, 5, 4, 2), (1, 2, 2, 1), (1, 1, 1, 1)])
+def test_max_pool_3x3_s2_matches_flax_bitwise(shape, kind, jit):
+    x = jnp.asarray(inputs(kind, shape))
+    g = jnp.asarray(gradients(flax_max_pool_3x3_s2(x).shape))
+    context = contextlib.nullcontext() if jit else jax.disable_jit()
+    with context:
+        run = jax.jit(pool_vjp, static_argnums=0) if jit else pool_vjp
+        want = run(flax_max_pool_3x3_s2, x, g)
+        got = run(max_pool_3x3_s2, x, g)
+    assert_bitwise_equal(got, want)
+
+
+def test_an_input_chosen_by_four_windows_sums_their_gradients_in_window_order():
+    # A peak at (2, 2) is the maximum of the four windows that overlap there. Summed in
+    # row-major window order the gradients give 1.0; in reverse order they give 0.0, so
+    # the bitwise comparison above can tell the order of the sum.
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    x[0, 2, 2, 0] = 1.0
+    g = np.zeros((1, 4, 4, 1), np.float32)
+    g[0, :2, :2, 0] = [[1e8, 1.0], [-1e8, 1.0]]
+    in_order = ((np.float32(1e8) + np.float32(1.0)) + np.float32(-1e8)) + np.float32(1.0)
+    reversed_ = ((np.float32(1.0) + np.float32(-1e8)) + np.float32(1.0)) + np.float32(1e8)
+    assert (in_order, reversed_) == (1.0, 0.0)
+    for pool in (flax_max_pool_3x3_s2, max_pool_3x3_s2):
+        _, dx = pool_vjp(pool, jnp.asarray(x), jnp.asarray(g))
+        assert float(dx[0, 2, 2, 0]) == in_order
+        assert np.count_nonzero(np.asarray(dx)) == 1
 
 
 def test_the_convnet_gradient_keeps_its_bits():
@@ -70,4 +111,21 @@ def test_the_convnet_gradient_keeps_its_bits():
             return jnp.mean(jax.nn.softplus(z) - y * z)
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    chex.assert_trees_all_equal(grads(fast), grads(plain))
+    assert_bitwise_equal(grads(fast), grads(plain))
+
+
+def test_the_mini_xception_gradient_keeps_its_bits():
+    x = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 37, 37, 3)), jnp.float32)
+    y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
+    fast = minixception.MiniXception(dropout_rate=0.0, sizes=(8, 16, 16), stem_features=8)
+    plain = fast.clone(pool=flax_max_pool_3x3_s2)
+    variables = fast.init(jax.random.key(0), x[:1], train=False)
+
+    def grads(model):
+        def loss(p):
+            z, _ = model.apply({**variables, "params": p}, x, train=True,
+                               mutable=["batch_stats"])
+            return jnp.mean(jax.nn.softplus(z) - y * z)
+        return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+    assert_bitwise_equal(grads(fast), grads(plain))

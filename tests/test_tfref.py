@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
-import chex
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_bitwise_equal, run_cli
 from jaxrepro import config as configlib
 from jaxrepro import models
 from jaxrepro.diff import ulp_distance
@@ -101,7 +100,7 @@ def test_keras_parameter_counts_match_the_paper():
 def test_round_trip_flax_keras_flax_is_bitwise(mirrored):
     before, after = weights.flatten(mirrored["variables"]), weights.flatten(mirrored["back"])
     assert sorted(before) == sorted(after)
-    chex.assert_trees_all_equal(mirrored["variables"], mirrored["back"])
+    assert_bitwise_equal(mirrored["variables"], mirrored["back"])
     assert weights.sha256(before) == weights.sha256(after)
 
 
@@ -183,7 +182,7 @@ def test_transfer_maps_names_and_depthwise_layout():
     np.testing.assert_array_equal(depthwise[:, :, 2, 0], flat["params/block1/sepconv_a/depthwise/kernel"][:, :, 0, 2])
     np.testing.assert_array_equal(bn[0].value, flat["params/block1/bn_b/scale"])
     np.testing.assert_array_equal(bn[3].value, flat["batch_stats/block1/bn_b/var"])
-    chex.assert_trees_all_equal(transfer.from_keras(model), flat)
+    assert_bitwise_equal(transfer.from_keras(model), flat)
 
 
 def test_transfer_refuses_partial_extra_or_misshapen_weights():

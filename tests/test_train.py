@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, final, records, run_cli, train_cli
+from conftest import ROOT, TINY, assert_bitwise_equal, final, records, run_cli, train_cli
 from jaxrepro import checkpoint as ckpt
 from jaxrepro import config as configlib
 from jaxrepro import models, rng
@@ -49,7 +49,7 @@ def test_rerun_in_another_process_is_bitwise_identical(reference_runs, tmp_path,
     for run in (reference_runs / model, tmp_path / "again"):
         mngr = ckpt.manager(run / "checkpoints")
         trees.append(ckpt.restore(mngr, ckpt.latest_step(mngr), abstract)[0])
-    chex.assert_trees_all_equal(*trees)
+    assert_bitwise_equal(*trees)
     assert int(trees[0].step) == final(reference_runs / model)["step"]
 
 
@@ -226,7 +226,7 @@ class TestJitVariants(chex.TestCase):
                 result = two_steps(step)
         else:
             result = two_steps(step)
-        chex.assert_trees_all_equal((result.step, result.params, result.opt_state),
+        assert_bitwise_equal((result.step, result.params, result.opt_state),
                                     (reference.step, reference.params, reference.opt_state))
         chex.assert_trees_all_close(result.batch_stats, reference.batch_stats,
                                     rtol=1e-6, atol=0)

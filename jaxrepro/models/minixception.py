@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxrepro.models import convolutions
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
+from jaxrepro.models.pooling import max_pool_3x3_s2
 
 # Keras BatchNormalization defaults (Flax's epsilon default is 1e-5).
 BN_MOMENTUM = 0.99
@@ -72,6 +73,7 @@ class XceptionBlock(nn.Module):
     features: int
     activation: Callable[[jax.Array], jax.Array] = nn.relu
     fast_convs: bool = False
+    pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -87,7 +89,7 @@ class XceptionBlock(nn.Module):
         x = SeparableConv(self.features, fast_convs=self.fast_convs,
                           name="sepconv_b")(x)
         self.sow("intermediates", "sepconv_b_out", x)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        x = self.pool(x)
         self.sow("intermediates", "pool_out", x)
         residual = nn.Conv(self.features, (1, 1), strides=(2, 2), padding="SAME",
                            use_bias=False, kernel_init=KERNEL_INIT, name="residual",
@@ -118,6 +120,9 @@ class MiniXception(nn.Module):
     # (`jaxrepro.models.convolutions`; opt-in: other bits, and jitted and op-by-op
     # steps then differ in the last bits), or XLA's convolutions (default).
     fast_convs: bool = False
+    # 3x3 max pooling, stride 2, SAME; `max_pool_3x3_s2` is `nn.max_pool` with a cheaper
+    # backward pass that gives the same bits (see `jaxrepro.models.pooling`).
+    pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
 
     # Last convolutional activation, for Grad-CAM: block5's output, before the
     # global average pooling (key in 'intermediates').
@@ -135,7 +140,8 @@ class MiniXception(nn.Module):
         self.sow("intermediates", "stem_out", x)
         for i, size in enumerate(self.sizes, start=1):
             x = XceptionBlock(size, activation=self.activation,
-                              fast_convs=self.fast_convs, name=f"block{i}")(
+                              fast_convs=self.fast_convs, pool=self.pool,
+                              name=f"block{i}")(
                 x, train=train)
             self.sow("intermediates", f"block{i}_out", x)
         x = jnp.mean(x, axis=(1, 2))  # GlobalAveragePooling2D

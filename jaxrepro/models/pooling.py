@@ -1,4 +1,4 @@
-"""2x2 max pooling (stride 2, VALID) with a cheaper backward pass and the same bits.
+"""Max pooling with a cheaper backward pass and the same bits as Flax's.
 
 JAX differentiates `reduce_window` max through XLA's select-and-scatter, which on
 CPU walks every window with a generic loop; it was about 40% of a ConvNet training
@@ -6,12 +6,23 @@ step. With windows that do not overlap, the gradient is simpler: each output's
 gradient goes to one input, the first (in row-major window order) that equals the
 maximum, and every other input gets +0.0. `max_pool_2x2` computes exactly that with
 four strided slices and selects, elementwise code XLA fuses. Select-and-scatter with
-its `>=` selection keeps the first of tied maxima too, and adds the gradient to a zero,
-so both give the same bits (tested on inputs full of ties, on odd sizes whose last row
-and column VALID pooling drops, and through the whole ConvNet's gradient). NaN inputs
+its `>=` selection keeps the first of tied maxima too, and adds the gradient to a zero
+(which turns a -0.0 gradient into +0.0, see `_as_scattered`), so both give the same
+bits (tested on inputs full of ties, on gradients with -0.0, on odd sizes whose last
+row and column VALID pooling drops, and through the whole ConvNet's gradient). NaN inputs
 are not covered: there the two may route the gradient differently.
 
-The forward pass is Flax's `nn.max_pool` itself.
+The mini Xception pools 3x3 windows with stride 2 and SAME padding, so windows
+overlap and one input can take the gradient of up to four windows. Select-and-scatter
+walks the windows in row-major order, picks the first maximum of each (padding is never
+picked) and adds the window's gradient to a zero at that input, so an input chosen by
+several windows sums their gradients in window order. `max_pool_3x3_s2` finds each
+window's first maximum with nine strided compares, then builds the gradient by the
+parity of the input's row and column (even rows and columns are shared by two
+windows), adding shared gradients in window order. About 2x faster than
+select-and-scatter on the mini Xception's maps (measured: block 1 at 180 px, batch 32).
+
+The forward passes are Flax's `nn.max_pool` itself.
 """
 
 from __future__ import annotations
@@ -19,6 +30,24 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def _as_scattered(g: jax.Array) -> jax.Array:
+    """`g` as select-and-scatter adds it to a zero: -0.0 becomes +0.0."""
+    zero = jnp.zeros((), g.dtype)
+    return jnp.where(g == zero, zero, g)
+
+
+def _single_window(pool, x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    """The reference gradient for a one-element output (one window, nothing to speed up).
+
+    XLA rewrites such a select-and-scatter into code that may keep a -0.0 gradient's
+    sign, and does so differently jitted and op by op (XLA:CPU, jax 0.10.2); deferring
+    to it keeps the bits in both.
+    """
+    return jax.vjp(pool, x)[1](g)
 
 
 def flax_max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -42,9 +71,12 @@ def _forward(x: jax.Array):
 
 def _backward(residuals, g: jax.Array):
     x, y = residuals
+    if g.size == 1:  # see `_single_window`
+        return _single_window(flax_max_pool_2x2, x, g)
     n, h, w, c = x.shape
     h2, w2 = h // 2, w // 2
     zero = jnp.zeros((), g.dtype)
+    g = _as_scattered(g)
     taken = jnp.zeros(y.shape, bool)
     parts = []
     for i in (0, 1):          # window positions in row-major order, as select-and-scatter
@@ -60,3 +92,83 @@ def _backward(residuals, g: jax.Array):
 
 
 max_pool_2x2.defvjp(_forward, _backward)
+
+
+def flax_max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """Flax's 3x3, stride 2, SAME max pooling, differentiated by select-and-scatter."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """`nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")` for NHWC `x`."""
+    return flax_max_pool_3x3_s2(x)
+
+
+def _forward_3x3(x: jax.Array):
+    y = flax_max_pool_3x3_s2(x)
+    return y, (x, y)
+
+
+def _prev(a: jax.Array, axis: int) -> jax.Array:
+    """`a[k - 1]` at position k along `axis`, zero at 0 (one longer)."""
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (1, 0)
+    return jnp.pad(a, pad)
+
+
+def _this(a: jax.Array, axis: int) -> jax.Array:
+    """`a[k]` at position k along `axis`, zero at the end (one longer)."""
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, 1)
+    return jnp.pad(a, pad)
+
+
+def _interleave(even: jax.Array, odd: jax.Array, axis: int) -> jax.Array:
+    """even[0], odd[0], even[1], ..., odd[m-1], even[m] along `axis` (m+1 and m long)."""
+    m = odd.shape[axis]
+    pairs = jnp.stack([lax.slice_in_dim(even, 0, m, axis=axis), odd], axis=axis + 1)
+    shape = list(odd.shape)
+    shape[axis] = 2 * m
+    return jnp.concatenate([pairs.reshape(shape), lax.slice_in_dim(even, m, m + 1, axis=axis)],
+                           axis=axis)
+
+
+def _backward_3x3(residuals, g: jax.Array):
+    x, y = residuals
+    if g.size == 1:  # see `_single_window`
+        return _single_window(flax_max_pool_3x3_s2, x, g)
+    _, h, w, _ = x.shape
+    _, ho, wo, _ = y.shape
+    (top, bottom), (left, right) = lax.padtype_to_pads((h, w), (3, 3), (2, 2), "SAME")
+    spatial = ((0, 0), (top, bottom), (left, right), (0, 0))
+    padded = jnp.pad(x, spatial, constant_values=-jnp.inf)  # 2*ho+1 by 2*wo+1
+    inside = np.pad(np.ones((h, w), bool), spatial[1:3])[None, :, :, None]
+    g = _as_scattered(g)
+    zero = jnp.zeros((), g.dtype)
+    # The offset (3*i + j) of each window's first maximum, as select-and-scatter's `>=`
+    # picks it: scanning offsets backwards, an earlier offset overrides a later one.
+    first = jnp.full(y.shape, 9, jnp.int8)
+    for k in reversed(range(9)):
+        i, j = divmod(k, 3)
+        rows, cols = slice(i, i + 2 * ho - 1, 2), slice(j, j + 2 * wo - 1, 2)
+        hit = (padded[:, rows, cols] == y) & inside[:, rows, cols]
+        first = jnp.where(hit, jnp.int8(k), first)
+    c = {(i, j): jnp.where(first == 3 * i + j, g, zero) for i in range(3) for j in range(3)}
+    # Window (a, b) at offset (i, j) covers padded input (2a + i, 2b + j). An even
+    # padded row 2a takes offset 2 of window a - 1 and offset 0 of window a; an odd
+    # row 2a + 1 offset 1 of window a; the same for columns. Where several windows
+    # chose one input, their gradients are added in row-major window order, as
+    # select-and-scatter adds them; the zeros between do not change a sum.
+    rows_, cols_ = 1, 2
+    even_even = ((_prev(_prev(c[2, 2], rows_), cols_) + _prev(_this(c[2, 0], cols_), rows_))
+                 + _this(_prev(c[0, 2], cols_), rows_)) + _this(_this(c[0, 0], rows_), cols_)
+    even_odd = _prev(c[2, 1], rows_) + _this(c[0, 1], rows_)
+    odd_even = _prev(c[1, 2], cols_) + _this(c[1, 0], cols_)
+    odd_odd = c[1, 1]
+    dx = _interleave(_interleave(even_even, even_odd, cols_),
+                     _interleave(odd_even, odd_odd, cols_), rows_)
+    return (dx[:, top:top + h, left:left + w],)
+
+
+max_pool_3x3_s2.defvjp(_forward_3x3, _backward_3x3)
