@@ -15,17 +15,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small versions of the paper's runs: same code path, seconds instead of hours.
+# Small versions of the paper's runs: same code path, seconds instead of hours. The
+# checkpoints' diff probes are off (one compilation less per run); tests/test_diff.py,
+# which reads them, turns them on.
 TINY = {
     "minixception": ["--config.data.image_size=32", "--config.data.num_train=64",
                      "--config.data.num_val=32", "--config.batch_size=16",
                      "--config.eval_batch_size=32", "--config.num_epochs=2",
-                     "--config.checkpoint_every_steps=3"],
+                     "--config.checkpoint_every_steps=3", "--config.diff_probe_examples=0"],
     # The ConvNet's five VALID convolutions and four pools need at least 80 px.
     "convnet": ["--config.data.image_size=80", "--config.data.num_train=64",
                 "--config.data.num_val=32", "--config.batch_size=16",
                 "--config.eval_batch_size=32", "--config.num_epochs=2",
-                "--config.checkpoint_every_steps=3"],
+                "--config.checkpoint_every_steps=3", "--config.diff_probe_examples=0"],
 }
 
 

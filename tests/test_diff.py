@@ -8,9 +8,20 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli, train_cli
+from conftest import TINY as TINY_RUNS
+from conftest import run_cli
+from conftest import train_cli as tiny_train_cli
 from jaxrepro.diff import compare_leaf, compare_probes, first_divergent_step, ulp_distance
 from jaxrepro.variants import VARIANTS, variant_env
+
+# The diff reads the checkpoints' probes, which conftest's tiny runs leave out.
+PROBED = ("--config.diff_probe_examples=1",)
+TINY = {model: [*argv, *PROBED] for model, argv in TINY_RUNS.items()}
+
+
+def train_cli(model: str, workdir, *extra: str, **kw):
+    """conftest's tiny run, with the diff probes."""
+    return tiny_train_cli(model, workdir, *PROBED, *extra, **kw)
 
 
 # ------------------------------------------------------------ hand-picked ULPs

@@ -1,4 +1,4 @@
-"""Data parallelism: the invariant step gives the same bits on 1, 2, 4 and 8 devices.
+"""Data parallelism: the invariant step gives the same bits on 1 to 8 devices.
 
 Devices are simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count),
 set before JAX starts, so every run is a subprocess. All runs of one comparison use
@@ -26,7 +26,10 @@ from conftest import ROOT, TINY, final, run_cli
 from jaxrepro import parallel
 
 MODELS = ["convnet", "minixception"]
-DEVICES = [1, 2, 4, 8]
+# Meshes per model for the invariant mode (the mini Xception's runs cost more: its two
+# ends only, 8 being the case a constant trip count broke) and for plain sharding.
+INVARIANT = {"convnet": [1, 2, 4, 8], "minixception": [1, 8]}
+PLAIN = [1, 8]
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 # Three steps, no evaluation probes: the smallest run that still trains several steps.
 SHORT = ["--config.data.num_train=48", "--config.data.num_val=16",
@@ -59,21 +62,20 @@ def states(workdir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def device_runs(tmp_path_factory):
-    """Each model trained on meshes of 1, 2, 4, 8 devices, invariant and plain."""
+    """Each model trained on its INVARIANT meshes, invariant, and on PLAIN, plain."""
     base = tmp_path_factory.mktemp("dp")
     for model in MODELS:
-        runs = []
-        for d in DEVICES:
-            runs.append(_argv(model, base / model / f"inv{d}", f"--config.num_devices={d}",
-                              "--config.microbatches=8"))
-            runs.append(_argv(model, base / model / f"plain{d}", f"--config.num_devices={d}"))
+        runs = [_argv(model, base / model / f"inv{d}", f"--config.num_devices={d}",
+                      "--config.microbatches=8") for d in INVARIANT[model]]
+        runs += [_argv(model, base / model / f"plain{d}", f"--config.num_devices={d}")
+                 for d in PLAIN]
         train_many(runs, EIGHT)
     return base
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_invariant_step_gives_the_same_bits_on_1_2_4_8_devices(device_runs, model):
-    runs = {d: device_runs / model / f"inv{d}" for d in DEVICES}
+def test_invariant_step_gives_the_same_bits_on_1_to_8_devices(device_runs, model):
+    runs = {d: device_runs / model / f"inv{d}" for d in INVARIANT[model]}
     reference = states(runs[1])
     assert len(reference) == 4 and len(set(reference)) == 4  # three steps, each changes it
     for d, run in runs.items():
@@ -85,9 +87,10 @@ def test_invariant_step_gives_the_same_bits_on_1_2_4_8_devices(device_runs, mode
 @pytest.mark.parametrize("model", MODELS)
 def test_plain_sharding_bits_depend_on_the_device_count(device_runs, model):
     finals = {d: final(device_runs / model / f"plain{d}")["final_state_sha256"]
-              for d in DEVICES}
-    # Measured here (2 cores, 8 simulated devices): every device count gives other bits.
-    assert len(set(finals.values())) == len(DEVICES), finals
+              for d in PLAIN}
+    # Measured here (2 cores, 8 simulated devices): 1, 2, 4 and 8 devices all give
+    # other bits; the test keeps the two ends.
+    assert len(set(finals.values())) == len(PLAIN), finals
     # The invariant mode is other maths (ghost batch norm, per-micro-batch dropout keys).
     inv = final(device_runs / model / "inv1")["final_state_sha256"]
     assert inv not in finals.values()
