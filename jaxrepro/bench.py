@@ -12,9 +12,11 @@ flip / rotate 0.1 / zoom 0.2 augmentation inside the step, batch 32, RMSprop), r
   jax              jaxrepro as it trains by default (`make_train_step`, deterministic)
   jax-ynn          the same with XLA:CPU's YNNPACK fusions (`jaxrepro.variants` "ynn")
   jax-flax-pool    jaxrepro with Flax's own max-pool gradient (select-and-scatter), as
-                   before `jaxrepro.models.pooling` (ConvNet only; the same bits)
-  jax-fast-convs   the mini Xception with `--config.fast_convs=True` (depthwise and 1x1
-                   convolutions as shifted sums and matmuls; other bits)
+                   before `jaxrepro.models.pooling` (the same bits)
+  jax-xla-convs    jaxrepro with XLA's own convolutions and their gradients, as before
+                   `jaxrepro.models.convolutions` (the ConvNet with
+                   `conv=lax.conv_general_dilated`, the mini Xception with
+                   `--config.fast_convs=False`; other bits)
   tf-recipe        Keras model.fit under the paper's recipe (Listings 1, 2 and
                    enable_op_determinism), TF's oneDNN kernels, multi-threaded
   tf-none          Keras model.fit without the recipe (TF's default)
@@ -51,7 +53,7 @@ SYSTEMS = {
     "jax": "jaxrepro, deterministic (default)",
     "jax-ynn": "jaxrepro + YNNPACK fusions",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
-    "jax-fast-convs": "jaxrepro with --config.fast_convs=True (mini Xception)",
+    "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
     "tf-recipe": "Keras/TF, determinism recipe",
     "tf-none": "Keras/TF default",
     "tf-single": "Keras/TF, recipe, single thread",
@@ -93,12 +95,12 @@ def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
 
 
 def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
-                repeats: int, flax_pool: bool = False, fast_convs: bool = False) -> dict:
+                repeats: int, flax_pool: bool = False, xla_convs: bool = False) -> dict:
     """Measure jaxrepro in this process (a fresh one, started by `run_system`).
 
-    `flax_pool`: the ConvNet with Flax's own max-pool gradient instead of
-    `pooling.max_pool_2x2`'s (the speed-up it brings, measured). `fast_convs`: the
-    mini Xception with `fast_convs=True`.
+    `flax_pool`: Flax's own max-pool gradient instead of `jaxrepro.models.pooling`'s;
+    `xla_convs`: XLA's own convolutions instead of `jaxrepro.models.convolutions`'
+    (each the speed-up it brings, measured).
     """
     import jax  # noqa: PLC0415  (the parent process never starts JAX)
     import numpy as np  # noqa: PLC0415
@@ -107,15 +109,21 @@ def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
     from jaxrepro import determinism, fingerprint, rng, train  # noqa: PLC0415
     from jaxrepro.data.order import epoch_order  # noqa: PLC0415
     from jaxrepro.explain import gradcam, lrp  # noqa: PLC0415
+    from jax import lax  # noqa: PLC0415
+
     from jaxrepro.models import pooling  # noqa: PLC0415
 
+    convnet = model_name == "convnet"
     config = configlib.resolve(experiment_file(model_name),
                                data_overrides(image_size, batch_size, steps)
-                               + (["fast_convs=True"] if fast_convs else []))
+                               + (["fast_convs=False"] if xla_convs and not convnet else []))
     data = train.load_data(config)
     model, tx = train.build_model(config), train.build_optimizer(config)
     if flax_pool:
-        model = model.clone(pool=pooling.flax_max_pool_2x2)
+        model = model.clone(pool=pooling.flax_max_pool_2x2 if convnet
+                            else pooling.flax_max_pool_3x3_s2)
+    if xla_convs and convnet:
+        model = model.clone(conv=lax.conv_general_dilated)
     keys = rng.stream_keys(config.seed)
     initial = jax.device_get(train.init_state(model, tx, keys["init"], image_size))
     order = np.asarray(epoch_order(keys["shuffle"], 0, len(data.train.labels)))
@@ -185,7 +193,7 @@ def child_command(system: str, model: str, args: argparse.Namespace, out: Path) 
                 TF_MODES[system], *common]
     return [sys.executable, "-m", "jaxrepro.bench", "--child", model, *common,
             *(["--flax-pool"] if system == "jax-flax-pool" else []),
-            *(["--fast-convs"] if system == "jax-fast-convs" else [])]
+            *(["--xla-convs"] if system == "jax-xla-convs" else [])]
 
 
 def child_environment(system: str) -> dict[str, str]:
@@ -229,13 +237,9 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         if (model, "jax") in by and (model, "jax-flax-pool") in by:
             out.setdefault(model, {})["jaxrepro/jax-flax-pool"] = (
                 by[model, "jax"] / by[model, "jax-flax-pool"])
-        if (model, "jax-fast-convs") in by:
-            for name, tf_system in RATIOS.items():
-                if (model, tf_system) in by:
-                    out.setdefault(model, {})[name.replace("jaxrepro", "jax-fast-convs")] = (
-                        by[model, "jax-fast-convs"] / by[model, tf_system])
-            if (model, "jax") in by:
-                out[model]["jax-fast-convs/jaxrepro"] = by[model, "jax-fast-convs"] / by[model, "jax"]
+        if (model, "jax") in by and (model, "jax-xla-convs") in by:
+            out.setdefault(model, {})["jaxrepro/jax-xla-convs"] = (
+                by[model, "jax"] / by[model, "jax-xla-convs"])
     return out
 
 
@@ -317,7 +321,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--child", metavar="MODEL", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--flax-pool", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--fast-convs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--xla-convs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
@@ -335,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = measure_jax(args.child, args.image_size, args.batch_size, args.steps,
                              args.repeats, flax_pool=args.flax_pool,
-                             fast_convs=args.fast_convs)
+                             xla_convs=args.xla_convs)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         return 0
     out = Path(args.out)
@@ -343,9 +347,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for model in args.models:
         for system in args.systems:
-            if (system, model) in (("jax-flax-pool", "minixception"),
-                                   ("jax-fast-convs", "convnet")):
-                continue  # 2x2 pooling is the ConvNet's, fast_convs the mini Xception's
             print(f"measuring {system} on {model} ...", file=sys.stderr, flush=True)
             try:
                 rows.append(run_system(system, model, args, out / f"{model}_{system}.json"))

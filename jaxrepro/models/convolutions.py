@@ -1,29 +1,30 @@
-"""The mini Xception's convolutions in the form XLA:CPU runs fast: same maths, other sums.
+"""Convolutions in the form XLA:CPU runs fast: the same products, summed in other orders.
 
-Depthwise convolution as shifted multiply-adds, pointwise (1x1) convolution as a
-matrix product.
+* `patch_grad_conv`: XLA's convolution, forward and input gradient unchanged, with the
+  kernel gradient as one matrix product of the input's patches (im2col) and the output
+  gradient. XLA:CPU computes a kernel gradient as a convolution over the batch, which
+  was most of a ConvNet step: at 180 px, batch 32, 2 quiet cores, forward and
+  backward took 3.7 s with XLA's kernel gradients and 1.6 s with this. The ConvNet's
+  default; in the mini Xception's fast path, its stem and 1x1 convolutions.
+* `depthwise_conv`: a 3x3 depthwise convolution as shifted multiply-adds in a fixed
+  (row-major) tap order, with its gradients written out (`_depthwise_backward`): the
+  input gradient is the same shifted sum over the output gradient with flipped taps,
+  each tap's gradient one reduction. XLA:CPU runs a depthwise convolution
+  (`feature_group_count` = channels) as a generic grouped-convolution loop: one 3x3
+  depthwise layer of 128 channels at 46x46, batch 32, took 12.9 s forward and
+  backward against 1.6 s shifted (2 loaded cores).
+* `pointwise_conv`: a strided 1x1 convolution as every s-th pixel's stride-1 one
+  (SAME and VALID agree for 1x1 windows), through `patch_grad_conv`.
 
-XLA:CPU compiles a depthwise convolution (`feature_group_count` = channels) into a
-generic grouped-convolution loop, and its gradients into slower ones still: measured
-here (2 loaded cores), one 3x3 depthwise layer of 128 channels at 46x46, batch 32,
-took 12.9 s forward and backward against 1.6 s for this formulation, and the whole
-mini Xception's forward and backward pass ran 3.7x faster at 96 px. Written as the k*k products of a
-shifted input and one kernel tap, summed in a fixed order (row-major taps), it is
-elementwise code that XLA fuses; autodiff gives elementwise gradients for the input
-and plain reductions for the kernel. The mathematics is the convolution's (the same
-products; the order of the sums is fixed here instead of left to XLA's convolution
-emitter), so the bits differ from `lax.conv_general_dilated`'s, by rounding only.
+The mini Xception's fast path (`MiniXception(fast_convs=True)`, the config's default
+`fast_convs=True`) is 4x faster than XLA's convolutions at 180 px (measured: 3.3
+against 0.96 images/s forward and backward, 2 quiet cores). The mathematics is the
+convolution's; the bits differ from `lax.conv_general_dilated`'s by rounding only.
+Run to run each path repeats its bits, and a jitted step equals an op-by-op one
+(tested; a plain `dot_general` for the 1x1 convolutions broke that equality, which is
+why they go through `patch_grad_conv`).
 
-A 1x1 convolution is a matrix product over channels (after taking every s-th pixel
-for stride s; SAME and VALID agree for 1x1 windows); XLA:CPU's convolution emitter
-runs its forward and backward pass about 3x slower than `lax.dot_general` (measured:
-32->64 channels at 92x92, batch 32).
-
-Not the default (`MiniXception(fast_convs=True)`, `--config.fast_convs=True`): besides
-other bits, a jitted step then differs from an op-by-op one in the last bits, which
-the default keeps equal. Run to run, it repeats its bits like the default.
-
-Both functions have the signature of `lax.conv_general_dilated` and are passed to
+All three have the signature of `lax.conv_general_dilated` and are passed to
 `nn.Conv(conv_general_dilated=...)`, so the layers stay `nn.Conv`s (parameters, names,
 LRP's interception and the Keras weight transfer are unchanged). Any convolution they
 do not cover (dilation, other layouts, other windows) falls through to
@@ -33,6 +34,7 @@ sets "highest").
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -64,16 +66,56 @@ def depthwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int]
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision, **kwargs)
-    _, h, w, _ = lhs.shape
-    kh, kw = rhs.shape[:2]
-    top, left = (kh - 1) // 2, (kw - 1) // 2  # SAME at stride 1: the extra row goes below
-    x = jnp.pad(lhs, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    return _depthwise_same(lhs, rhs[:, :, 0])
+
+
+def _shifted_sum(padded: jax.Array, taps: jax.Array, h: int, w: int) -> jax.Array:
+    """Sum over the taps (row-major) of the shifted map times the tap: `[N, h, w, C]`."""
+    kh, kw = taps.shape[:2]
     out = None
     for i in range(kh):
         for j in range(kw):
-            term = x[:, i:i + h, j:j + w, :] * rhs[i, j, 0]
+            term = padded[:, i:i + h, j:j + w, :] * taps[i, j]
             out = term if out is None else out + term
     return out
+
+
+def _pad_same(x: jax.Array, kh: int, kw: int, *, transposed: bool = False) -> jax.Array:
+    """SAME padding at stride 1 (the extra row and column go below and right); for the
+    transposed convolution, the other way round."""
+    rows, cols = ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
+    if transposed:
+        rows, cols = rows[::-1], cols[::-1]
+    return jnp.pad(x, ((0, 0), rows, cols, (0, 0)))
+
+
+@jax.custom_vjp
+def _depthwise_same(x: jax.Array, taps: jax.Array) -> jax.Array:
+    """Depthwise SAME stride-1 convolution of NHWC `x` with taps `[kh, kw, C]`."""
+    kh, kw = taps.shape[:2]
+    return _shifted_sum(_pad_same(x, kh, kw), taps, x.shape[1], x.shape[2])
+
+
+def _depthwise_forward(x: jax.Array, taps: jax.Array):
+    padded = _pad_same(x, *taps.shape[:2])
+    return _shifted_sum(padded, taps, x.shape[1], x.shape[2]), (padded, taps)
+
+
+def _depthwise_backward(residuals, g: jax.Array):
+    # Written out rather than left to autodiff, which transposes each shifted product
+    # into a padded full-size map and adds the k*k maps (k*k arrays in memory): the
+    # input gradient is the same shifted sum over the padded output gradient with the
+    # taps flipped, and each tap's gradient one reduction of its shifted map times g.
+    padded, taps = residuals
+    kh, kw = taps.shape[:2]
+    h, w = g.shape[1:3]
+    dx = _shifted_sum(_pad_same(g, kh, kw, transposed=True), taps[::-1, ::-1], h, w)
+    dtaps = jnp.stack([jnp.stack([jnp.sum(padded[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2))
+                                  for j in range(kw)]) for i in range(kh)])
+    return dx, dtaps
+
+
+_depthwise_same.defvjp(_depthwise_forward, _depthwise_backward)
 
 
 def _nhwc_hwio(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
@@ -88,7 +130,8 @@ def pointwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int]
                    rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
                    feature_group_count: int = 1, precision: Any = None,
                    **kwargs: Any) -> jax.Array:
-    """`lax.conv_general_dilated`, with a 1x1 NHWC convolution as a matrix product."""
+    """`lax.conv_general_dilated`, with a strided 1x1 NHWC convolution as every s-th
+    pixel's stride-1 1x1 convolution, whose kernel gradient is a matrix product."""
     ones = (None, (1, 1), [1, 1])
     if (kwargs or not _nhwc_hwio(lhs, rhs, dimension_numbers) or rhs.shape[:2] != (1, 1)
             or feature_group_count != 1 or padding not in ("SAME", "VALID")
@@ -99,4 +142,63 @@ def pointwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int]
             feature_group_count=feature_group_count, precision=precision, **kwargs)
     sh, sw = window_strides
     x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-    return lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+    return patch_grad_conv(x, rhs, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                           precision=precision)
+
+
+def patch_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                    padding: Any, lhs_dilation: Sequence[int] | None = None,
+                    rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+                    feature_group_count: int = 1, precision: Any = None,
+                    **kwargs: Any) -> jax.Array:
+    """`lax.conv_general_dilated`, whose kernel gradient, for a stride-1 NHWC convolution,
+    is one matrix product of the input's patches (im2col) with the output gradient.
+
+    The forward pass and the input gradient are XLA's own (the same bits as
+    `lax.conv_general_dilated`); only the kernel gradient is summed in another order.
+    XLA:CPU computes a kernel gradient as a convolution over the whole batch, which on
+    2 cores took 1.3 s for the ConvNet's conv2 at 180 px (32 -> 64 channels, batch 32),
+    most of a training step; the patch matrix product is a plain `dot_general`.
+    """
+    ones = (None, (1, 1), [1, 1])
+    if (kwargs or not _nhwc_hwio(lhs, rhs, dimension_numbers) or padding not in ("SAME", "VALID")
+            or tuple(window_strides) != (1, 1) or feature_group_count != 1
+            or lhs_dilation not in ones or rhs_dilation not in ones):
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    return _conv_patch_grad(lhs, rhs, padding, precision)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, padding: str, precision: Any) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_patch_grad(x: jax.Array, kernel: jax.Array, padding: str, precision: Any) -> jax.Array:
+    return _xla_conv(x, kernel, padding, precision)
+
+
+def _conv_patch_grad_forward(x, kernel, padding, precision):
+    return _xla_conv(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv_patch_grad_backward(padding, precision, residuals, g):
+    x, kernel = residuals
+    dx = jax.vjp(lambda v: _xla_conv(v, kernel, padding, precision), x)[1](g)[0]
+    kh, kw, cin, cout = kernel.shape
+    (top, bottom), (left, right) = lax.padtype_to_pads(x.shape[1:3], (kh, kw), (1, 1), padding)
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    h, w = g.shape[1:3]
+    # Columns in (row, column, input channel) order: the HWIO kernel's, flattened.
+    patches = jnp.concatenate([x[:, i:i + h, j:j + w, :]
+                               for i in range(kh) for j in range(kw)], axis=-1)
+    dkernel = lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                              precision=precision)
+    return dx, dkernel.reshape(kh, kw, cin, cout)
+
+
+_conv_patch_grad.defvjp(_conv_patch_grad_forward, _conv_patch_grad_backward)

@@ -34,9 +34,9 @@ class SeparableConv(nn.Module):
 
     features: int
     kernel_size: int = 3
-    # True: depthwise as shifted multiply-adds and 1x1 as a matrix product
-    # (`jaxrepro.models.convolutions`, several times faster on CPU, other bits);
-    # False (default): XLA convolutions (`lax.conv_general_dilated`).
+    # True: depthwise as shifted multiply-adds, 1x1 with the kernel gradient as a matrix
+    # product (`jaxrepro.models.convolutions`, several times faster on CPU, other bits);
+    # False: XLA convolutions (`lax.conv_general_dilated`).
     fast_convs: bool = False
 
     @nn.compact
@@ -116,9 +116,9 @@ class MiniXception(nn.Module):
     # The ReLU inside every block; explanation methods swap in one with another
     # backward pass (guided backprop) via `model.clone(activation=...)`.
     activation: Callable[[jax.Array], jax.Array] = nn.relu
-    # Depthwise and 1x1 convolutions in the form XLA:CPU runs several times faster
-    # (`jaxrepro.models.convolutions`; opt-in: other bits, and jitted and op-by-op
-    # steps then differ in the last bits), or XLA's convolutions (default).
+    # The stem, depthwise and 1x1 convolutions in the form XLA:CPU runs about 4x faster
+    # (`jaxrepro.models.convolutions`; other bits than XLA's convolutions; the
+    # experiment config turns it on), or XLA's own convolutions (the module default).
     fast_convs: bool = False
     # 3x3 max pooling, stride 2, SAME; `max_pool_3x3_s2` is `nn.max_pool` with a cheaper
     # backward pass that gives the same bits (see `jaxrepro.models.pooling`).
@@ -136,7 +136,8 @@ class MiniXception(nn.Module):
         """Logits [N] of images [N, H, W, 3]; `train` selects batch statistics and dropout."""
         x = rescale(jnp.asarray(x, jnp.float32))
         x = nn.Conv(self.stem_features, (5, 5), padding="VALID", use_bias=False,
-                    kernel_init=KERNEL_INIT, name="stem")(x)
+                    kernel_init=KERNEL_INIT, name="stem",
+                    conv_general_dilated=_impl(self.fast_convs, convolutions.patch_grad_conv))(x)
         self.sow("intermediates", "stem_out", x)
         for i, size in enumerate(self.sizes, start=1):
             x = XceptionBlock(size, activation=self.activation,
