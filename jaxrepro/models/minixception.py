@@ -116,7 +116,7 @@ class MiniXception(nn.Module):
     # The ReLU inside every block; explanation methods swap in one with another
     # backward pass (guided backprop) via `model.clone(activation=...)`.
     activation: Callable[[jax.Array], jax.Array] = nn.relu
-    # The stem, depthwise and 1x1 convolutions in the form XLA:CPU runs about 4x faster
+    # The stem, depthwise and 1x1 convolutions in the form XLA:CPU runs about 2.7x faster
     # (`jaxrepro.models.convolutions`; other bits than XLA's convolutions; the
     # experiment config turns it on), or XLA's own convolutions (the module default).
     fast_convs: bool = False
