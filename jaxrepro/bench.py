@@ -326,7 +326,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for name in ("image_size", "batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.models and "convnet" in args.models and args.image_size < 80:
+    if not args.child and "convnet" in args.models and args.image_size < 80:
         parser.error("the ConvNet needs --image-size of at least 80")
     return args
 
