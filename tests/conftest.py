@@ -10,6 +10,7 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,6 +57,23 @@ def assert_bitwise_equal(*trees) -> None:
                 raise AssertionError(f"tree 0 and tree {k} differ in the bits of "
                                      f"{jax.tree_util.keystr(path)} (signed zeros or NaN "
                                      "payloads: equal as values)")
+
+
+def loss_and_grads(model, variables: dict, x, y):
+    """Jitted binary cross-entropy (on logits) and its parameter gradient at `variables`.
+
+    Models with batch norm run in training mode (batch statistics); build them with
+    `dropout_rate=0.0` so that no dropout key is needed.
+    """
+    batch_norm = "batch_stats" in variables
+
+    def loss(params):
+        z = model.apply({**variables, "params": params}, x, train=batch_norm,
+                        mutable=["batch_stats"] if batch_norm else False)
+        z = z[0] if batch_norm else z
+        return jnp.mean(jax.nn.softplus(z) - y * z)
+
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
 @pytest.fixture(scope="session", autouse=True)

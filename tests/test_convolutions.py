@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, loss_and_grads
 from jaxrepro.models import convnet, convolutions, minixception
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -88,15 +88,9 @@ def test_the_convnet_gradient_differs_only_in_its_conv_kernels():
     y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
     fast = convnet.ConvNet(dropout_rate=0.0)
     plain = fast.clone(conv=lax.conv_general_dilated)
-    params = fast.init(jax.random.key(0), x[:1], train=False)["params"]
-
-    def grads(model):
-        def loss(p):
-            z = model.apply({"params": p}, x, train=False)
-            return jnp.mean(jax.nn.softplus(z) - y * z)
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    (loss_fast, fast_grads), (loss_plain, plain_grads) = grads(fast), grads(plain)
+    variables = fast.init(jax.random.key(0), x[:1], train=False)
+    loss_fast, fast_grads = loss_and_grads(fast, variables, x, y)
+    loss_plain, plain_grads = loss_and_grads(plain, variables, x, y)
     assert_bitwise_equal(loss_fast, loss_plain)  # the forward pass is XLA's
     for name in fast_grads:
         if name.startswith("conv"):
@@ -151,15 +145,8 @@ def test_fast_convs_give_other_bits_than_xla_convs():
     fast = minixception.MiniXception(dropout_rate=0.0, fast_convs=True)
     plain = fast.clone(fast_convs=False)
     variables = fast.init(jax.random.key(0), x, train=False)
-
-    def grads(model):
-        def loss(p):
-            z, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
-                               train=True, mutable=["batch_stats"])
-            return jnp.mean(jax.nn.softplus(z) - y * z)
-        return jax.jit(jax.grad(loss))(variables["params"])
-
-    a, b = jax.tree.leaves(grads(fast)), jax.tree.leaves(grads(plain))
+    a = jax.tree.leaves(loss_and_grads(fast, variables, x, y)[1])
+    b = jax.tree.leaves(loss_and_grads(plain, variables, x, y)[1])
     assert any(not np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, b))
     for u, v in zip(a, b):
         _close(u, v, tol=5e-2)  # the same gradient up to rounding in near-cancelling sums

@@ -15,7 +15,7 @@ from jaxrepro.models import convnet, minixception
 from jaxrepro.models.pooling import flax_max_pool_2x2 as flax_pool
 from jaxrepro.models.pooling import flax_max_pool_3x3_s2, max_pool_2x2, max_pool_3x3_s2
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, loss_and_grads
 
 
 def pool_vjp(pool, x, g):
@@ -103,15 +103,9 @@ def test_the_convnet_gradient_keeps_its_bits():
     y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
     fast = convnet.ConvNet(dropout_rate=0.0)
     plain = fast.clone(pool=flax_pool)
-    params = fast.init(jax.random.key(0), x[:1], train=False)["params"]
-
-    def grads(model):
-        def loss(p):
-            z = model.apply({"params": p}, x, train=False)
-            return jnp.mean(jax.nn.softplus(z) - y * z)
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    assert_bitwise_equal(grads(fast), grads(plain))
+    variables = fast.init(jax.random.key(0), x[:1], train=False)
+    assert_bitwise_equal(loss_and_grads(fast, variables, x, y),
+                         loss_and_grads(plain, variables, x, y))
 
 
 def test_the_mini_xception_gradient_keeps_its_bits():
@@ -120,12 +114,5 @@ def test_the_mini_xception_gradient_keeps_its_bits():
     fast = minixception.MiniXception(dropout_rate=0.0, sizes=(8, 16, 16), stem_features=8)
     plain = fast.clone(pool=flax_max_pool_3x3_s2)
     variables = fast.init(jax.random.key(0), x[:1], train=False)
-
-    def grads(model):
-        def loss(p):
-            z, _ = model.apply({**variables, "params": p}, x, train=True,
-                               mutable=["batch_stats"])
-            return jnp.mean(jax.nn.softplus(z) - y * z)
-        return jax.jit(jax.value_and_grad(loss))(variables["params"])
-
-    assert_bitwise_equal(grads(fast), grads(plain))
+    assert_bitwise_equal(loss_and_grads(fast, variables, x, y),
+                         loss_and_grads(plain, variables, x, y))
