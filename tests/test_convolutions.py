@@ -140,7 +140,9 @@ def test_fast_convs_give_other_bits_than_xla_convs():
     # Another order of the sums: other gradients than XLA's convolutions. (That the
     # fast path repeats its own bits, in another process and after a kill and resume,
     # and equals itself op by op, tests/test_train.py checks: it is the config default.)
-    x = jnp.asarray(np.random.default_rng(10).integers(0, 256, (4, 32, 32, 3)), jnp.float32)
+    # 64 px: at 32 px block 5's batch norm sees 4 values per channel, and its gradient
+    # turns rounding into differences of 20% (measured); at 64 px they stay below 1e-5.
+    x = jnp.asarray(np.random.default_rng(10).integers(0, 256, (4, 64, 64, 3)), jnp.float32)
     y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
     fast = minixception.MiniXception(dropout_rate=0.0, fast_convs=True)
     plain = fast.clone(fast_convs=False)
@@ -149,4 +151,4 @@ def test_fast_convs_give_other_bits_than_xla_convs():
     b = jax.tree.leaves(loss_and_grads(plain, variables, x, y)[1])
     assert any(not np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, b))
     for u, v in zip(a, b):
-        _close(u, v, tol=5e-2)  # the same gradient up to rounding in near-cancelling sums
+        _close(u, v, tol=1e-4)  # the same gradient up to rounding

@@ -14,8 +14,8 @@ from typing import Callable, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from jaxrepro.models import convolutions
 from jaxrepro.models.pooling import max_pool_2x2
 
 # Keras `Rescaling(1./255)` multiplies by the float32 scale (it does not divide).
@@ -48,10 +48,11 @@ class ConvNet(nn.Module):
     # 2x2 max pooling; `max_pool_2x2` is `nn.max_pool` with a cheaper backward pass that
     # gives the same bits (see `jaxrepro.models.pooling`).
     pool: Callable[[jax.Array], jax.Array] = max_pool_2x2
-    # The convolutions (`lax.conv_general_dilated`'s signature); `patch_grad_conv` is
-    # XLA's convolution with the kernel gradient as one matrix product, several times
-    # faster on CPU and summed in another order (see `jaxrepro.models.convolutions`).
-    conv: Callable[..., jax.Array] = convolutions.patch_grad_conv
+    # The convolutions (`lax.conv_general_dilated`'s signature). XLA's own are the
+    # fastest here once YNNPACK is off (`jaxrepro.determinism`); `patch_grad_conv`
+    # (kernel gradients as one matrix product) was the default while XLA:CPU ran
+    # convolutions through YNNPACK (see `jaxrepro.models.convolutions`).
+    conv: Callable[..., jax.Array] = lax.conv_general_dilated
 
     # Last convolutional activation, for Grad-CAM (key in 'intermediates').
     LAST_CONV: ClassVar[str] = "conv5_out"

@@ -2,10 +2,12 @@
 
 * `patch_grad_conv`: XLA's convolution, forward and input gradient unchanged, with the
   kernel gradient as one matrix product of the input's patches (im2col) and the output
-  gradient. XLA:CPU computes a kernel gradient as a convolution over the batch, which
-  was most of a ConvNet step: at 180 px, batch 32, 2 quiet cores, forward and
-  backward took 3.7 s with XLA's kernel gradients and 1.6 s with this. The ConvNet's
-  default; in the mini Xception's fast path, its stem and 1x1 convolutions.
+  gradient. Used for the mini Xception's 1x1 convolutions, where it is about 1.7x
+  faster forward and backward than XLA's (176 px, 32 channels, batch 32: 124 against
+  212 ms). For 3x3 and 5x5 kernels XLA's own kernel gradient is faster now that
+  jaxrepro turns YNNPACK off (`jaxrepro.determinism`: 129 against 448 ms for the
+  ConvNet's conv2 at 180 px), so the ConvNet and the stem use XLA's convolutions; with
+  YNNPACK's convolutions (XLA:CPU's default) the patch form had been 2.3x faster.
 * `depthwise_conv`: a depthwise convolution (SAME, stride 1) as k*k shifted
   multiply-adds in a fixed (row-major) tap order, with its gradients written out (`_depthwise_backward`): the
   input gradient is the same shifted sum over the output gradient with flipped taps,
@@ -17,8 +19,9 @@
   (SAME and VALID agree for 1x1 windows), through `patch_grad_conv`.
 
 The mini Xception's fast path (`MiniXception(fast_convs=True)`, the config's default
-`fast_convs=True`) is 2.7x faster than XLA's convolutions at 180 px (measured: 3.3
-against 1.2 images/s forward and backward, batch 32, the same pooling, 2 quiet cores). The mathematics is the
+`fast_convs=True`: depthwise and 1x1) trains about 3x faster than XLA's convolutions
+at 180 px (6.4 against 2.1 images/s forward and backward, batch 32, 2 quiet cores,
+YNNPACK off). The mathematics is the
 convolution's; the bits differ from `lax.conv_general_dilated`'s by rounding only.
 Run to run each path repeats its bits, and a jitted step equals an op-by-op one
 (tested; a plain `dot_general` for the 1x1 convolutions broke that equality, which is
@@ -156,9 +159,9 @@ def patch_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int
 
     The forward pass and the input gradient are XLA's own (the same bits as
     `lax.conv_general_dilated`); only the kernel gradient is summed in another order.
-    XLA:CPU computes a kernel gradient as a convolution over the whole batch, which on
-    2 cores took 1.3 s for the ConvNet's conv2 at 180 px (32 -> 64 channels, batch 32),
-    most of a training step; the patch matrix product is a plain `dot_general`.
+    XLA:CPU computes a kernel gradient as a convolution over the whole batch; for 1x1
+    kernels (and for any kernel under YNNPACK) the patch matrix product, a plain
+    `dot_general`, is faster (figures in the module docstring).
     """
     ones = (None, (1, 1), [1, 1])
     if (kwargs or not _nhwc_hwio(lhs, rhs, dimension_numbers) or padding not in ("SAME", "VALID")
