@@ -10,13 +10,16 @@ flip / rotate 0.1 / zoom 0.2 augmentation inside the step, batch 32, RMSprop), r
 `jaxrepro.data` on both sides. Systems:
 
   jax              jaxrepro as it trains by default (`make_train_step`, deterministic)
-  jax-ynn          the same with XLA:CPU's YNNPACK fusions (`jaxrepro.variants` "ynn")
+  jax-ynn          the same with XLA:CPU's YNNPACK fusions for elementwise ops too
+                   (`jaxrepro.variants` "ynn")
+  jax-ynn-convs    the same with XLA:CPU's default YNNPACK use, convolutions included,
+                   as before 2026-11-29 (`jaxrepro.variants` "ynn-convs"; other bits)
   jax-flax-pool    jaxrepro with Flax's own max-pool gradient (select-and-scatter), as
                    before `jaxrepro.models.pooling` (the same bits)
-  jax-xla-convs    jaxrepro with XLA's own convolutions and their gradients, as before
-                   `jaxrepro.models.convolutions` (the ConvNet with
-                   `conv=lax.conv_general_dilated`, the mini Xception with
-                   `--config.fast_convs=False`; other bits)
+  jax-xla-convs    the mini Xception with XLA's own depthwise and 1x1 convolutions
+                   (`--config.fast_convs=False`, as before
+                   `jaxrepro.models.convolutions`; other bits). Skipped for the
+                   ConvNet, whose default convolutions are XLA's.
   tf-recipe        Keras model.fit under the paper's recipe (Listings 1, 2 and
                    enable_op_determinism), TF's oneDNN kernels, multi-threaded
   tf-none          Keras model.fit without the recipe (TF's default)
@@ -52,6 +55,7 @@ MODELS = ("convnet", "minixception")
 SYSTEMS = {
     "jax": "jaxrepro, deterministic (default)",
     "jax-ynn": "jaxrepro + YNNPACK fusions",
+    "jax-ynn-convs": "jaxrepro with YNNPACK convolutions (before)",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
     "tf-recipe": "Keras/TF, determinism recipe",
@@ -99,8 +103,8 @@ def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
     """Measure jaxrepro in this process (a fresh one, started by `run_system`).
 
     `flax_pool`: Flax's own max-pool gradient instead of `jaxrepro.models.pooling`'s;
-    `xla_convs`: XLA's own convolutions instead of `jaxrepro.models.convolutions`'
-    (each the speed-up it brings, measured).
+    `xla_convs`: the mini Xception's XLA convolutions instead of
+    `jaxrepro.models.convolutions`' (each the speed-up it brings, measured).
     """
     import jax  # noqa: PLC0415  (the parent process never starts JAX)
     import numpy as np  # noqa: PLC0415
@@ -109,7 +113,6 @@ def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
     from jaxrepro import determinism, fingerprint, rng, train  # noqa: PLC0415
     from jaxrepro.data.order import epoch_order  # noqa: PLC0415
     from jaxrepro.explain import gradcam, lrp  # noqa: PLC0415
-    from jax import lax  # noqa: PLC0415
 
     from jaxrepro.models import pooling  # noqa: PLC0415
 
@@ -122,8 +125,6 @@ def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
     if flax_pool:
         model = model.clone(pool=pooling.flax_max_pool_2x2 if convnet
                             else pooling.flax_max_pool_3x3_s2)
-    if xla_convs and convnet:
-        model = model.clone(conv=lax.conv_general_dilated)
     keys = rng.stream_keys(config.seed)
     initial = jax.device_get(train.init_state(model, tx, keys["init"], image_size))
     order = np.asarray(epoch_order(keys["shuffle"], 0, len(data.train.labels)))
@@ -204,8 +205,8 @@ def child_environment(system: str) -> dict[str, str]:
         return process.child_environment(process.MODES[TF_MODES[system]], dict(os.environ))
     from jaxrepro import variants  # noqa: PLC0415
 
-    return variants.variant_env(variants.VARIANTS["ynn" if system == "jax-ynn" else "default"],
-                                os.environ)
+    variant = {"jax-ynn": "ynn", "jax-ynn-convs": "ynn-convs"}.get(system, "default")
+    return variants.variant_env(variants.VARIANTS[variant], os.environ)
 
 
 def run_system(system: str, model: str, args: argparse.Namespace, out: Path) -> dict:
@@ -234,12 +235,10 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
                 if (model, jax_system) in by and (model, tf_system) in by:
                     label = name if jax_system == "jax" else name.replace("jaxrepro", "jax-ynn")
                     out.setdefault(model, {})[label] = by[model, jax_system] / by[model, tf_system]
-        if (model, "jax") in by and (model, "jax-flax-pool") in by:
-            out.setdefault(model, {})["jaxrepro/jax-flax-pool"] = (
-                by[model, "jax"] / by[model, "jax-flax-pool"])
-        if (model, "jax") in by and (model, "jax-xla-convs") in by:
-            out.setdefault(model, {})["jaxrepro/jax-xla-convs"] = (
-                by[model, "jax"] / by[model, "jax-xla-convs"])
+        for before in ("jax-flax-pool", "jax-xla-convs", "jax-ynn-convs"):
+            if (model, "jax") in by and (model, before) in by:
+                out.setdefault(model, {})[f"jaxrepro/{before}"] = (
+                    by[model, "jax"] / by[model, before])
     return out
 
 
@@ -347,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for model in args.models:
         for system in args.systems:
+            if system == "jax-xla-convs" and model == "convnet":
+                print("skipping jax-xla-convs on convnet: its default convolutions are XLA's",
+                      file=sys.stderr, flush=True)
+                continue
             print(f"measuring {system} on {model} ...", file=sys.stderr, flush=True)
             try:
                 rows.append(run_system(system, model, args, out / f"{model}_{system}.json"))

@@ -35,9 +35,15 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "default": Variant("jaxrepro's defaults"),
-    "ynn": Variant("XLA:CPU YNNPACK fusions (another code path for dots, elementwise ops "
-                   "and reductions)",
+    "ynn": Variant("XLA:CPU YNNPACK fusions for elementwise ops too (jaxrepro's default "
+                   "is dots and reductions)",
                    xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+    # A sign-prefixed list keeps XLA's own default list: convolutions in YNNPACK, as
+    # jaxrepro ran before 2026-11-29 (the `+dot` entry left both models' steps'
+    # bits as with no flag at all, measured).
+    "ynn-convs": Variant("XLA:CPU's default YNNPACK use, convolutions included "
+                         "(jaxrepro's setting before 2026-11-29)",
+                         xla_flags="--xla_cpu_experimental_ynn_fusion_type=+dot"),
     "avx2": Variant("XLA:CPU code generated for AVX2 (with FMA) instead of AVX",
                     xla_flags="--xla_cpu_max_isa=AVX2"),
     "eigen-single-thread": Variant("Eigen kernels single-threaded",
@@ -53,7 +59,12 @@ def variant_env(variant: Variant, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of a variant's process, from `base` (usually os.environ)."""
     env = {**base, **variant.env}
     if variant.xla_flags:
-        env["XLA_FLAGS"] = f"{base.get('XLA_FLAGS', '')} {variant.xla_flags}".strip()
+        # A flag the variant sets replaces any value of it in `base` (the parent's
+        # XLA_FLAGS already hold jaxrepro's own): XLA would otherwise apply both, and
+        # a sign-prefixed list such as `+dot` would edit jaxrepro's list, not XLA's.
+        named = {f.split("=")[0] for f in variant.xla_flags.split()}
+        kept = [f for f in base.get("XLA_FLAGS", "").split() if f.split("=")[0] not in named]
+        env["XLA_FLAGS"] = " ".join([*kept, *variant.xla_flags.split()])
     return env
 
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY as TINY_RUNS
 from conftest import run_cli
 from conftest import train_cli as tiny_train_cli
+from jaxrepro import determinism
 from jaxrepro.diff import compare_leaf, compare_probes, first_divergent_step, ulp_distance
 from jaxrepro.variants import VARIANTS, variant_env
 
@@ -96,6 +97,14 @@ def test_probe_comparison_names_layers_in_call_order_not_alphabetically():
     backward = compare_probes(_probe(), order, _probe(**{"dense/kernel": f32(9),
                                                          "conv1/kernel": f32(9)}))
     assert backward["first_gradient"] == "dense/kernel"  # backward order: the head first
+
+
+def test_variant_flag_replaces_the_same_flag_in_the_parent():
+    # The parent's XLA_FLAGS hold jaxrepro's own YNNPACK list; the variant's value must
+    # be the only one the child sees (a second `+dot` would edit the first).
+    base = {"XLA_FLAGS": f"--xla_dump_to=/tmp/x {determinism.YNN_FUSIONS}"}
+    flags = variant_env(VARIANTS["ynn-convs"], base)["XLA_FLAGS"].split()
+    assert flags == ["--xla_dump_to=/tmp/x", "--xla_cpu_experimental_ynn_fusion_type=+dot"]
 
 
 def test_variant_environment_appends_xla_flags():
