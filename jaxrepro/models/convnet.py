@@ -49,7 +49,7 @@ class ConvNet(nn.Module):
     # gives the same bits (see `jaxrepro.models.pooling`).
     pool: Callable[[jax.Array], jax.Array] = max_pool_2x2
     # The convolutions (`lax.conv_general_dilated`'s signature). XLA's own are the
-    # fastest here once YNNPACK is off (`jaxrepro.determinism`); `patch_grad_conv`
+    # fastest here once convolutions leave YNNPACK (`jaxrepro.determinism`); `patch_grad_conv`
     # (kernel gradients as one matrix product) was the default while XLA:CPU ran
     # convolutions through YNNPACK (see `jaxrepro.models.convolutions`).
     conv: Callable[..., jax.Array] = lax.conv_general_dilated

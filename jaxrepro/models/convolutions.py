@@ -5,7 +5,7 @@
   gradient. Used for the mini Xception's 1x1 convolutions, where it is about 1.7x
   faster forward and backward than XLA's (176 px, 32 channels, batch 32: 124 against
   212 ms). For 3x3 and 5x5 kernels XLA's own kernel gradient is faster now that
-  jaxrepro turns YNNPACK off (`jaxrepro.determinism`: 129 against 448 ms for the
+  jaxrepro runs convolutions outside YNNPACK (`jaxrepro.determinism`: 129 against 448 ms for the
   ConvNet's conv2 at 180 px), so the ConvNet and the stem use XLA's convolutions; with
   YNNPACK's convolutions (XLA:CPU's default) the patch form had been 2.3x faster.
 * `depthwise_conv`: a depthwise convolution (SAME, stride 1) as k*k shifted
@@ -21,7 +21,7 @@
 The mini Xception's fast path (`MiniXception(fast_convs=True)`, the config's default
 `fast_convs=True`: depthwise and 1x1) trains about 3x faster than XLA's convolutions
 at 180 px (6.4 against 2.1 images/s forward and backward, batch 32, 2 quiet cores,
-YNNPACK off). The mathematics is the
+convolutions outside YNNPACK). The mathematics is the
 convolution's; the bits differ from `lax.conv_general_dilated`'s by rounding only.
 Run to run each path repeats its bits, and a jitted step equals an op-by-op one
 (tested; a plain `dot_general` for the 1x1 convolutions broke that equality, which is

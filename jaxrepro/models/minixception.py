@@ -136,7 +136,7 @@ class MiniXception(nn.Module):
         """Logits [N] of images [N, H, W, 3]; `train` selects batch statistics and dropout."""
         x = rescale(jnp.asarray(x, jnp.float32))
         # XLA's own convolution in both paths: faster here than the patch form once
-        # YNNPACK is off (jaxrepro.determinism).
+        # convolutions leave YNNPACK (jaxrepro.determinism).
         x = nn.Conv(self.stem_features, (5, 5), padding="VALID", use_bias=False,
                     kernel_init=KERNEL_INIT, name="stem")(x)
         self.sow("intermediates", "stem_out", x)
