@@ -86,7 +86,8 @@ def test_patch_grad_conv_keeps_xlas_forward_and_input_gradient_bits(kernel, cin,
 def test_the_convnet_gradient_differs_only_in_its_conv_kernels():
     x = jnp.asarray(np.random.default_rng(14).integers(0, 256, (4, 84, 84, 3)), jnp.float32)
     y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
-    fast = convnet.ConvNet(dropout_rate=0.0)
+    # The ConvNet's default is XLA's convolution now; `patch_grad_conv` is set here.
+    fast = convnet.ConvNet(dropout_rate=0.0, conv=convolutions.patch_grad_conv)
     plain = fast.clone(conv=lax.conv_general_dilated)
     variables = fast.init(jax.random.key(0), x[:1], train=False)
     loss_fast, fast_grads = loss_and_grads(fast, variables, x, y)
