@@ -49,6 +49,34 @@ def test_depthwise_matches_xla_forward_and_backward(kernel, hw):
         _close(a, b)
 
 
+def test_batch_chunk_is_the_largest_divisor_that_fits():
+    mib = 2**20
+    assert convolutions.batch_chunk(32, 4 * mib, budget=8 * mib) == 2  # 176 px, 32 ch
+    assert convolutions.batch_chunk(32, mib, budget=8 * mib) == 8
+    assert convolutions.batch_chunk(6, 3, budget=8) == 2  # 3 divides 6 but 9 > 8
+    assert convolutions.batch_chunk(7, 1, budget=8) == 7
+    assert convolutions.batch_chunk(32, 100 * mib, budget=8 * mib) == 1  # never 0
+
+
+def test_depthwise_backward_in_chunks_matches_xla_and_repeats_op_by_op(monkeypatch):
+    # 6 images of 8x8x4 floats (1 KiB each) in 2 KiB chunks: 3 chunks, summed in order.
+    monkeypatch.setattr(convolutions, "CHUNK_BYTES", 2048)
+    x, k, g = _normal((6, 8, 8, 4), 20), _normal((3, 3, 1, 4), 21), _normal((6, 8, 8, 4), 22)
+
+    def grads(conv):
+        return jax.vjp(lambda x, k: _depthwise(conv, x, k), x, k)[1](g)
+
+    chunked = grads(convolutions.depthwise_conv)
+    for a, b in zip(chunked, grads(lax.conv_general_dilated)):
+        _close(a, b)
+    scans = [e for e in jax.make_jaxpr(lambda: grads(convolutions.depthwise_conv))().eqns
+             if e.primitive.name == "scan"]
+    assert [e.params["length"] for e in scans] == [3]
+    assert_bitwise_equal(jax.jit(lambda: grads(convolutions.depthwise_conv))(), chunked)
+    with jax.disable_jit():
+        assert_bitwise_equal(grads(convolutions.depthwise_conv), chunked)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 def test_pointwise_matches_xla_forward_and_backward(stride, padding):

@@ -100,8 +100,22 @@ def _depthwise_same(x: jax.Array, taps: jax.Array) -> jax.Array:
 
 
 def _depthwise_forward(x: jax.Array, taps: jax.Array):
-    padded = _pad_same(x, *taps.shape[:2])
-    return _shifted_sum(padded, taps, x.shape[1], x.shape[2]), (padded, taps)
+    kh, kw = taps.shape[:2]
+    return _shifted_sum(_pad_same(x, kh, kw), taps, x.shape[1], x.shape[2]), (x, taps)
+
+
+# Bytes of one chunk of the batch in the depthwise backward pass (see `batch_chunk`). A
+# constant, not the host's cache size: the chunking sets the order of the tap gradient's
+# sum, so it must not depend on the machine.
+CHUNK_BYTES = 2 * 2**20
+
+
+def batch_chunk(n: int, image_bytes: int, budget: int | None = None) -> int:
+    """The largest divisor of the batch size `n` whose images fit in `budget` bytes
+    (default `CHUNK_BYTES`; at least 1)."""
+    budget = CHUNK_BYTES if budget is None else budget
+    return max([b for b in range(1, n + 1) if n % b == 0 and b * image_bytes <= budget],
+               default=1)
 
 
 def _depthwise_backward(residuals, g: jax.Array):
@@ -109,13 +123,35 @@ def _depthwise_backward(residuals, g: jax.Array):
     # into a padded full-size map and adds the k*k maps (k*k arrays in memory): the
     # input gradient is the same shifted sum over the padded output gradient with the
     # taps flipped, and each tap's gradient one reduction of its shifted map times g.
-    padded, taps = residuals
+    # Both run over the batch in chunks of a few MiB (`lax.scan`, in batch order): XLA
+    # writes each shifted map out in full before reducing it, and for the whole batch
+    # (127 MiB for the mini Xception's first block at 180 px, batch 32) those k*k
+    # writes cost more than the products themselves. The tap gradients are summed
+    # chunk by chunk, in batch order.
+    x, taps = residuals
+    n, h, w, c = g.shape
+    b = batch_chunk(n, h * w * c * g.dtype.itemsize)
+
+    def chunk(dtaps, xg):
+        return dtaps + _tap_gradients(*xg, taps.shape[:2]), _depthwise_input_gradient(xg[1], taps)
+
+    split = lambda a: a.reshape(n // b, b, *a.shape[1:])
+    dtaps, dx = lax.scan(chunk, jnp.zeros(taps.shape, g.dtype), (split(x), split(g)))
+    return dx.reshape(g.shape), dtaps
+
+
+def _depthwise_input_gradient(g: jax.Array, taps: jax.Array) -> jax.Array:
     kh, kw = taps.shape[:2]
+    return _shifted_sum(_pad_same(g, kh, kw, transposed=True), taps[::-1, ::-1], *g.shape[1:3])
+
+
+def _tap_gradients(x: jax.Array, g: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """Each tap's gradient, `[kh, kw, C]`: one reduction of its shifted map times g."""
+    kh, kw = window
     h, w = g.shape[1:3]
-    dx = _shifted_sum(_pad_same(g, kh, kw, transposed=True), taps[::-1, ::-1], h, w)
-    dtaps = jnp.stack([jnp.stack([jnp.sum(padded[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2))
-                                  for j in range(kw)]) for i in range(kh)])
-    return dx, dtaps
+    padded = _pad_same(x, kh, kw)
+    return jnp.stack([jnp.stack([jnp.sum(padded[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2))
+                                 for j in range(kw)]) for i in range(kh)])
 
 
 _depthwise_same.defvjp(_depthwise_forward, _depthwise_backward)
