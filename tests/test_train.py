@@ -157,13 +157,19 @@ def tiny_batch():
     return images, np.arange(16, dtype=np.int32) % 2
 
 
+@pytest.fixture(scope="module")
+def base_step(tiny_batch):
+    """`_one_step` with the config's own seeds, shared by the stream and seed tests."""
+    return _one_step(_tiny_config(), *tiny_batch)
+
+
 def _equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.parametrize("stream", ["init", "dropout", "augment", "shuffle"])
-def test_each_stream_changes_only_what_it_feeds(tiny_batch, stream):
-    base = _one_step(_tiny_config(), *tiny_batch)
+def test_each_stream_changes_only_what_it_feeds(tiny_batch, base_step, stream):
+    base = base_step
     other = _one_step(_tiny_config(**{stream: 77}), *tiny_batch)
     init_same = _equal(base[0].params, other[0].params)
     step_same = _equal(base[1].params, other[1].params)
@@ -177,8 +183,8 @@ def test_each_stream_changes_only_what_it_feeds(tiny_batch, stream):
     assert (init_same, step_same, order_same) == expected
 
 
-def test_other_seed_gives_other_parameters(tiny_batch):
-    a = _one_step(_tiny_config(), *tiny_batch)
+def test_other_seed_gives_other_parameters(tiny_batch, base_step):
+    a = base_step
     c = _tiny_config()
     c.seed = 1002
     b = _one_step(c, *tiny_batch)
