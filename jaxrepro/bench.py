@@ -20,6 +20,9 @@ flip / rotate 0.1 / zoom 0.2 augmentation inside the step, batch 32, RMSprop), r
                    (`--config.fast_convs=False`, as before
                    `jaxrepro.models.convolutions`; other bits). Skipped for the
                    ConvNet, whose default convolutions are XLA's.
+  jax-one-chunk    the mini Xception with its depthwise backward pass over the whole
+                   batch at once, as before the batch chunks of
+                   `jaxrepro.models.convolutions` (other bits). Skipped for the ConvNet.
   tf-recipe        Keras model.fit under the paper's recipe (Listings 1, 2 and
                    enable_op_determinism), TF's oneDNN kernels, multi-threaded
   tf-none          Keras model.fit without the recipe (TF's default)
@@ -58,10 +61,13 @@ SYSTEMS = {
     "jax-ynn-convs": "jaxrepro with YNNPACK convolutions (before)",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
+    "jax-one-chunk": "jaxrepro with the depthwise backward pass unchunked (before)",
     "tf-recipe": "Keras/TF, determinism recipe",
     "tf-none": "Keras/TF default",
     "tf-single": "Keras/TF, recipe, single thread",
 }
+# Systems that change the mini Xception's convolutions only.
+MINIXCEPTION_ONLY = ("jax-xla-convs", "jax-one-chunk")
 TF_MODES = {"tf-recipe": "recipe", "tf-none": "none", "tf-single": "single"}
 # The ratios the issue asks for: jaxrepro over each TF baseline.
 RATIOS = {"jaxrepro/TF-deterministic": "tf-recipe", "jaxrepro/TF-default": "tf-none"}
@@ -99,12 +105,14 @@ def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
 
 
 def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
-                repeats: int, flax_pool: bool = False, xla_convs: bool = False) -> dict:
+                repeats: int, flax_pool: bool = False, xla_convs: bool = False,
+                one_chunk: bool = False) -> dict:
     """Measure jaxrepro in this process (a fresh one, started by `run_system`).
 
     `flax_pool`: Flax's own max-pool gradient instead of `jaxrepro.models.pooling`'s;
     `xla_convs`: the mini Xception's XLA convolutions instead of
-    `jaxrepro.models.convolutions`' (each the speed-up it brings, measured).
+    `jaxrepro.models.convolutions`'; `one_chunk`: the depthwise backward pass over
+    the whole batch at once (each the speed-up it brings, measured).
     """
     import jax  # noqa: PLC0415  (the parent process never starts JAX)
     import numpy as np  # noqa: PLC0415
@@ -114,9 +122,11 @@ def measure_jax(model_name: str, image_size: int, batch_size: int, steps: int,
     from jaxrepro.data.order import epoch_order  # noqa: PLC0415
     from jaxrepro.explain import gradcam, lrp  # noqa: PLC0415
 
-    from jaxrepro.models import pooling  # noqa: PLC0415
+    from jaxrepro.models import convolutions, pooling  # noqa: PLC0415
 
     convnet = model_name == "convnet"
+    if one_chunk:
+        convolutions.CHUNK_BYTES = sys.maxsize  # every batch fits: one chunk
     config = configlib.resolve(experiment_file(model_name),
                                data_overrides(image_size, batch_size, steps)
                                + (["fast_convs=False"] if xla_convs and not convnet else []))
@@ -194,7 +204,8 @@ def child_command(system: str, model: str, args: argparse.Namespace, out: Path) 
                 TF_MODES[system], *common]
     return [sys.executable, "-m", "jaxrepro.bench", "--child", model, *common,
             *(["--flax-pool"] if system == "jax-flax-pool" else []),
-            *(["--xla-convs"] if system == "jax-xla-convs" else [])]
+            *(["--xla-convs"] if system == "jax-xla-convs" else []),
+            *(["--one-chunk"] if system == "jax-one-chunk" else [])]
 
 
 def child_environment(system: str) -> dict[str, str]:
@@ -235,7 +246,7 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
                 if (model, jax_system) in by and (model, tf_system) in by:
                     label = name if jax_system == "jax" else name.replace("jaxrepro", "jax-ynn")
                     out.setdefault(model, {})[label] = by[model, jax_system] / by[model, tf_system]
-        for before in ("jax-flax-pool", "jax-xla-convs", "jax-ynn-convs"):
+        for before in ("jax-flax-pool", "jax-xla-convs", "jax-one-chunk", "jax-ynn-convs"):
             if (model, "jax") in by and (model, before) in by:
                 out.setdefault(model, {})[f"jaxrepro/{before}"] = (
                     by[model, "jax"] / by[model, before])
@@ -321,6 +332,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--flax-pool", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--xla-convs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--one-chunk", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("image_size", "batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
@@ -338,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = measure_jax(args.child, args.image_size, args.batch_size, args.steps,
                              args.repeats, flax_pool=args.flax_pool,
-                             xla_convs=args.xla_convs)
+                             xla_convs=args.xla_convs, one_chunk=args.one_chunk)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         return 0
     out = Path(args.out)
@@ -346,9 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for model in args.models:
         for system in args.systems:
-            if system == "jax-xla-convs" and model == "convnet":
-                print("skipping jax-xla-convs on convnet: its default convolutions are XLA's",
-                      file=sys.stderr, flush=True)
+            if system in MINIXCEPTION_ONLY and model == "convnet":
+                print(f"skipping {system} on convnet: it changes the mini Xception's "
+                      "convolutions only", file=sys.stderr, flush=True)
                 continue
             print(f"measuring {system} on {model} ...", file=sys.stderr, flush=True)
             try:

@@ -48,3 +48,17 @@ def test_bench_rejects_bad_settings(tmp_path):
     assert r.returncode == 2 and "--steps must be at least 1" in r.stderr
     r = run_cli("jaxrepro.bench", "--systems", "tf-fast", check=False, timeout=120)
     assert r.returncode == 2 and "tf-recipe" in r.stderr  # names the valid systems
+
+
+def test_each_before_system_passes_its_own_switch(tmp_path):
+    import argparse
+
+    from jaxrepro import bench
+
+    args = argparse.Namespace(image_size=80, batch_size=8, steps=2, repeats=2)
+    switches = {"--flax-pool", "--xla-convs", "--one-chunk"}
+    for system, switch in [("jax", None), ("jax-flax-pool", "--flax-pool"),
+                           ("jax-xla-convs", "--xla-convs"), ("jax-one-chunk", "--one-chunk")]:
+        cmd = bench.child_command(system, "minixception", args, tmp_path / "out.json")
+        assert switches & set(cmd) == ({switch} if switch else set()), system
+    assert set(bench.MINIXCEPTION_ONLY) <= set(bench.SYSTEMS)
