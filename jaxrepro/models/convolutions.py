@@ -9,15 +9,16 @@
   ConvNet's conv2 at 180 px), so the ConvNet and the stem use XLA's convolutions; with
   YNNPACK's convolutions (XLA:CPU's default) the patch form had been 2.3x faster.
 * `depthwise_conv`: a depthwise convolution (SAME, stride 1) as k*k shifted
-  multiply-adds in a fixed (row-major) tap order, with its gradients written out (`_depthwise_backward`): the
-  input gradient is the same shifted sum over the output gradient with flipped taps,
-  each tap's gradient one reduction; both over the batch in chunks of whole images
-  of at most `CHUNK_BYTES` (one image if it is larger; a `lax.scan`), so that the shifted maps XLA writes out stay in cache
-  (the mini Xception's compiled step at 180 px: about 3.0 against 4.5 s; bench in the
-  README). XLA:CPU runs a depthwise convolution
-  (`feature_group_count` = channels) as a generic grouped-convolution loop: one 3x3
-  depthwise layer of 128 channels at 46x46, batch 32, took 12.9 s forward and
-  backward against 1.6 s shifted (2 loaded cores).
+  multiply-adds in a fixed (row-major) tap order, with its gradients written out
+  (`_depthwise_backward`): the input gradient is the same shifted sum over the
+  output gradient with flipped taps, each tap's gradient one reduction; both over the
+  batch in chunks of whole images of at most `CHUNK_BYTES` (one image if it is
+  larger; a `lax.scan`), so that the shifted maps XLA writes out stay in cache (the
+  mini Xception's compiled step at 180 px: about 3.0 against 4.5 s; bench in the
+  README). XLA:CPU runs a depthwise convolution (`feature_group_count` = channels)
+  as a generic grouped-convolution loop: one 3x3 depthwise layer of 128 channels at
+  46x46, batch 32, took 12.9 s forward and backward against 1.6 s shifted (2 loaded
+  cores).
 * `pointwise_conv`: a strided 1x1 convolution as every s-th pixel's stride-1 one
   (SAME and VALID agree for 1x1 windows), through `patch_grad_conv`.
 
@@ -95,16 +96,19 @@ def _pad_same(x: jax.Array, kh: int, kw: int, *, transposed: bool = False) -> ja
     return jnp.pad(x, ((0, 0), rows, cols, (0, 0)))
 
 
-@jax.custom_vjp
-def _depthwise_same(x: jax.Array, taps: jax.Array) -> jax.Array:
-    """Depthwise SAME stride-1 convolution of NHWC `x` with taps `[kh, kw, C]`."""
+def _depthwise(x: jax.Array, taps: jax.Array) -> jax.Array:
     kh, kw = taps.shape[:2]
     return _shifted_sum(_pad_same(x, kh, kw), taps, x.shape[1], x.shape[2])
 
 
+@jax.custom_vjp
+def _depthwise_same(x: jax.Array, taps: jax.Array) -> jax.Array:
+    """Depthwise SAME stride-1 convolution of NHWC `x` with taps `[kh, kw, C]`."""
+    return _depthwise(x, taps)
+
+
 def _depthwise_forward(x: jax.Array, taps: jax.Array):
-    kh, kw = taps.shape[:2]
-    return _shifted_sum(_pad_same(x, kh, kw), taps, x.shape[1], x.shape[2]), (x, taps)
+    return _depthwise(x, taps), (x, taps)
 
 
 # Bytes of one chunk of the batch in the depthwise backward pass (see `batch_chunk`). A
@@ -126,7 +130,7 @@ def _depthwise_backward(residuals, g: jax.Array):
     # into a padded full-size map and adds the k*k maps (k*k arrays in memory): the
     # input gradient is the same shifted sum over the padded output gradient with the
     # taps flipped, and each tap's gradient one reduction of its shifted map times g.
-    # Both run over the batch in chunks of a few MiB (`lax.scan`, in batch order): XLA
+    # Both run over the batch in chunks of at most `CHUNK_BYTES` (`lax.scan`): XLA
     # writes each shifted map out in full before reducing it, and for the whole batch
     # (127 MiB for the mini Xception's first block at 180 px, batch 32) those k*k
     # writes cost more than the products themselves. The tap gradients are summed
@@ -136,9 +140,12 @@ def _depthwise_backward(residuals, g: jax.Array):
     b = batch_chunk(n, h * w * c * g.dtype.itemsize)
 
     def chunk(dtaps, xg):
-        return dtaps + _tap_gradients(*xg, taps.shape[:2]), _depthwise_input_gradient(xg[1], taps)
+        xc, gc = xg
+        return dtaps + _tap_gradients(xc, gc, taps.shape[:2]), _depthwise_input_gradient(gc, taps)
 
-    split = lambda a: a.reshape(n // b, b, *a.shape[1:])
+    def split(a):
+        return a.reshape(n // b, b, *a.shape[1:])
+
     dtaps, dx = lax.scan(chunk, jnp.zeros(taps.shape, g.dtype), (split(x), split(g)))
     return dx.reshape(g.shape), dtaps
 
