@@ -66,6 +66,9 @@ SYSTEMS = {
     "tf-none": "Keras/TF default",
     "tf-single": "Keras/TF, recipe, single thread",
 }
+# The child's switch for each "before" system that runs jaxrepro's own code another way.
+CHILD_SWITCHES = {"jax-flax-pool": "--flax-pool", "jax-xla-convs": "--xla-convs",
+                  "jax-one-chunk": "--one-chunk"}
 # Systems that change the mini Xception's convolutions only.
 MINIXCEPTION_ONLY = ("jax-xla-convs", "jax-one-chunk")
 TF_MODES = {"tf-recipe": "recipe", "tf-none": "none", "tf-single": "single"}
@@ -202,10 +205,9 @@ def child_command(system: str, model: str, args: argparse.Namespace, out: Path) 
     if system in TF_MODES:
         return [sys.executable, "-m", "jaxrepro.tfref.bench", model, "--mode",
                 TF_MODES[system], *common]
+    switch = CHILD_SWITCHES.get(system)
     return [sys.executable, "-m", "jaxrepro.bench", "--child", model, *common,
-            *(["--flax-pool"] if system == "jax-flax-pool" else []),
-            *(["--xla-convs"] if system == "jax-xla-convs" else []),
-            *(["--one-chunk"] if system == "jax-one-chunk" else [])]
+            *([switch] if switch else [])]
 
 
 def child_environment(system: str) -> dict[str, str]:
