@@ -1,7 +1,7 @@
 """Throughput of 1 vs N devices, plain and device-count invariant, side by side.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        uv run --frozen python benchmarks/parallel_bench.py [--model convnet] [--size 96]
+        uv run --frozen python benchmarks/parallel_bench.py [CONFIG_FILE] [--size 96]
 
 Runs every variant in this one process (so all share one thread pool) on random
 uint8 batches: the single-device program, the plain sharded step on 2/4/8 devices
@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import jaxrepro  # noqa: F401  (determinism settings before jax starts)
 import jax
 import numpy as np
 
 from jaxrepro import config as configlib
-from jaxrepro import parallel, rng
-from jaxrepro import train as trainlib
+from jaxrepro import train
+from jaxrepro.train import parallel
 
 
 def time_variant(model, tx, config, num_devices: int, microbatches: int, batches, keys,
@@ -31,9 +30,9 @@ def time_variant(model, tx, config, num_devices: int, microbatches: int, batches
     mesh = None
     if num_devices > 1 or microbatches:
         mesh = parallel.make_mesh(num_devices)
-    step_fn = trainlib.make_train_step(model, tx, config.augment, mesh, microbatches,
-                                       config.batch_size)
-    state = trainlib.init_state(model, tx, keys["init"], config.data.image_size)
+    step_fn = parallel.make_step(model, tx, config.augment, mesh, microbatches,
+                                 config.batch_size)
+    state = train.init_state(model, tx, keys["init"], config.data.image_size)
     k = keys
     if mesh is not None:
         state, k = parallel.put(state, parallel.replicated(mesh)), parallel.put(
@@ -58,23 +57,24 @@ def time_variant(model, tx, config, num_devices: int, microbatches: int, batches
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="convnet", choices=["convnet", "minixception"])
-    parser.add_argument("--size", type=int, default=96, help="image size (convnet: >= 80)")
+    parser.add_argument("config_file", nargs="?", default="experiments/convnet.py",
+                        help="experiment config (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=96, help="image size (convnet: >= 78)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     args = parser.parse_args()
-    config = configlib.resolve(f"experiments/{args.model}.py", [
+    config = configlib.resolve(args.config_file, [
         f"data.image_size={args.size}", f"batch_size={args.batch}"])
-    model, tx = trainlib.build_model(config), trainlib.build_optimizer(config)
-    keys = rng.stream_keys(config.seed)
+    model, tx = train.build_model(config), train.build_optimizer(config)
+    keys = train.stream_keys(config)
     r = np.random.RandomState(0)
     batches = [(r.randint(0, 256, (args.batch, args.size, args.size, 3)).astype(np.uint8),
                 r.randint(0, 2, args.batch).astype(np.int32)) for _ in range(2)]
-    params = trainlib.init_state(model, tx, keys["init"], args.size).params
+    params = train.init_state(model, tx, keys["init"], args.size).params
     pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     m = args.microbatches
-    print(f"{args.model} {args.size}px batch {args.batch}, {jax.device_count()} CPU devices "
+    print(f"{config.model} {args.size}px batch {args.batch}, {jax.device_count()} CPU devices "
           "on this host; "
           f"params {pbytes / 2**20:.2f} MiB")
     print(f"{'variant':<22}{'devices':>8}{'compile+1st s':>15}{'s/step':>9}{'img/s':>8}"

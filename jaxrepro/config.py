@@ -1,6 +1,8 @@
 """Config as code: load `get_config()` from a Python file, apply typed overrides.
 
 Config files are Python and are *executed* when loaded: only load files you trust.
+`experiments/convnet.py` calls `get_config()`; `experiments/convnet.py:tiny` calls
+`get_config("tiny")`, a variant the file defines (as big_vision's `config.py:arg`).
 Overrides look like `--config.optimizer.learning_rate=0.01`; a key that does not
 exist or a value of the wrong type is an error that names the valid keys.
 """
@@ -16,14 +18,25 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from jaxrepro.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used, with a message saying why."""
 
 
-def load_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Execute a config file and return its `get_config()` (unlocked copy)."""
-    path = Path(path)
+def split_spec(spec: str | Path) -> tuple[Path, str | None]:
+    """(file, variant) of `path.py` or `path.py:variant`."""
+    text = str(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and head.endswith(".py") and tail and "/" not in tail:
+        return Path(head), tail
+    return Path(text), None
+
+
+def load_file(spec: str | Path) -> ml_collections.ConfigDict:
+    """Execute a config file and return its `get_config()` or `get_config(variant)`."""
+    path, variant = split_spec(spec)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"jaxrepro_config_{path.stem}", path)
@@ -34,7 +47,10 @@ def load_file(path: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path} failed to execute: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config() function")
-    config = module.get_config()
+    try:
+        config = module.get_config() if variant is None else module.get_config(variant)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: get_config({variant!r}) failed: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, "
                           "expected ml_collections.ConfigDict")
@@ -98,9 +114,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
     return config
 
 
-def resolve(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.FrozenConfigDict:
-    """Load, override and freeze a config."""
-    return ml_collections.FrozenConfigDict(apply_overrides(load_file(path), overrides))
+def resolve(spec: str | Path, overrides: Iterable[str] = ()) -> ml_collections.FrozenConfigDict:
+    """Load (`path.py` or `path.py:variant`), override and freeze a config."""
+    return ml_collections.FrozenConfigDict(apply_overrides(load_file(spec), overrides))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: one TFDS data dir per session, and a way to run the CLI."""
+"""Shared test fixtures: one TFDS data dir per session, tiny runs in-process and as CLIs."""
 
 from __future__ import annotations
 
@@ -14,22 +14,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from jaxrepro import config as configlib
+from jaxrepro import train
 
-# Small versions of the paper's runs: same code path, seconds instead of hours. The
-# checkpoints' diff probes are off (one compilation less per run); tests/test_diff.py,
-# which reads them, turns them on.
-TINY = {
-    "minixception": ["--config.data.image_size=32", "--config.data.num_train=64",
-                     "--config.data.num_val=32", "--config.batch_size=16",
-                     "--config.eval_batch_size=32", "--config.num_epochs=2",
-                     "--config.checkpoint_every_steps=3", "--config.diff_probe_examples=0"],
-    # The ConvNet's five VALID convolutions and four pools need at least 80 px.
-    "convnet": ["--config.data.image_size=80", "--config.data.num_train=64",
-                "--config.data.num_val=32", "--config.batch_size=16",
-                "--config.eval_batch_size=32", "--config.num_epochs=2",
-                "--config.checkpoint_every_steps=3", "--config.diff_probe_examples=0"],
-}
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("convnet", "minixception")
+
+
+def tiny_spec(model: str) -> str:
+    """The tiny variant of an experiment (`get_config("tiny")`: the same code path,
+    seconds instead of hours, no diff probes), as the CLI names it."""
+    return f"{ROOT}/experiments/{model}.py:tiny"
+
+
+def tiny_config(model: str, *overrides: str):
+    """The resolved tiny config of `model` with `KEY=VALUE` overrides."""
+    return configlib.resolve(tiny_spec(model), overrides)
+
+
+def train_tiny(model: str, workdir: Path, *overrides: str, **kwargs) -> dict:
+    """Train the tiny config of `model` into `workdir` in this process; final.json's record."""
+    return train.train_and_evaluate(tiny_config(model, *overrides), workdir, progress=False,
+                                    config_file=str(ROOT / f"experiments/{model}.py"), **kwargs)
 
 
 def _leaf_bytes(leaf) -> bytes | object:
@@ -95,9 +101,9 @@ def run_cli(module: str, *args: str, timeout: int = 600, check: bool = True,
 
 
 def train_cli(model: str, workdir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
-    """Train the tiny version of an experiment into `workdir`."""
-    return run_cli("jaxrepro.train", f"experiments/{model}.py", *TINY[model],
-                   "--workdir", str(workdir), "--no-progress", *extra, **kw)
+    """Train the tiny version of an experiment into `workdir` in a process of its own."""
+    return run_cli("jaxrepro.train", tiny_spec(model), "--workdir", str(workdir),
+                   "--no-progress", *extra, **kw)
 
 
 def records(workdir: Path) -> dict:

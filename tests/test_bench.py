@@ -1,21 +1,27 @@
 """The benchmark CLI runs every kind of system end to end and writes a readable table.
 
 Speed itself is never asserted here (2 shared CI cores); the figures belong to
-`python -m jaxrepro.bench` runs reported in the README.
+`python -m jaxrepro.analysis.bench` runs, written to docs/results/. The parent runs
+in this process; every measurement is a process of its own, as the tool starts it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from conftest import run_cli
+from conftest import ROOT
+from jaxrepro.analysis import bench
+
+CONVNET = str(ROOT / "experiments" / "convnet.py")
+MINIXCEPTION = str(ROOT / "experiments" / "minixception.py")
 
 
-def test_bench_measures_jax_and_keras_side_by_side(tmp_path):
+def test_bench_measures_jax_and_keras_side_by_side(tmp_path, capsys):
     out = tmp_path / "bench"
-    run_cli("jaxrepro.bench", "--models", "convnet", "--systems", "jax", "jax-flax-pool",
-            "tf-recipe", "--image-size", "80", "--batch-size", "8", "--steps", "2",
-            "--repeats", "2", "--out", str(out), timeout=900)
+    assert bench.main([CONVNET, "--systems", "jax", "jax-flax-pool", "tf-recipe",
+                       "--image-size", "80", "--batch-size", "8", "--steps", "2",
+                       "--repeats", "2", "--out", str(out)]) == 0
     result = json.loads((out / "bench.json").read_text())
     rows = {r["system"]: r for r in result["rows"]}
     assert set(rows) == {"jax", "jax-flax-pool", "tf-recipe"}
@@ -37,28 +43,42 @@ def test_bench_measures_jax_and_keras_side_by_side(tmp_path):
     table = (out / "bench.md").read_text()
     assert "jaxrepro/TF-deterministic" in table and "| convnet | tf-recipe |" in table
     assert (out / "bench.png").stat().st_size > 0
+    assert table.strip() in capsys.readouterr().out
 
 
-def test_bench_rejects_bad_settings(tmp_path):
-    r = run_cli("jaxrepro.bench", "--models", "convnet", "--image-size", "40",
-                "--out", str(tmp_path), check=False, timeout=120)
-    assert r.returncode == 2 and "at least 80" in r.stderr
-    r = run_cli("jaxrepro.bench", "--steps", "0", "--out", str(tmp_path), check=False,
-                timeout=120)
-    assert r.returncode == 2 and "--steps must be at least 1" in r.stderr
-    r = run_cli("jaxrepro.bench", "--systems", "tf-fast", check=False, timeout=120)
-    assert r.returncode == 2 and "tf-recipe" in r.stderr  # names the valid systems
+def test_bench_rejects_bad_settings(tmp_path, capsys):
+    assert bench.main([CONVNET, "--image-size", "40", "--out", str(tmp_path)]) == 2
+    assert "at least 78" in capsys.readouterr().err
+    try:
+        bench.main(["--steps", "0", "--out", str(tmp_path)])
+    except SystemExit as e:  # argparse's own errors exit 2
+        assert e.code == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
+    try:
+        bench.main(["--systems", "tf-fast"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "tf-recipe" in capsys.readouterr().err  # names the valid systems
 
 
 def test_each_before_system_passes_its_own_switch(tmp_path):
-    import argparse
-
-    from jaxrepro import bench
-
     args = argparse.Namespace(image_size=80, batch_size=8, steps=2, repeats=2)
     switches = {"--flax-pool", "--xla-convs", "--one-chunk"}
     for system, switch in [("jax", None), ("jax-flax-pool", "--flax-pool"),
                            ("jax-xla-convs", "--xla-convs"), ("jax-one-chunk", "--one-chunk")]:
-        cmd = bench.child_command(system, "minixception", args, tmp_path / "out.json")
+        module, cmd = bench.child_command(system, MINIXCEPTION, "minixception", args,
+                                          tmp_path / "out.json")
+        assert module == "jaxrepro.analysis.bench_jax"
         assert switches & set(cmd) == ({switch} if switch else set()), system
-    assert set(bench.MINIXCEPTION_ONLY) <= set(bench.SYSTEMS)
+    module, cmd = bench.child_command("tf-single", MINIXCEPTION, "minixception", args,
+                                      tmp_path / "out.json")
+    assert module == "jaxrepro.tfref.bench" and cmd[cmd.index("--mode") + 1] == "single"
+    assert cmd[cmd.index("--gradcam-layer") + 1] == "block5_add"  # from the model's spec
+
+
+def test_fast_convs_systems_run_only_for_a_model_that_has_them():
+    args = argparse.Namespace(configs=[CONVNET, MINIXCEPTION], image_size=80,
+                              systems=["jax", "jax-xla-convs", "jax-one-chunk"])
+    plan = {model: systems for _, model, systems in bench.plan(args)}
+    assert plan == {"convnet": ["jax"],
+                    "minixception": ["jax", "jax-xla-convs", "jax-one-chunk"]}

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxrepro import checkpoint as ckpt
-from jaxrepro.optim import keras_rmsprop
+from jaxrepro.train import checkpoint as ckpt
+from jaxrepro.train.optim import keras_rmsprop
 
 from conftest import assert_bitwise_equal
 

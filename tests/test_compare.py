@@ -1,23 +1,28 @@
-"""`python -m jaxrepro.compare`: JAX vs Keras from the same init on the same batches.
+"""`python -m jaxrepro.analysis.compare`: JAX vs Keras from the same init on the same batches.
 
 One tiny end-to-end run (mini Xception at 64 px, so Grad-CAM's A is 2x2 and not a
-single pixel; 2 steps) with the exchanged files kept, checked from this process.
+single pixel; 2 steps) with the exchanged files kept: the JAX half in this process,
+the Keras half in the TF process the tool starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
-import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 import jax
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from jaxrepro import compare, config as configlib, rng
+from conftest import ROOT
+from jaxrepro import config as configlib
+from jaxrepro import models, rng
+from jaxrepro.analysis import compare
 from jaxrepro.tfref import weights
 from jaxrepro.train import build_optimizer, init_state
 
+CONFIG = str(ROOT / "experiments" / "minixception.py")
 TINY = ["--config.data.image_size=64", "--config.data.num_train=48",
         "--config.data.num_val=16", "--config.batch_size=16"]
 STEPS = 2
@@ -26,10 +31,12 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compare")
-    r = run_cli("jaxrepro.compare", "experiments/minixception.py", "--against", "tensorflow",
-                "--steps", str(STEPS), "--out", str(out), "--probe", "4", "--keep-exchange",
-                *TINY, timeout=300)
-    return {"out": out, "stdout": r.stdout,
+    buffer = io.StringIO()  # the CLI's stdout (capsys is per test, this fixture per module)
+    with contextlib.redirect_stdout(buffer):
+        code = compare.main([CONFIG, "--against", "tensorflow", "--steps", str(STEPS),
+                             "--out", str(out), "--probe", "4", "--keep-exchange", *TINY])
+    assert code == 0
+    return {"out": out, "stdout": buffer.getvalue(),
             "report": json.loads((out / "compare.json").read_text()),
             "ex": out / "exchange"}
 
@@ -53,10 +60,9 @@ def test_cli_writes_every_section_and_the_plot(run):
 
 
 def test_initial_weights_are_the_config_init_and_bitwise_equal_in_keras(run):
-    config = configlib.resolve("experiments/minixception.py",
-                               [t[len("--config."):] for t in TINY])
+    config = configlib.resolve(CONFIG, [t[len("--config."):] for t in TINY])
     keys = rng.stream_keys(config.seed, {k: v for k, v in config.rng.items() if v >= 0})
-    model = compare.models.get_model(config.model, dropout_rate=0.0)
+    model = models.get_model(config.model, dropout_rate=0.0)
     state = init_state(model, build_optimizer(config), keys["init"], config.data.image_size)
     ours = weights.flatten(jax.device_get({"params": state.params,
                                            "batch_stats": state.batch_stats}))
@@ -70,7 +76,7 @@ def test_initial_weights_are_the_config_init_and_bitwise_equal_in_keras(run):
 
 
 def _independent_ulp(a: np.ndarray, b: np.ndarray) -> int:
-    """Max ULP distance via sign and magnitude bits (another route than diff.ulp_distance)."""
+    """Max ULP distance via sign and magnitude bits (another route than numerics.ulp_distance)."""
     ia = np.frombuffer(np.asarray(a, "<f4").tobytes(), "<u4").astype(np.int64)
     ib = np.frombuffer(np.asarray(b, "<f4").tobytes(), "<u4").astype(np.int64)
     ma, mb = ia & 0x7FFFFFFF, ib & 0x7FFFFFFF
@@ -91,7 +97,7 @@ def test_forward_logits_agree_and_the_reported_ulp_is_right(run):
         assert rows[layer]["rel_to_max"] == pytest.approx(d.max() / np.abs(ours[layer]).max())
     # The JAX logits in the report are those of the sent weights, recomputed here.
     inputs = np.load(run["ex"] / "inputs.npz", allow_pickle=False)
-    model = compare.models.get_model("minixception", dropout_rate=0.0)
+    model = models.get_model("minixception", dropout_rate=0.0)
     z = np.asarray(model.apply(weights.unflatten(weights.load(run["ex"] / "init.npz")),
                                inputs["probe_images"], train=False))
     assert np.max(np.abs(z - z_j)) <= 1e-5 * np.max(np.abs(z_j))
@@ -121,23 +127,10 @@ def test_gradcam_agrees_at_the_start(run):
     assert g["spearman_mean"] is not None and g["spearman_mean"] > 0.99
 
 
-def test_ranks_spearman_and_top_overlap():
-    np.testing.assert_array_equal(compare.ranks(np.array([3.0, 1.0, 3.0, 2.0])),
-                                  [3.5, 1.0, 3.5, 2.0])
-    x = np.random.default_rng(0).standard_normal(50)
-    assert compare.spearman(x, np.exp(x)) == pytest.approx(1.0)
-    assert compare.spearman(x, -x) == pytest.approx(-1.0)
-    assert compare.spearman(x, np.zeros(50)) is None
-    a = np.arange(100.0)
-    assert compare.top_overlap(a, a) == 1.0
-    assert compare.top_overlap(a, -a) == 0.0
-    assert compare.top_overlap(a, np.r_[a[:95], a[95:] - 1000]) == 0.5
-
-
 @pytest.mark.parametrize("args,message", [
     (["--against", "pytorch"], "only"),
     (["--against", "tensorflow", "--config.no_such_key=1"], "unknown config key"),
 ])
-def test_user_errors_exit_2(args, message):
-    r = run_cli("jaxrepro.compare", "experiments/convnet.py", *args, check=False, timeout=120)
-    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+def test_user_errors_exit_2(args, message, capsys):
+    assert compare.main([str(ROOT / "experiments" / "convnet.py"), *args]) == 2
+    assert message in capsys.readouterr().err

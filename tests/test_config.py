@@ -1,12 +1,11 @@
 """Config loading and overrides: wrong keys and types fail clearly."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from jaxrepro import config as configlib
+from jaxrepro.train import cli as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,9 +72,20 @@ def test_hash_changes_with_any_value():
     (["experiments/convnet.py", "--config.nope=1"], "unknown config key 'nope'"),
     (["experiments/convnet.py", "--config.batch_size=big"], "expected a value of type int"),
     (["experiments/missing.py"], "config file not found"),
+    (["experiments/convnet.py:huge"], "unknown config variant 'huge'; valid: tiny"),
+    (["experiments/convnet.py", "--config.optimizer.name=adam"], "unknown optimizer 'adam'"),
 ])
-def test_cli_errors_exit_nonzero(args, message):
-    r = subprocess.run([sys.executable, "-m", "jaxrepro.train", *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert message in r.stderr
+def test_cli_errors_exit_2(args, message, capsys, tmp_path):
+    assert train_cli.main([*args, "--workdir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, size", [("convnet", 80), ("minixception", 32)])
+def test_tiny_variant_is_the_defaults_with_small_settings(name, size):
+    tiny = configlib.resolve(f"{ROOT / 'experiments' / name}.py:tiny")
+    full = configlib.resolve(ROOT / "experiments" / f"{name}.py")
+    changed = {k.split(":")[0] for k in configlib.diff_keys(full.to_dict(), tiny.to_dict())}
+    assert {"data.image_size", "data.num_train", "batch_size"} <= changed <= {
+        "batch_size", "checkpoint_every_steps", "data.image_size", "data.num_train",
+        "data.num_val", "diff_probe_examples", "eval_batch_size", "num_epochs"}
+    assert tiny.data.image_size == size and tiny.num_epochs == 2

@@ -9,7 +9,8 @@ import pytest
 from jax import lax
 
 from conftest import assert_bitwise_equal, loss_and_grads
-from jaxrepro.models import convnet, convolutions, minixception
+from jaxrepro.models import convnet, minixception
+from jaxrepro.models.ops import convolutions
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

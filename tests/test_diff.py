@@ -1,4 +1,8 @@
-"""`python -m jaxrepro.diff`: verdicts, exit codes, first divergent step, ULPs."""
+"""`python -m jaxrepro.analysis.diff`: verdicts, exit codes, first divergent step, ULPs.
+
+Runs train and diffs run in this process (the CLIs' `main`); only the variant runs,
+which need another XLA flag, get processes of their own (started by the variants tool).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,29 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import TINY as TINY_RUNS
-from conftest import run_cli
-from conftest import train_cli as tiny_train_cli
+from conftest import tiny_spec, train_tiny
 from jaxrepro import determinism
-from jaxrepro.diff import compare_leaf, compare_probes, first_divergent_step, ulp_distance
-from jaxrepro.variants import VARIANTS, variant_env
+from jaxrepro.analysis import diff as difflib
+from jaxrepro.analysis import variants
+from jaxrepro.analysis.diff import compare_leaf, compare_probes, first_divergent_step
+from jaxrepro.analysis.variants import VARIANTS, variant_env
+from jaxrepro.numerics import ulp_distance
+from jaxrepro.train import cli as train_cli
 
-# The diff reads the checkpoints' probes, which conftest's tiny runs leave out.
-PROBED = ("--config.diff_probe_examples=1",)
-TINY = {model: [*argv, *PROBED] for model, argv in TINY_RUNS.items()}
+# The diff reads the checkpoints' probes, which the tiny config leaves out.
+PROBED = ("diff_probe_examples=1",)
 
 
-def train_cli(model: str, workdir, *extra: str, **kw):
-    """conftest's tiny run, with the diff probes."""
-    return tiny_train_cli(model, workdir, *PROBED, *extra, **kw)
+def train(workdir, *overrides: str, **kwargs) -> None:
+    """The tiny ConvNet for one epoch (4 steps; checkpoints 0, 3, 4), with diff probes."""
+    train_tiny("convnet", workdir, *PROBED, "num_epochs=1", *overrides, **kwargs)
+
+
+def train_main(workdir, *extra: str) -> int:
+    """The training CLI on the same config, in this process; its exit status."""
+    return train_cli.main([tiny_spec("convnet"), "--config.diff_probe_examples=1",
+                           "--config.num_epochs=1", "--workdir", str(workdir),
+                           "--no-progress", *extra])
 
 
 # ------------------------------------------------------------ hand-picked ULPs
@@ -114,10 +126,10 @@ def test_variant_environment_appends_xla_flags():
     assert env["A"] == "1" and variant_env(VARIANTS["no-jit"], {})["JAX_DISABLE_JIT"] == "1"
 
 
-def test_unknown_variant_is_an_error():
-    r = run_cli("jaxrepro.variants", "experiments/convnet.py", "--variants", "default,gpu9",
-                check=False)
-    assert r.returncode == 2 and "gpu9" in r.stderr and "one-core" in r.stderr
+def test_unknown_variant_is_an_error(capsys):
+    assert variants.main(["experiments/convnet.py", "--variants", "default,gpu9"]) == 2
+    err = capsys.readouterr().err
+    assert "gpu9" in err and "one-core" in err
 
 
 # ---------------------------------------------------------------- end to end
@@ -126,22 +138,36 @@ def test_unknown_variant_is_an_error():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("diffruns")
-    train_cli("convnet", base / "a", "--config.num_epochs=1")
-    train_cli("convnet", base / "b", "--config.num_epochs=1")
-    train_cli("convnet", base / "seed", "--config.num_epochs=1", "--config.seed=7")
-    train_cli("convnet", base / "size", "--config.num_epochs=1", "--config.data.image_size=96")
+    train(base / "a")
+    train(base / "b")
+    train(base / "seed", "seed=7")
+    train(base / "size", "data.image_size=96")
     return base
 
 
-def _diff(*args):
-    return run_cli("jaxrepro.diff", *map(str, args), check=False)
+class Result:
+    """A CLI call in this process: exit status, stdout, stderr."""
+
+    def __init__(self, returncode: int, out: str, err: str):
+        self.returncode, self.stdout, self.stderr = returncode, out, err
 
 
-def test_identical_runs_exit_0(runs):
-    r = _diff(runs / "a", runs / "b")
+@pytest.fixture
+def diff(capsys):
+    def run(*args) -> Result:
+        capsys.readouterr()
+        code = difflib.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def test_identical_runs_exit_0(runs, diff):
+    r = diff(runs / "a", runs / "b")
     assert r.returncode == 0, r.stderr
     assert "verdict: identical" in r.stdout
-    report = json.loads(_diff(runs / "a", runs / "b", "--json").stdout)
+    report = json.loads(diff(runs / "a", runs / "b", "--json").stdout)
     assert report["common_checkpoints"][0] == 0  # the initial state is kept
     assert report["layers"]["step"] is None  # every probe identical
     assert all(p["first_forward"] is None for p in report["layers"]["probed_steps"])
@@ -150,8 +176,8 @@ def test_identical_runs_exit_0(runs):
     assert pred["num_images"] == 32 and pred["accuracy_a"] == pred["accuracy_b"]
 
 
-def test_other_seed_differs_from_step_0(runs):
-    r = _diff(runs / "a", runs / "seed", "--json")
+def test_other_seed_differs_from_step_0(runs, diff):
+    r = diff(runs / "a", runs / "seed", "--json")
     assert r.returncode == 1, r.stderr
     report = json.loads(r.stdout)
     assert report["verdict"] == "different"
@@ -164,13 +190,12 @@ def test_other_seed_differs_from_step_0(runs):
     assert report["predictions"]["logits"]["equal"] is False
 
 
-def test_fork_parts_from_the_other_run_at_the_fork(runs, tmp_path):
+def test_fork_parts_from_the_other_run_at_the_fork(runs, tmp_path, diff):
     # 1 epoch of 4 steps, checkpoints at 0, 3, 4. Fork at 3 with another learning rate:
     # the states agree up to step 3, the update of step 4 (the fork's first) differs.
-    train_cli("convnet", tmp_path / "fork", "--config.num_epochs=1",
-              "--config.optimizer.learning_rate=0.002",
-              "--fork-from", str(runs / "a" / "checkpoints" / "3"))
-    report = json.loads(_diff(runs / "a", tmp_path / "fork", "--json").stdout)
+    train(tmp_path / "fork", "optimizer.learning_rate=0.002",
+          fork_from=runs / "a" / "checkpoints" / "3")
+    report = json.loads(diff(runs / "a", tmp_path / "fork", "--json").stdout)
     assert report["verdict"] == "different"
     assert report["fork"]["step"] == 3 and report["fork"]["child"] == "B"
     assert report["fork"]["config_changes"] == ["optimizer.learning_rate: 0.001 -> 0.002"]
@@ -179,59 +204,60 @@ def test_fork_parts_from_the_other_run_at_the_fork(runs, tmp_path):
     assert growth[3] == 0 and growth[4] > 0
 
 
-def test_fork_from_a_missing_checkpoint_is_refused_before_writing(runs, tmp_path):
-    r = train_cli("convnet", tmp_path / "fork", "--fork-from",
-                  str(runs / "a" / "checkpoints" / "2"), check=False)
-    assert r.returncode == 2 and "no checkpoint at step 2" in r.stderr and "[0, 3, 4]" in r.stderr
+def test_fork_from_a_missing_checkpoint_is_refused_before_writing(runs, tmp_path, capsys):
+    assert train_main(tmp_path / "fork", "--fork-from",
+                      str(runs / "a" / "checkpoints" / "2")) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at step 2" in err and "[0, 3, 4]" in err
     assert not (tmp_path / "fork").exists()
 
 
-def test_fork_from_another_model_is_refused_and_leaves_nothing(runs, tmp_path):
-    r = train_cli("convnet", tmp_path / "fork", "--fork-from", str(runs / "size"), check=False)
-    assert r.returncode == 2 and "--fork-from" in r.stderr and "could not be read" in r.stderr
+def test_fork_from_another_model_is_refused_and_leaves_nothing(runs, tmp_path, capsys):
+    assert train_main(tmp_path / "fork", "--fork-from", str(runs / "size")) == 2
+    err = capsys.readouterr().err
+    assert "--fork-from" in err and "could not be read" in err
     assert not (tmp_path / "fork").exists()
 
 
-def test_code_path_variant_differs_and_names_the_first_layer(tmp_path):
-    # AVX2 code contracts a*b+c into FMAs: the same initial state, other logits. (The
-    # YNN fusions served here until the ConvNet's kernel gradients became matrix
-    # products; since then they change the ConvNet's bits only in the update.)
-    r = run_cli("jaxrepro.variants", "experiments/convnet.py", "--variants", "default,avx2",
-                "--out", str(tmp_path), "--no-progress", *TINY["convnet"],
-                "--config.num_epochs=1")
+def test_code_path_variant_differs_and_names_the_first_layer(tmp_path, capsys, diff):
+    # AVX2 code contracts a*b+c into FMAs: the same initial state, other logits.
+    assert variants.main([tiny_spec("convnet"), "--variants", "default,avx2", "--out",
+                          str(tmp_path), "--no-progress", "--config.diff_probe_examples=1",
+                          "--config.num_epochs=1"]) == 0
+    out = capsys.readouterr().out
     row = json.loads((tmp_path / "variants.json").read_text())["rows"][0]
-    assert row["variant"] == "avx2" and row["verdict"] == "different", r.stdout
+    assert row["variant"] == "avx2" and row["verdict"] == "different", out
     assert row["probe_step"] == 0 and row["state_equal_at_probe"] is True
     first = row["first_forward_layer"] or row["first_gradient_layer"]
-    assert first is not None and first in r.stdout
-    d = _diff(tmp_path / "default", tmp_path / "avx2")
+    assert first is not None and first in out
+    d = diff(tmp_path / "default", tmp_path / "avx2")
     assert d.returncode == 1 and "computed differently by the two environments" in d.stdout
     assert "--xla_cpu_max_isa=AVX2" in d.stdout  # the cause, by name
 
 
-def test_different_models_are_not_comparable(runs):
-    r = _diff(runs / "a", runs / "size")
+def test_different_models_are_not_comparable(runs, diff):
+    r = diff(runs / "a", runs / "size")
     assert r.returncode == 2
     assert "not comparable" in r.stdout and "params.dense.kernel" in r.stdout
 
 
-def test_checkpoint_directory_and_plot(runs, tmp_path):
+def test_checkpoint_directory_and_plot(runs, tmp_path, diff):
     ck = sorted((runs / "a" / "checkpoints").iterdir(), key=lambda p: int(p.name))[-1]
-    r = _diff(ck, runs / "seed", "--plot", tmp_path / "growth.png")
+    r = diff(ck, runs / "seed", "--plot", tmp_path / "growth.png")
     assert r.returncode == 1
     assert (tmp_path / "growth.png").stat().st_size > 1000
 
 
-def test_corrupted_checkpoint_is_an_error(runs, tmp_path):
+def test_corrupted_checkpoint_is_an_error(runs, tmp_path, diff):
     shutil.copytree(runs / "b", tmp_path / "b")
     latest = max(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir())
     for f in (tmp_path / "b" / "checkpoints" / str(latest) / "state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(f.read_bytes()[:7])
-    r = _diff(runs / "a", tmp_path / "b")
+    r = diff(runs / "a", tmp_path / "b")
     assert r.returncode == 2 and "error:" in r.stderr and "checkpoint" in r.stderr
 
 
-def test_missing_path_is_an_error(tmp_path):
-    r = _diff(tmp_path / "nope", tmp_path / "nope2")
+def test_missing_path_is_an_error(tmp_path, diff):
+    r = diff(tmp_path / "nope", tmp_path / "nope2")
     assert r.returncode == 2 and "does not exist" in r.stderr

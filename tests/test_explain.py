@@ -1,6 +1,5 @@
 """Tests of the explanation methods (jaxrepro.explain), their CLI and the robustness protocol."""
 
-import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 
 import csv
 import functools
@@ -13,13 +12,14 @@ import pytest
 from PIL import Image
 
 import jaxrepro.explain
-from conftest import assert_bitwise_equal, run_cli, train_cli
-from jaxrepro import models, robustness, runs
+from conftest import assert_bitwise_equal, run_cli, train_tiny
+from jaxrepro import models, train
 from jaxrepro.data.images import decode_rgb
-from jaxrepro.explain import METHODS, explain, metrics, prediction
+from jaxrepro.explain import METHODS, explain, metrics, prediction, robustness
 from jaxrepro.explain import gradcam as gc
 from jaxrepro.explain import ig
-from jaxrepro.explain.__main__ import main as explain_main
+from jaxrepro.explain.cli import main as explain_main
+from jaxrepro.models.spec import GradcamLayer
 
 # Narrow models at sizes where the last conv map is 3x3 (at the CLI's 80 px the
 # ConvNet's is 1x1, which would make every Grad-CAM map constant).
@@ -81,7 +81,7 @@ def head_reference(name: str, model, variables, images, sign):
     """A and d(sign*logit)/dA by splitting the model by hand at its last conv."""
     _, state = jax.jit(functools.partial(model.apply, train=False, mutable=["intermediates"]))(
         variables, images)
-    act = models.flat_intermediates(state["intermediates"])[model.LAST_CONV]
+    act = models.flat_intermediates(state["intermediates"])[gc.gradcam_layer(model).activation]
     dense = variables["params"]["dense"]
 
     def head(a):  # the layers after the last conv, written out
@@ -145,10 +145,11 @@ def test_gradcam_all_zero_map_stays_zero_and_max_is_one():
     np.testing.assert_array_equal(out[1], [[0.0, 1.0], [0.5, 0.25]])
 
 
-def test_gradcam_rejects_an_unknown_model_and_a_cut_it_does_not_meet(monkeypatch):
-    with pytest.raises(ValueError, match="known models"):
-        gc.cut_of(models.SeparableConv(4))
-    monkeypatch.setitem(gc.CUTS, "ConvNet", gc.Cut("conv9", "output"))
+def test_gradcam_rejects_an_unknown_model_and_a_layer_it_does_not_meet(monkeypatch):
+    with pytest.raises(ValueError, match="registered models"):
+        gc.gradcam_layer(models.SeparableConv(4))
+    monkeypatch.setattr(gc, "gradcam_layer",
+                        lambda model: GradcamLayer("conv5_out", "conv9", "output"))
     model, variables, images = tiny("convnet")
     with pytest.raises(ValueError, match="met 0 times"):
         # a shape no other test uses, so jit traces again with the patched cut
@@ -294,7 +295,7 @@ def test_lrp_entry_is_the_lrp_module_with_sign_and_composite():
 def trained_run(tmp_path_factory) -> Path:
     """The one tiny training run of this file: a ConvNet at 80 px, one epoch (4 steps)."""
     path = tmp_path_factory.mktemp("explain_run") / "convnet"
-    train_cli("convnet", path, "--config.num_epochs=1")
+    train_tiny("convnet", path, "num_epochs=1")
     return path
 
 
@@ -320,7 +321,7 @@ def test_cli_writes_png_and_npy_prints_prediction_and_resizes(trained_run, image
             "--no-progress"]
     assert explain_main(args) == 0
     printed = capsys.readouterr().out
-    trained = runs.load(trained_run)
+    trained = train.load(trained_run)
     pixels = decode_rgb(image_files["square"].read_bytes(), 80)[None].astype(np.float32)
     expected = prediction.predict(trained.model, trained.variables, pixels)[0]
     assert f"square.png: predicted {expected}" in printed

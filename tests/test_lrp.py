@@ -5,7 +5,6 @@ zennit tests its rules): weights come from the layer's Jacobian, relevance at th
 output is the output itself (seed 1 in the gradient formulation).
 """
 
-import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 
 import functools
 

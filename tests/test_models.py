@@ -1,6 +1,5 @@
 """Tests of the paper's two Flax models (jaxrepro.models)."""
 
-import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 
 import functools
 
@@ -17,8 +16,7 @@ from jaxrepro.models import ConvNet, MiniXception
 
 from conftest import assert_bitwise_equal
 
-# Smallest inputs that keep the tests fast: the ConvNet needs at least 78 px (five VALID
-# convolutions and four poolings); the mini Xception runs on anything from 6 px.
+# Small inputs that keep the tests fast (near each spec's `min_image_size`).
 SMALL = {"convnet": 80, "minixception": 32}
 
 
@@ -75,7 +73,7 @@ def test_minixception_block_shapes_at_180():
     assert acts["stem_out"].shape == (2, 176, 176, 32)
     assert [acts[f"block{i}_out"].shape[1:] for i in range(1, 6)] == [
         (88, 88, 32), (44, 44, 64), (22, 22, 128), (11, 11, 256), (6, 6, 512)]
-    assert acts[MiniXception.LAST_CONV].shape == (2, 6, 6, 512)
+    assert acts[models.SPECS["minixception"].gradcam.activation].shape == (2, 6, 6, 512)
     assert acts["gap_out"].shape == (2, 512)
 
 
@@ -95,13 +93,46 @@ def test_layer_names_are_stable():
     assert sorted(mx["batch_stats"]["block1"]) == ["bn_a", "bn_b"]
 
 
-def test_last_conv_is_a_recorded_activation():
-    for name, cls in models.MODELS.items():
+def test_each_spec_names_recorded_activations_and_real_layers():
+    for name, spec in models.SPECS.items():
         model, variables = _init(name)
         _, state = model.apply(variables, _images(name), train=False, mutable=["intermediates"])
         acts = models.flat_intermediates(state["intermediates"])
-        assert cls.LAST_CONV in acts and acts[cls.LAST_CONV].ndim == 4
-        assert set(cls.INTERMEDIATES) <= set(acts)
+        layer = spec.gradcam.activation
+        assert layer in acts and acts[layer].ndim == 4
+        assert set(spec.module.INTERMEDIATES) <= set(acts)
+        # every sown activation has its Keras layer, and the Grad-CAM layer is one of them
+        assert list(spec.keras_layers(model)) == list(acts)
+        assert spec.keras_gradcam_layer == spec.keras_layers(model)[layer]
+        params = variables["params"]
+        for pair in spec.fold_pairs(model):  # the fold pairs name real layers
+            assert _leaf(params, pair.conv + "/kernel") is not None
+            assert _leaf(params, pair.bn + "/scale") is not None
+
+
+def _leaf(tree: dict, path: str):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+@pytest.mark.parametrize("name", ["convnet", "minixception"])
+def test_smallest_image_size_is_the_smallest_with_no_empty_layer(name):
+    spec = models.SPECS[name]
+    model = spec.module()
+
+    def smallest_map(size: int) -> int:
+        x = jnp.zeros((1, size, size, 3))
+        try:
+            variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        except ZeroDivisionError:  # the ConvNet's dense layer initialised with 0 inputs
+            return 0
+        _, state = jax.eval_shape(lambda v: model.apply(v, x, train=False,
+                                                        mutable=["intermediates"]), variables)
+        return min(a.size for a in models.flat_intermediates(state["intermediates"]).values())
+
+    assert smallest_map(spec.min_image_size) > 0
+    assert smallest_map(spec.min_image_size - 1) == 0  # a VALID layer's map is empty
 
 
 @pytest.mark.parametrize("name", ["convnet", "minixception"])

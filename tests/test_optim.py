@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrepro.optim import keras_rmsprop, make_optimizer
+from jaxrepro.train.optim import keras_rmsprop, make_optimizer
 
 from conftest import assert_bitwise_equal
 

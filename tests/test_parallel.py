@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, final, run_cli
-from jaxrepro import parallel
+from conftest import MODELS, ROOT, final, tiny_spec
+from jaxrepro.train import cli as train_cli
+from jaxrepro.train import parallel
 
-MODELS = ["convnet", "minixception"]
 # Meshes per model for the invariant mode (the mini Xception's runs cost more: its two
 # ends only, 8 being the case a constant trip count broke) and for plain sharding.
 INVARIANT = {"convnet": [1, 2, 4, 8], "minixception": [1, 8]}
@@ -39,15 +39,14 @@ SHORT = ["--config.data.num_train=48", "--config.data.num_val=16",
 
 
 def _argv(model: str, workdir: Path, *extra: str) -> list[str]:
-    return [f"experiments/{model}.py", *TINY[model], *SHORT, "--workdir", str(workdir),
-            "--no-progress", *extra]
+    return [tiny_spec(model), *SHORT, "--workdir", str(workdir), "--no-progress", *extra]
 
 
 def train_many(runs: list[list[str]], env: dict, timeout: int = 900) -> None:
-    """Run `jaxrepro.train` once per argv list, all in one fresh process (one JAX start)."""
-    code = ("import sys; from jaxrepro import train\n"
+    """Run the training CLI once per argv list, all in one fresh process (one JAX start)."""
+    code = ("import sys; from jaxrepro.train import cli\n"
             f"for argv in {runs!r}:\n"
-            "    rc = train.main(argv)\n"
+            "    rc = cli.main(argv)\n"
             "    if rc: sys.exit(rc)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env={**__import__("os").environ, **env})
@@ -142,15 +141,21 @@ def test_two_processes_agree_with_one_process_bitwise(tmp_path):
                 == final(tmp_path / "single")["final_state_sha256"])
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--config.num_devices=3"], "does not divide batch_size"),
-    (["--config.num_devices=4", "--config.microbatches=2"], "does not divide microbatches"),
+@pytest.mark.parametrize("layout, message", [
+    ((16, 3, 0), "does not divide batch_size"),
+    ((16, 4, 2), "does not divide microbatches"),
+    ((16, 2, 3), "microbatches=3 does not divide batch_size"),
+    ((16, 16, 0), "but 8 device(s) are available"),
 ])
-def test_layouts_that_do_not_fit_are_refused(tmp_path, extra, message):
-    r = run_cli("jaxrepro.train", *_argv("convnet", tmp_path / "run", *extra), check=False,
-                env=EIGHT)
-    assert r.returncode == 2 and message in r.stderr
-    assert not (tmp_path / "run").exists()  # refused before anything was written
+def test_layouts_that_do_not_fit_are_refused(layout, message):
+    with pytest.raises(parallel.LayoutError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parallel.check_layout(*layout, available=8)
+
+
+def test_the_cli_refuses_a_layout_before_writing_anything(tmp_path, capsys):
+    assert train_cli.main(_argv("convnet", tmp_path / "run", "--config.num_devices=3")) == 2
+    assert "num_devices=3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_pairwise_sum_is_a_fixed_tree_in_index_order():

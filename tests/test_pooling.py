@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from jaxrepro.models import convnet, minixception
-from jaxrepro.models.pooling import flax_max_pool_2x2 as flax_pool
-from jaxrepro.models.pooling import flax_max_pool_3x3_s2, max_pool_2x2, max_pool_3x3_s2
+from jaxrepro.models.ops.pooling import flax_max_pool_2x2 as flax_pool
+from jaxrepro.models.ops.pooling import flax_max_pool_3x3_s2, max_pool_2x2, max_pool_3x3_s2
 
 from conftest import assert_bitwise_equal, loss_and_grads
 

@@ -12,19 +12,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jaxrepro  # noqa: F401  (sets XLA flags and jax config before jax starts)
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_bitwise_equal, run_cli
+from conftest import ROOT, assert_bitwise_equal, run_cli, tiny_config
 from jaxrepro import config as configlib
 from jaxrepro import models
-from jaxrepro.diff import ulp_distance
-from jaxrepro.tfref import export, runtime, transfer, weights
+from jaxrepro.analysis import export
+from jaxrepro.numerics import ulp_distance
+from jaxrepro.tfref import runtime, transfer, weights
 
-# Smallest sizes the models take (the ConvNet's VALID convolutions need 80 px).
-SIZES = {"convnet": 80, "minixception": 32}
+# Each model at its tiny config's size.
+SIZES = {name: tiny_config(name).data.image_size for name in models.SPECS}
 # Forward agreement: float32 logits of two frameworks (different kernels, different
 # summation orders) agree to a few ULP of the largest logit, not bitwise.
 RTOL = 1e-4
@@ -229,12 +229,16 @@ def test_a_tf_process_has_no_jax_backend_and_no_jaxrepro_flags():
 
 
 TF_SIDE = {"models.py", "runtime.py", "__main__.py", "determinism.py", "matched.py",
-           "train.py", "bench.py"}
+           "train.py", "bench.py", "rerun.py", "cli.py"}
+# What the TF side may import of jaxrepro: the core and the weight exchange.
+TF_SIDE_MAY_IMPORT = {"jaxrepro", "jaxrepro.cli", "jaxrepro.config", "jaxrepro.data",
+                      "jaxrepro.determinism", "jaxrepro.errors", "jaxrepro.timing"}
 
 
 def test_tensorflow_stays_out_of_the_jax_process():
-    code = ("import sys, jaxrepro, jaxrepro.train, jaxrepro.diff, jaxrepro.runs, "
-            "jaxrepro.tfref.export, jaxrepro.tfref.transfer, jaxrepro.tfref.weights\n"
+    code = ("import sys, jaxrepro, jaxrepro.train, jaxrepro.analysis.diff, "
+            "jaxrepro.analysis.compare, jaxrepro.analysis.export, jaxrepro.explain, "
+            "jaxrepro.tfref.transfer, jaxrepro.tfref.weights\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, check=True)
@@ -262,6 +266,24 @@ def test_only_tf_side_modules_import_tensorflow():
 
 KERAS_TINY = ["--config.data.image_size=80", "--config.data.num_train=48",
               "--config.data.num_val=16", "--config.batch_size=16", "--config.num_epochs=1"]
+
+
+def test_tfref_imports_only_the_core_and_the_weight_exchange():
+    offenders = []
+    for path in sorted((ROOT / "jaxrepro" / "tfref").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxrepro"):
+                names = [node.module] if node.module != "jaxrepro" else [
+                    f"jaxrepro.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("jaxrepro")]
+            else:
+                continue
+            for name in names:
+                if not (name in TF_SIDE_MAY_IMPORT or name.startswith("jaxrepro.tfref")
+                        or name.startswith("jaxrepro.data.")):
+                    offenders.append(f"{path.name}: {name}")
+    assert offenders == []
 
 
 def test_keras_training_reads_the_jax_data_set_and_repeats_its_bits(tmp_path):

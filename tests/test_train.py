@@ -1,4 +1,9 @@
-"""End to end: training is bitwise reproducible across processes and across a kill."""
+"""End to end: training is bitwise reproducible across processes and across a kill.
+
+The reference runs train in this process (the library, as flax's train_test.py does);
+a subprocess runs only where the claim is about another process: a rerun in a fresh
+process, and a run killed with SIGKILL.
+"""
 
 from __future__ import annotations
 
@@ -18,22 +23,22 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, assert_bitwise_equal, final, records, run_cli, train_cli
-from jaxrepro import checkpoint as ckpt
-from jaxrepro import config as configlib
-from jaxrepro import models, rng
-from jaxrepro.models import convolutions
-from jaxrepro import train as trainlib
-
-MODELS = ["convnet", "minixception"]
+from conftest import (MODELS, ROOT, assert_bitwise_equal, final, records, tiny_config,
+                      tiny_spec, train_cli, train_tiny)
+from jaxrepro import rng, train
+from jaxrepro.data.order import epoch_order
+from jaxrepro.models.ops import convolutions
+from jaxrepro.train import checkpoint as ckpt
+from jaxrepro.train import cli as train_cli_module
+from jaxrepro.train import steps
 
 
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory):
-    """One tiny uninterrupted run of each model, trained in its own process."""
+    """One tiny uninterrupted run of each model, trained in this process."""
     base = tmp_path_factory.mktemp("ref")
     for model in MODELS:
-        train_cli(model, base / model)
+        train_tiny(model, base / model)
     return base
 
 
@@ -42,11 +47,7 @@ def test_rerun_in_another_process_is_bitwise_identical(reference_runs, tmp_path,
     train_cli(model, tmp_path / "again")
     assert records(tmp_path / "again") == records(reference_runs / model)
     # And the Orbax checkpoints themselves restore to identical trees.
-    config = configlib.resolve(ROOT / "experiments" / f"{model}.py",
-                               [a[len("--config."):] for a in TINY[model]])
-    m, tx = trainlib.build_model(config), trainlib.build_optimizer(config)
-    abstract = jax.eval_shape(lambda: trainlib.init_state(
-        m, tx, rng.stream_key(config.seed, "init"), config.data.image_size))
+    abstract = train.abstract_state(tiny_config(model))
     trees = []
     for run in (reference_runs / model, tmp_path / "again"):
         mngr = ckpt.manager(run / "checkpoints")
@@ -75,8 +76,8 @@ def test_records_are_complete(reference_runs, model):
 
 def _kill_after_checkpoint(model: str, workdir: Path, step: int) -> None:
     """Start a tiny run and SIGKILL it as soon as checkpoint `step` exists."""
-    cmd = [sys.executable, "-m", "jaxrepro.train", f"experiments/{model}.py", *TINY[model],
-           "--workdir", str(workdir), "--no-progress"]
+    cmd = [sys.executable, "-m", "jaxrepro.train", tiny_spec(model), "--workdir", str(workdir),
+           "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
@@ -96,24 +97,30 @@ def test_sigkill_and_resume_equals_uninterrupted(reference_runs, tmp_path, model
     _kill_after_checkpoint(model, run, 3)
     assert final(reference_runs / model)["step"] == 8
     assert not (run / "final.json").exists()
-    train_cli(model, run, "--resume")
+    train_tiny(model, run, resume=True)
     assert records(run) == records(reference_runs / model)
     envs = (run / "environment.jsonl").read_text().splitlines()
     assert len(envs) == 2 and json.loads(envs[1])["start_step"] >= 3
 
 
-def test_existing_run_needs_resume_or_overwrite(reference_runs, tmp_path):
-    r = train_cli("minixception", reference_runs / "minixception", check=False)
-    assert r.returncode == 2 and "--resume" in r.stderr
+def _cli(model: str, workdir: Path, *extra: str) -> int:
+    """The training CLI on the tiny config, in this process; its exit status."""
+    return train_cli_module.main([tiny_spec(model), "--workdir", str(workdir), "--no-progress",
+                                  *extra])
 
 
-def test_resume_with_other_config_is_refused(reference_runs, tmp_path):
-    r = train_cli("minixception", reference_runs / "minixception", "--resume",
-                  "--config.seed=5", check=False)
-    assert r.returncode == 2 and "seed: 1001 -> 5" in r.stderr
+def test_existing_run_needs_resume_or_overwrite(reference_runs, capsys):
+    assert _cli("minixception", reference_runs / "minixception") == 2
+    assert "--resume" in capsys.readouterr().err
 
 
-def test_damaged_checkpoint_is_reported_not_loaded(reference_runs, tmp_path):
+def test_resume_with_other_config_is_refused(reference_runs, capsys):
+    assert _cli("minixception", reference_runs / "minixception", "--resume",
+                "--config.seed=5") == 2
+    assert "seed: 1001 -> 5" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_is_reported_not_loaded(reference_runs, tmp_path, capsys):
     import shutil
     run = tmp_path / "damaged"
     shutil.copytree(reference_runs / "minixception", run)
@@ -122,31 +129,42 @@ def test_damaged_checkpoint_is_reported_not_loaded(reference_runs, tmp_path):
              if p.is_file() and p.parent.name == "d"]
     for f in files:
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-    r = train_cli("minixception", run, "--resume", check=False)
-    assert r.returncode == 2
-    assert "checkpoint" in r.stderr and str(latest) in r.stderr
+    assert _cli("minixception", run, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and str(latest) in err
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "diverged"
+    assert _cli("convnet", run, "--config.optimizer.learning_rate=1e30") == 3
+    err = capsys.readouterr().err
+    assert "the loss of step 2 is" in err and "--fork-from" in err
+    steps_logged = [json.loads(line)["step"] for line in
+                    (run / "steps.jsonl").read_text().splitlines()]
+    assert steps_logged == [0, 1]  # the non-finite step is not recorded
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [0]
+    assert not (run / "final.json").exists()
+    ckpt.restore(ckpt.manager(run / "checkpoints"), 0,
+                 train.abstract_state(tiny_config("convnet")))  # intact
 
 
 # ---------------------------------------------------- in-process, per stream
 
 
 def _tiny_config(**rng_seeds) -> ml_collections.ConfigDict:
-    c = configlib.resolve(ROOT / "experiments" / "minixception.py",
-                          [a[len("--config."):] for a in TINY["minixception"]]).as_configdict()
+    c = tiny_config("minixception").as_configdict()
     for k, v in rng_seeds.items():
         c.rng[k] = v
     return c
 
 
-def _one_step(config, images, labels, jit=True):
-    keys = rng.stream_keys(config.seed, {k: v for k, v in config.rng.items() if v >= 0})
-    m, tx = trainlib.build_model(config), trainlib.build_optimizer(config)
-    state0 = trainlib.init_state(m, tx, keys["init"], config.data.image_size)
-    step = trainlib.make_train_step(m, tx, config.augment)
-    if not jit:
-        step = step.__wrapped__  # the un-jitted step function
+def _one_step(config, images, labels):
+    keys = train.stream_keys(config)
+    m, tx = train.build_model(config), train.build_optimizer(config)
+    state0 = train.init_state(m, tx, keys["init"], config.data.image_size)
+    step = steps.make_train_step(m, tx, config.augment)
     state1, metrics, _ = step(jax.tree.map(np.asarray, state0), images, labels, keys)
-    from jaxrepro.data.order import epoch_order
     return state0, state1, epoch_order(keys["shuffle"], 0, 64)
 
 
@@ -192,19 +210,14 @@ def test_other_seed_gives_other_parameters(tiny_batch, base_step):
                    zip(jax.tree.leaves(a[1].params), jax.tree.leaves(b[1].params)))
 
 
-def _model_config(model: str) -> ml_collections.ConfigDict:
-    return configlib.resolve(ROOT / "experiments" / f"{model}.py",
-                             [a[len("--config."):] for a in TINY[model]]).as_configdict()
-
-
 class TestJitVariants(chex.TestCase):
     """Training steps give the same weights jitted and op by op (chex variants).
 
     Parameters and optimizer state are bitwise equal because jaxrepro caps XLA:CPU at
-    AVX (no FMA contraction, which made jit round a*b+c once where op-by-op rounds
+    AVX (no FMA contraction, which would make jit round a*b+c once where op-by-op rounds
     twice) and keeps XLA from rewriting the optimizer's a/sqrt(b) into a*rsqrt(b);
     without either, the bits part; and because YNNPACK does the reductions in both
-    (`jaxrepro.determinism`: XLA's own reduction loops parted them). The mini
+    (`jaxrepro.determinism`: XLA's own reduction loops part them). The mini
     Xception's batch-norm running means are the exception: the jitted program reduces
     the batch mean for the running average in another order, so they may differ in the
     last bits (measured: 1 ulp of the leaf's largest value).
@@ -219,15 +232,15 @@ class TestJitVariants(chex.TestCase):
             self._two_steps_equal_the_jitted_reference(model)
 
     def _two_steps_equal_the_jitted_reference(self, model):
-        config = _model_config(model)
+        config = tiny_config(model)
         size = config.data.image_size
         images = np.asarray(jax.random.randint(jax.random.key(3), (4, size, size, 3), 0, 256),
                             np.uint8)
         labels = np.array([0, 1, 0, 1], np.int32)
         keys = rng.stream_keys(config.seed)
-        m, tx = trainlib.build_model(config), trainlib.build_optimizer(config)
-        state0 = trainlib.init_state(m, tx, keys["init"], size)
-        jitted = trainlib.make_train_step(m, tx, config.augment)
+        m, tx = train.build_model(config), train.build_optimizer(config)
+        state0 = train.init_state(m, tx, keys["init"], size)
+        jitted = steps.make_train_step(m, tx, config.augment)
         step = self.variant(jitted.__wrapped__)
 
         def two_steps(fn):

@@ -1,19 +1,23 @@
-"""`python -m jaxrepro.variance`: seed vs framework vs code path vs rerun, measured.
+"""`python -m jaxrepro.analysis.variance`: seed vs framework vs code path vs rerun, measured.
 
 One tiny end-to-end decomposition (mini Xception at 64 px so that Grad-CAM's A is 2x2,
-K=2, 3 steps, the one-core variant) in a subprocess, checked from here; plus the pair
-measures and the plan on hand-made inputs.
+K=2, 3 steps, the one-core variant; every trainer a process of its own, the
+evaluation in this one); plus the pair measures and the plan on hand-made inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from jaxrepro import variance
+from conftest import ROOT
+from jaxrepro.analysis import variance
+
+CONFIG = str(ROOT / "experiments" / "minixception.py")
 
 TINY = ["--config.data.image_size=64", "--config.data.num_train=48",
         "--config.data.num_val=16", "--config.batch_size=16", "--config.eval_batch_size=16"]
@@ -22,10 +26,12 @@ TINY = ["--config.data.image_size=64", "--config.data.num_train=48",
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("variance")
-    r = run_cli("jaxrepro.variance", "experiments/minixception.py", "--k", "2", "--steps", "3",
-                "--probe", "4", "--variants", "one-core", "--out", str(out), "--no-progress",
-                *TINY, timeout=900)
-    return {"out": out, "stdout": r.stdout,
+    buffer = io.StringIO()  # the CLI's stdout (capsys is per test, this fixture per module)
+    with contextlib.redirect_stdout(buffer):
+        code = variance.main([CONFIG, "--k", "2", "--steps", "3", "--probe", "4", "--variants",
+                              "one-core", "--out", str(out), "--no-progress", *TINY])
+    assert code == 0
+    return {"out": out, "stdout": buffer.getvalue(),
             "json": json.loads((out / "variance.json").read_text())}
 
 
@@ -100,8 +106,6 @@ def test_plan_pairs_runs_that_exist():
     (["--variants", "warp-drive"], "valid: ['ynn'"),
     (["--config.no_such_key=1"], "no_such_key"),
 ])
-def test_bad_input_exits_2_and_says_why(tmp_path, args, message):
-    r = run_cli("jaxrepro.variance", "experiments/minixception.py", "--out",
-                str(tmp_path / "v"), *args, check=False)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr
+def test_bad_input_exits_2_and_says_why(tmp_path, args, message, capsys):
+    assert variance.main([CONFIG, "--out", str(tmp_path / "v"), *args]) == 2
+    assert message in capsys.readouterr().err

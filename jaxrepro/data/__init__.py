@@ -8,7 +8,7 @@ Loading a split (what the trainer calls):
         image_size=180,         # side of the square images returned; None: the source's
         num_train=2000,         # size of the train split (even: balanced over 2 classes)
         num_val=1000,           # size of the validation split (even)
-        data_dir=None,          # TFDS data_dir; None: $JAXREPRO_DATA_DIR or <repo>/data/tfds
+        data_dir=None,          # TFDS data_dir; None: $JAXREPRO_DATA_DIR or ./data/tfds
         folder=None,            # source "folder" only: the image folder
         builder_config=None,    # source "shapes" only: "default" | "tiny" | a ShapesConfig
     ) -> DataSplit              # .images uint8 [N,S,S,3], .labels int32 [N],
@@ -42,7 +42,6 @@ Fingerprints: `data_fingerprint(split)` (or arrays) and
 Adding a source: `@register_source("name")` on a function that returns an `Opened`
 (a prepared TFDS builder and its feature names); see `sources.py`.
 
-TFDS is imported only when a source is opened, so `import jaxrepro.data` stays cheap.
 """
 
 from jaxrepro.data.errors import DataError

@@ -254,19 +254,24 @@ def augment_example(key: jax.Array, image: jax.Array, *, flip: bool = True,
     return image
 
 
-def example_keys(key: jax.Array, n: int) -> jax.Array:
-    """Per-example keys `fold_in(key, i)` for positions i = 0..n-1 of a batch."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n, dtype=jnp.uint32))
+def example_keys(key: jax.Array, positions: jax.Array) -> jax.Array:
+    """Per-example keys `fold_in(key, i)` for the batch positions i (an int array)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(positions, jnp.uint32))
 
 
 def augment_batch(key: jax.Array, images: jax.Array, *, flip: bool = True,
-                  rotation: Factor = 0.1, zoom: Factor = 0.2) -> jax.Array:
+                  rotation: Factor = 0.1, zoom: Factor = 0.2,
+                  positions: jax.Array | None = None) -> jax.Array:
     """Augment a batch [N, H, W, C] of float pixels (0..255) with the batch's key.
 
-    Example i is augmented with `fold_in(key, i)`, so results do not depend on the
-    batch size. Jittable; `flip`, `rotation`, `zoom` are static Python values.
+    The example at batch position i (`positions`, default 0..N-1: a part of a batch
+    passes its own positions) is augmented with `fold_in(key, i)`, so results depend
+    neither on the batch size nor on how a batch is split. Jittable; `flip`,
+    `rotation`, `zoom` are static Python values.
     """
     images = jnp.asarray(images, jnp.float32)
-    keys = example_keys(key, images.shape[0])
+    if positions is None:
+        positions = jnp.arange(images.shape[0], dtype=jnp.uint32)
+    keys = example_keys(key, positions)
     return jax.vmap(lambda k, im: augment_example(k, im, flip=flip, rotation=rotation,
                                                   zoom=zoom))(keys, images)

@@ -26,7 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants
 
+from jaxrepro.data import folder as folderlib
+from jaxrepro.data import shapes
 from jaxrepro.data.errors import DataError
 from jaxrepro.data.images import decode_rgb, map_ordered, stack
 from jaxrepro.data.split import SPLITS, partition
@@ -38,11 +42,10 @@ _READ_CHUNK = 256
 
 
 def default_data_dir() -> Path:
-    """Where jaxrepro prepares TFDS data: $JAXREPRO_DATA_DIR, else <repo>/data/tfds."""
+    """Where jaxrepro prepares TFDS data: $JAXREPRO_DATA_DIR, else ./data/tfds (under the
+    current directory, like the run directories in ./checkpoints)."""
     env = os.environ.get("JAXREPRO_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "data" / "tfds"
+    return (Path(env).expanduser() if env else Path("data") / "tfds").absolute()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,7 +102,6 @@ def register_source(name: str) -> Callable[[Opener], Opener]:
 
 
 def _download_config(**kwargs: Any) -> Any:
-    import tensorflow_datasets as tfds  # noqa: PLC0415
     return tfds.download.DownloadConfig(try_download_gcs=False, **kwargs)
 
 
@@ -126,8 +128,6 @@ def open_shapes(*, image_size: int | None, num_needed: int, data_dir: str | None
     or a `ShapesConfig`.
     """
     _reject("shapes", folder=folder)
-    from jaxrepro.data import shapes  # noqa: PLC0415  (imports TFDS)
-
     if builder_config is None:
         config = shapes.config_for(image_size or DEFAULT_IMAGE_SIZE, num_needed)
     elif isinstance(builder_config, str):
@@ -161,8 +161,6 @@ def open_cats_vs_dogs(*, image_size: int | None, num_needed: int, data_dir: str 
     """
     del image_size, num_needed
     _reject("cats_vs_dogs", folder=folder, builder_config=builder_config)
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-    from tensorflow_datasets.core import constants  # noqa: PLC0415
 
     if data_dir:
         roots = [Path(data_dir).expanduser()]
@@ -202,8 +200,6 @@ def open_folder(*, image_size: int | None, num_needed: int, data_dir: str | None
     if not folder:
         raise DataError("source 'folder' needs folder=PATH (config: --config.data.folder=PATH), "
                         "a folder of images such as train/cat.0.jpg or PetImages/Cat/0.jpg")
-    from jaxrepro.data import folder as folderlib  # noqa: PLC0415  (imports TFDS)
-
     listing = folderlib.scan_folder(folder)
     if not listing.examples:
         raise DataError(f"no labelled images found under {listing.root} (expected files such "
@@ -241,7 +237,6 @@ def _index(source: str, image_size: int | None, num_train: int, num_val: int,
     """Open a source and apply the split rule: (opened, ids, labels, partition, size)."""
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; valid sources: {sorted(SOURCES)}")
-    import tensorflow_datasets as tfds  # noqa: PLC0415
 
     opened = SOURCES[source](
         image_size=image_size, num_needed=num_train + num_val,
@@ -269,7 +264,6 @@ def _index(source: str, image_size: int | None, num_train: int, num_val: int,
 def _materialise(source: str, split: str, opened: Opened, ids: list[str], labels: np.ndarray,
                  chosen: np.ndarray, size: int) -> DataSplit:
     """Decode the chosen examples of a split into arrays."""
-    import tensorflow_datasets as tfds  # noqa: PLC0415
 
     # Images are decoded here, by Pillow, with the one resize rule; masks by TFDS.
     data_source = opened.builder.as_data_source(

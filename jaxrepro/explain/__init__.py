@@ -17,11 +17,11 @@ with `sign` a number or an [N] array of +-1: `+1` explains "dog", `-1` explains
 | `ig` | `ig.py` | Integrated Gradients summed over channels (signed; sums to the logit difference) | `baseline`, `steps`, `rule`, `chunk` |
 | `lrp` | `lrp.py` | Layer-wise Relevance Propagation summed over channels (signed) | `composite` |
 
-`lrp` is imported when first used (its module lives beside this one).
-
-Other modules: `render.py` (colour-map overlays as PNG), `metrics.py` (pointing game,
-relevance mass in the object mask), the CLI `python -m jaxrepro.explain`, and
-`python -m jaxrepro.robustness` (the thesis' rotation and noise protocol).
+Other modules: `canonize.py` (batch-norm folding for LRP), `render.py` (colour-map
+overlays as PNG), `metrics.py` (pointing game, relevance mass in the object mask),
+`robustness.py` (the thesis's rotation and noise protocol, `python -m
+jaxrepro.explain.robustness`), `prediction.py`, `inputs.py` and the CLI `cli.py`
+(`python -m jaxrepro.explain`).
 
 Bits: every method is a jitted pure function; the same inputs (same shapes) give the
 same bits on every call and in every process (tested). The CLI explains one image
@@ -32,24 +32,22 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
 import jax
 
 # Modules, not their functions, are the package's attributes (`explain.gradcam` is
-# the module gradcam.py; `explain.lrp`, once imported, the module lrp.py).
+# the module gradcam.py, `explain.lrp` the module lrp.py).
 from jaxrepro.explain import gradcam as _gradcam
 from jaxrepro.explain import ig as _ig
+from jaxrepro.explain import lrp as _lrp
 
 Method = Callable[..., jax.Array]
 
 
 def lrp_heatmap(model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0,
-        composite: str = "thesis") -> jax.Array:
-    """LRP heatmap [N, H, W] (`jaxrepro.explain.lrp`, imported on first use)."""
-    from jaxrepro.explain import lrp as lrp_module  # noqa: PLC0415  (lazy: own module)
-
-    relevance = lrp_module.attribute(model, variables, images, sign=sign, composite=composite)
-    return lrp_module.heatmap(relevance)
+                composite: str = "thesis") -> jax.Array:
+    """LRP heatmap [N, H, W] (`jaxrepro.explain.lrp`) summed over the colour channels."""
+    relevance = _lrp.attribute(model, variables, images, sign=sign, composite=composite)
+    return _lrp.heatmap(relevance)
 
 
 METHODS: dict[str, Method] = {

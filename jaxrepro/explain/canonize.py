@@ -20,15 +20,11 @@ float rounding; `Folded.biases` tells the LRP code which convolution owns which 
 (the LRP rule of that convolution then treats ``t`` as its own bias, and the bias add
 itself passes the gradient unchanged).
 
-Which pairs are foldable is a property of the architecture, so it is declared per model
-class in `FOLDABLE` rather than guessed from a trace:
-
-* ConvNet: no batch norm.
-* MiniXception: ``blockK/bn_b`` directly follows ``blockK/sepconv_a/pointwise``, so it
-  folds exactly. ``blockK/bn_a`` follows the residual add of the previous block (the stem
-  for block1, whose output also feeds the residual 1x1 convolution), so no single
-  convolution precedes it and it stays a batch norm; `jaxrepro.explain.lrp` treats it as
-  a per-channel affine layer with its own rule (see `lrp` module docstring).
+Which pairs are foldable is a property of the architecture, so each model's spec
+declares them next to the model (`ModelSpec.fold_pairs`, `jaxrepro.models`): the ConvNet
+has no batch norm; the mini Xception's ``blockK/bn_b`` follows a pointwise convolution
+and folds, its ``bn_a`` follows a residual add and stays a batch norm, which
+`jaxrepro.explain.lrp` treats as a per-channel affine layer with its own rule.
 
 Folding is pure: it returns new variables and leaves the caller's untouched, so there is
 nothing to restore afterwards.
@@ -36,9 +32,7 @@ nothing to restore afterwards.
 
 from __future__ import annotations
 
-import jaxrepro  # noqa: F401  (XLA determinism flags before jax starts)
-
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -47,16 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxrepro.models.convnet import ConvNet
-from jaxrepro.models.minixception import BN_EPSILON, MiniXception
-
-
-class FoldPair(NamedTuple):
-    """A convolution (path) directly followed by a batch norm (path) with its epsilon."""
-
-    conv: str
-    bn: str
-    epsilon: float
+from jaxrepro import models
+from jaxrepro.models.spec import FoldPair
 
 
 class Folded(NamedTuple):
@@ -73,24 +59,10 @@ class Folded(NamedTuple):
     batchnorms: frozenset[str]
 
 
-def _minixception_pairs(model: nn.Module) -> tuple[FoldPair, ...]:
-    return tuple(FoldPair(f"block{i}/sepconv_a/pointwise", f"block{i}/bn_b", BN_EPSILON)
-                 for i in range(1, len(model.sizes) + 1))
-
-
-# Model class -> the (conv, batch norm) pairs that fold exactly.
-FOLDABLE: dict[type, Callable[[nn.Module], tuple[FoldPair, ...]]] = {
-    ConvNet: lambda model: (),
-    MiniXception: _minixception_pairs,
-}
-
-
 def fold_pairs(model: nn.Module) -> tuple[FoldPair, ...]:
     """The exactly foldable (conv, batch norm) pairs of `model`; none for unknown classes."""
-    for cls, pairs in FOLDABLE.items():
-        if isinstance(model, cls):
-            return pairs(model)
-    return ()
+    spec = models.spec_of(model)
+    return spec.fold_pairs(model) if spec is not None else ()
 
 
 def unit_variance(epsilon: float) -> np.float32:

@@ -1,8 +1,8 @@
 """Grad-CAM, Guided Backprop and Guided Grad-CAM for the project's Flax models.
 
-Grad-CAM (Selvaraju et al.; the keras.io example; seeds/004 section 3.2.2): the
-gradient of the explained score w.r.t. the last convolutional activation A
-(`model.LAST_CONV`), averaged over space, weights the channels of A; the weighted sum,
+Grad-CAM (Selvaraju et al.; the keras.io example; Heggen's thesis, section 3.2.2):
+the gradient of the explained score w.r.t. the last convolutional activation A (the
+model spec's `gradcam` layer, `jaxrepro.models.spec`), averaged over space, weights the channels of A; the weighted sum,
 through a ReLU, normalised by its maximum (an all-zero map stays zero) and upsampled
 bilinearly to the input size, is the heatmap, in [0, 1].
 
@@ -12,7 +12,7 @@ channel weights, so the two maps have disjoint support before upsampling.
 
 How the gradient w.r.t. A is taken: the model is not split by hand. While the model
 runs, a Flax method interceptor (`nn.intercept_methods`) adds a zero perturbation
-`delta` at the point where A flows on (see `CUTS`), and `jax.grad` w.r.t. `delta` is
+`delta` at the point where A flows on (the spec's `GradcamLayer`), and `jax.grad` w.r.t. `delta` is
 the gradient w.r.t. A; A itself is read from the sown `intermediates`. This is what
 Flax's `Module.perturb` does, without having to add a `perturb` call to the models.
 
@@ -30,45 +30,23 @@ elementwise steps, so each model compiles once per shape; same inputs, same bits
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxrepro import models
+from jaxrepro.models.spec import GradcamLayer
 
 
-@dataclass(frozen=True)
-class Cut:
-    """Where the last convolutional activation flows on, for the zero perturbation.
-
-    `module` is the name of a top-level submodule; `where` says whether its input
-    (reshaped to A's shape: a flatten of A) or its output is A.
-    """
-
-    module: str
-    where: Literal["input", "output"]
-
-
-# ConvNet: conv5_out = relu(conv5(x)) is flattened into the (identity at eval)
-# dropout, so dropout's input is A, flattened in channels-last order. MiniXception:
-# block5's output is block5_out. A test checks each cut against the sown value.
-CUTS: dict[str, Cut] = {
-    "ConvNet": Cut("dropout", "input"),
-    "MiniXception": Cut("block5", "output"),
-}
-
-
-def cut_of(model: nn.Module) -> Cut:
-    """The perturbation point of `model`'s LAST_CONV (a ValueError for other models)."""
-    try:
-        return CUTS[type(model).__name__]
-    except KeyError:
-        raise ValueError(f"Grad-CAM does not know where {type(model).__name__}'s last conv "
-                         f"activation flows; known models: {sorted(CUTS)}") from None
+def gradcam_layer(model: nn.Module) -> GradcamLayer:
+    """Where `model`'s Grad-CAM activation flows on (a ValueError for an unregistered model)."""
+    spec = models.spec_of(model)
+    if spec is None:
+        raise ValueError(f"Grad-CAM does not know {type(model).__name__}'s last conv "
+                         f"activation; registered models: {sorted(models.SPECS)}")
+    return spec.gradcam
 
 
 def _signs(sign: Any, n: int) -> jax.Array:
@@ -93,7 +71,7 @@ def signs_first(jitted):
 def _apply_perturbed(model: nn.Module, variables: Any, images: jax.Array,
                      delta: jax.Array | None) -> tuple[jax.Array, dict]:
     """Logits and sown intermediates, with `delta` added to A at the model's cut."""
-    cut = cut_of(model)
+    cut = gradcam_layer(model)
     hits = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -111,8 +89,8 @@ def _apply_perturbed(model: nn.Module, variables: Any, images: jax.Array,
         logits, state = model.apply(variables, images, train=False,
                                     mutable=["intermediates"])
     if delta is not None and len(hits) != 1:  # else the gradient would be silently 0
-        raise ValueError(f"{type(model).__name__}: the cut {cut} was met {len(hits)} times, "
-                         "not once; update gradcam.CUTS for this model")
+        raise ValueError(f"{type(model).__name__}: the Grad-CAM layer {cut} was met "
+                         f"{len(hits)} times, not once; correct the model's spec")
     return logits, models.flat_intermediates(state["intermediates"])
 
 
@@ -123,12 +101,13 @@ def last_conv_gradient(model: nn.Module, variables: Any, images: jax.Array, *,
     """(A, d(sign*logit)/dA, logits) for images [N, H, W, 3]; A is [N, h, w, c]."""
     images = jnp.asarray(images, jnp.float32)
     signs = _signs(sign, images.shape[0])
+    name = gradcam_layer(model).activation
     shape = jax.eval_shape(lambda: _apply_perturbed(model, variables, images, None))[1]
-    delta0 = jnp.zeros(shape[model.LAST_CONV].shape, jnp.float32)
+    delta0 = jnp.zeros(shape[name].shape, jnp.float32)
 
     def score(delta):
         logits, acts = _apply_perturbed(model, variables, images, delta)
-        return jnp.sum(signs * logits), (acts[model.LAST_CONV], logits)
+        return jnp.sum(signs * logits), (acts[name], logits)
 
     grad, (activation, logits) = jax.grad(score, has_aux=True)(delta0)
     return activation, grad, logits
@@ -137,7 +116,7 @@ def last_conv_gradient(model: nn.Module, variables: Any, images: jax.Array, *,
 def cam(activation: jax.Array, gradient: jax.Array) -> jax.Array:
     """ReLU(sum_k alpha_k A^k), alpha_k = spatial mean of the gradient: [N, h, w].
 
-    Unnormalised, at the resolution of A (seeds/004 eq. for L_Grad-CAM).
+    Unnormalised, at the resolution of A (the thesis's equation for L_Grad-CAM).
     """
     weights = jnp.mean(gradient, axis=(1, 2))                  # [N, c]
     return nn.relu(jnp.einsum("nhwc,nc->nhw", activation, weights))

@@ -8,9 +8,10 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 from jaxrepro.data import images as imagelib
+from jaxrepro.errors import UserError
 
 
-class InputError(RuntimeError):
+class InputError(UserError, RuntimeError):
     """An image or option the user can fix; the CLIs report it with exit status 2."""
 
 

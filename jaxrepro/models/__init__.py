@@ -1,7 +1,9 @@
-"""The paper's two CNNs as Flax Linen modules, a registry by name, and small helpers.
+"""The paper's two CNNs as Flax Linen modules, their specs, and a registry by name.
 
 Both models take NHWC float32 images with pixel values 0..255 (augmented by the
-caller), rescale them inside, and return one logit per image, shape [N].
+caller), rescale them inside, and return one logit per image, shape [N]. Each model
+file exports its module and a `ModelSpec` (`jaxrepro.models.spec`); `SPECS` holds them
+by the name a config's `model` key uses.
 """
 
 from __future__ import annotations
@@ -12,22 +14,35 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxrepro.models import convnet, minixception
 from jaxrepro.models.convnet import ConvNet
 from jaxrepro.models.minixception import MiniXception, SeparableConv, XceptionBlock
+from jaxrepro.models.spec import FoldPair, GradcamLayer, ModelSpec
 
-MODELS: dict[str, type[nn.Module]] = {"convnet": ConvNet, "minixception": MiniXception}
+SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (convnet.SPEC, minixception.SPEC)}
+MODELS: dict[str, type[nn.Module]] = {name: spec.module for name, spec in SPECS.items()}
 
-__all__ = ["MODELS", "ConvNet", "MiniXception", "SeparableConv", "XceptionBlock",
-           "count_params", "flat_intermediates", "get_model"]
+__all__ = ["MODELS", "SPECS", "ConvNet", "FoldPair", "GradcamLayer", "MiniXception",
+           "ModelSpec", "SeparableConv", "XceptionBlock", "count_params",
+           "flat_intermediates", "get_model", "get_spec", "spec_of"]
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec registered under `name` (ValueError listing the valid names)."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid models: {sorted(SPECS)}") from None
+
+
+def spec_of(model: nn.Module) -> ModelSpec | None:
+    """The spec of a module instance's class, or None for a model nobody registered."""
+    return next((s for s in SPECS.values() if isinstance(model, s.module)), None)
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
     """The model registered under `name`, built with `kwargs` (e.g. dropout_rate)."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)}") from None
-    return cls(**kwargs)
+    return get_spec(name).module(**kwargs)
 
 
 def _size(tree: Any) -> int:

@@ -1,4 +1,4 @@
-"""The paper's ConvNet (seeds/000, Listing 3) as a Flax Linen module.
+"""The paper's ConvNet (Leventi-Peetz & Östreich, Listing 3) as a Flax Linen module.
 
 Layer for layer the Keras model: Rescaling(1/255), five 3x3 VALID ReLU convolutions
 (32, 64, 128, 256, 256 filters) with 2x2 max pooling between them, Flatten,
@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrepro.models.pooling import max_pool_2x2
+from jaxrepro.models.ops.pooling import max_pool_2x2
+from jaxrepro.models.spec import GradcamLayer, ModelSpec
 
 # Keras `Rescaling(1./255)` multiplies by the float32 scale (it does not divide).
 RESCALE = 1.0 / 255.0
@@ -46,16 +47,12 @@ class ConvNet(nn.Module):
     # backward pass (guided backprop) via `model.clone(activation=...)`.
     activation: Callable[[jax.Array], jax.Array] = nn.relu
     # 2x2 max pooling; `max_pool_2x2` is `nn.max_pool` with a cheaper backward pass that
-    # gives the same bits (see `jaxrepro.models.pooling`).
+    # gives the same bits (see `jaxrepro.models.ops.pooling`).
     pool: Callable[[jax.Array], jax.Array] = max_pool_2x2
-    # The convolutions (`lax.conv_general_dilated`'s signature). XLA's own are the
-    # fastest here once convolutions leave YNNPACK (`jaxrepro.determinism`); `patch_grad_conv`
-    # (kernel gradients as one matrix product) was the default while XLA:CPU ran
-    # convolutions through YNNPACK (see `jaxrepro.models.convolutions`).
+    # The convolutions (`lax.conv_general_dilated`'s signature): XLA's own, the fastest
+    # for 3x3 kernels with convolutions outside YNNPACK (`jaxrepro.determinism`).
     conv: Callable[..., jax.Array] = lax.conv_general_dilated
 
-    # Last convolutional activation, for Grad-CAM (key in 'intermediates').
-    LAST_CONV: ClassVar[str] = "conv5_out"
     INTERMEDIATES: ClassVar[tuple[str, ...]] = (
         "conv1_out", "pool1_out", "conv2_out", "pool2_out", "conv3_out", "pool3_out",
         "conv4_out", "pool4_out", "conv5_out")
@@ -77,3 +74,23 @@ class ConvNet(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
         x = nn.Dense(1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense")(x)
         return x[:, 0]
+
+
+def keras_layers(model: ConvNet) -> dict[str, str]:
+    """Sown activation -> Keras layer of the twin (`Conv2D(activation="relu")` outputs
+    the ReLU), in forward order."""
+    out = {}
+    for i in range(1, len(model.filters) + 1):
+        out[f"conv{i}_out"] = f"conv{i}"
+        if i < len(model.filters):
+            out[f"pool{i}_out"] = f"pool{i}"
+    return out
+
+
+# Grad-CAM's A is conv5's ReLU output; it flows on flattened into the dropout (the
+# identity at inference). No batch norm, nothing to fold. The five VALID 3x3
+# convolutions and four 2x2 pools need at least 78 px.
+SPEC = ModelSpec(
+    name="convnet", module=ConvNet, min_image_size=78,
+    gradcam=GradcamLayer("conv5_out", module="dropout", where="input"),
+    keras_gradcam_layer="conv5", keras_layers=keras_layers)

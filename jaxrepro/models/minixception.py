@@ -1,4 +1,4 @@
-"""The paper's mini Xception (seeds/000, Listing 6) as a Flax Linen module.
+"""The paper's mini Xception (Leventi-Peetz & Östreich, Listing 6) as a Flax Linen module.
 
 Rescaling(1/255), a 5x5 VALID stem convolution, five residual blocks
 (BN, ReLU, SeparableConv, BN, ReLU, SeparableConv, MaxPool 3/2 SAME, plus a strided
@@ -16,9 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrepro.models import convolutions
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
-from jaxrepro.models.pooling import max_pool_3x3_s2
+from jaxrepro.models.ops import convolutions
+from jaxrepro.models.ops.pooling import max_pool_3x3_s2
+from jaxrepro.models.spec import FoldPair, GradcamLayer, ModelSpec
 
 # Keras BatchNormalization defaults (Flax's epsilon default is 1e-5).
 BN_MOMENTUM = 0.99
@@ -35,7 +36,7 @@ class SeparableConv(nn.Module):
     features: int
     kernel_size: int = 3
     # True: depthwise as shifted multiply-adds, 1x1 with the kernel gradient as a matrix
-    # product (`jaxrepro.models.convolutions`, several times faster on CPU, other bits);
+    # product (`jaxrepro.models.ops.convolutions`, several times faster on CPU, other bits);
     # False: XLA convolutions (`lax.conv_general_dilated`).
     fast_convs: bool = False
 
@@ -117,16 +118,13 @@ class MiniXception(nn.Module):
     # backward pass (guided backprop) via `model.clone(activation=...)`.
     activation: Callable[[jax.Array], jax.Array] = nn.relu
     # The depthwise and 1x1 convolutions in the form XLA:CPU runs about 3x faster
-    # (`jaxrepro.models.convolutions`; other bits than XLA's convolutions; the
+    # (`jaxrepro.models.ops.convolutions`; other bits than XLA's convolutions; the
     # experiment config turns it on), or XLA's own convolutions (the module default).
     fast_convs: bool = False
     # 3x3 max pooling, stride 2, SAME; `max_pool_3x3_s2` is `nn.max_pool` with a cheaper
-    # backward pass that gives the same bits (see `jaxrepro.models.pooling`).
+    # backward pass that gives the same bits (see `jaxrepro.models.ops.pooling`).
     pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
 
-    # Last convolutional activation, for Grad-CAM: block5's output, before the
-    # global average pooling (key in 'intermediates').
-    LAST_CONV: ClassVar[str] = "block5_out"
     INTERMEDIATES: ClassVar[tuple[str, ...]] = (
         "stem_out", "block1_out", "block2_out", "block3_out", "block4_out", "block5_out",
         "gap_out")
@@ -135,8 +133,8 @@ class MiniXception(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits [N] of images [N, H, W, 3]; `train` selects batch statistics and dropout."""
         x = rescale(jnp.asarray(x, jnp.float32))
-        # XLA's own convolution in both paths: faster here than the patch form once
-        # convolutions leave YNNPACK (jaxrepro.determinism).
+        # XLA's own convolution in both paths: faster here than the patch form with
+        # convolutions outside YNNPACK (jaxrepro.determinism).
         x = nn.Conv(self.stem_features, (5, 5), padding="VALID", use_bias=False,
                     kernel_init=KERNEL_INIT, name="stem")(x)
         self.sow("intermediates", "stem_out", x)
@@ -151,3 +149,38 @@ class MiniXception(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
         x = nn.Dense(1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense")(x)
         return x[:, 0]
+
+
+def keras_layers(model: MiniXception) -> dict[str, str]:
+    """Sown activation -> Keras layer of the twin, in forward order (a block's output is
+    its `add` layer; the stem has no activation of its own)."""
+    out = {"stem_out": "stem"}
+    for i in range(1, len(model.sizes) + 1):
+        b = f"block{i}"
+        out.update({f"{b}/act_a": f"{b}_act_a", f"{b}/sepconv_a_out": f"{b}_sepconv_a",
+                    f"{b}/act_b": f"{b}_act_b", f"{b}/sepconv_b_out": f"{b}_sepconv_b",
+                    f"{b}/pool_out": f"{b}_pool", f"{b}/residual_out": f"{b}_residual",
+                    f"{b}_out": f"{b}_add"})
+    out["gap_out"] = "gap"
+    return out
+
+
+def fold_pairs(model: MiniXception) -> tuple[FoldPair, ...]:
+    """The batch norms that fold exactly into the convolution before them.
+
+    `blockK/bn_b` directly follows `blockK/sepconv_a/pointwise`. `blockK/bn_a` follows
+    the residual add of the block before (the stem for block1, whose output also feeds
+    the residual 1x1 convolution), so no single convolution precedes it: it stays a
+    batch norm, and LRP gives it a rule of its own.
+    """
+    return tuple(FoldPair(f"block{i}/sepconv_a/pointwise", f"block{i}/bn_b", BN_EPSILON)
+                 for i in range(1, len(model.sizes) + 1))
+
+
+# Grad-CAM's A is block5's output, before the global average pooling. The 5x5 VALID
+# stem needs 5 px; the blocks' SAME pooling takes any size (A is 1x1 up to 32 px).
+SPEC = ModelSpec(
+    name="minixception", module=MiniXception, min_image_size=5,
+    gradcam=GradcamLayer("block5_out", module="block5", where="output"),
+    keras_gradcam_layer="block5_add", keras_layers=keras_layers, fold_pairs=fold_pairs,
+    config_options=("fast_convs",))

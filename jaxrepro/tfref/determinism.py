@@ -8,71 +8,42 @@ seeded random images, batch 32, the listings' compile: binary cross-entropy, RMS
 defaults), then SHA-256 of every final weight. Modes:
 
 - `none`: no recipe (only the seeds written into the listings themselves);
-- `recipe`: seeds/000 Listings 1 and 2 (PYTHONHASHSEED=1, TF_DETERMINISTIC_OPS,
+- `recipe`: the paper's Listings 1 and 2 (PYTHONHASHSEED=1, TF_DETERMINISTIC_OPS,
   Python/NumPy/TF seeds) plus `tf.config.experimental.enable_op_determinism()`;
 - `single`: the recipe plus Listing 7 (one inter-op and one intra-op thread).
 
 Keras is compiled with `jit_compile=False`: TF's own (oneDNN) kernels, as in the
-paper's TF 2 runs, not XLA. The parent process never imports TensorFlow.
+paper's TF 2 runs, not XLA. Every training runs in a process of its own
+(`jaxrepro.tfref.rerun`); this one never imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from jaxrepro.tfref import runtime, transfer, weights
+from jaxrepro import cli
+from jaxrepro.tfref import runtime
 
 MODES = runtime.MODES
-# Smallest sizes the models take (the ConvNet's VALID convolutions need 80 px).
-IMAGE_SIZES = {"convnet": 80, "minixception": 32}
-DATA_SEED = 20240101  # the data are fixed; only the training may vary
-
-
-def random_images(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """`n` random uint8-valued float32 images and balanced labels, always the same."""
-    rng = np.random.default_rng(DATA_SEED)
-    images = rng.integers(0, 256, (n, size, size, 3)).astype(np.float32)
-    return images, (np.arange(n) % 2).astype(np.float32)
-
-
-def train_once(model_name: str, mode: str, epochs: int, num_images: int,
-               image_size: int, batch_size: int = 32) -> dict:
-    """Train in this process (a TF child) and return weight hashes and speed."""
-    recipe = MODES[mode]
-    tf = runtime.start(recipe)
-    from jaxrepro.tfref import models  # noqa: PLC0415  (imports keras)
-
-    model = models.build(model_name, image_size)
-    model.compile(loss="binary_crossentropy", optimizer="rmsprop", metrics=["accuracy"],
-                  jit_compile=False)
-    x, y = random_images(num_images, image_size)
-    start = time.perf_counter()
-    history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
-    seconds = time.perf_counter() - start
-    hashes = weights.sha256(transfer.from_keras(model))
-    return {"model": model_name, "mode": mode, "image_size": image_size,
-            "images_per_s": epochs * (num_images // batch_size) * batch_size / seconds,
-            "loss": [float(v) for v in history.history["loss"]],
-            "sha256": hashes, "runtime": runtime.describe(tf, recipe)}
+MODELS = ("convnet", "minixception")
+# One size both models take (the ConvNet's five VALID convolutions need 80 px).
+IMAGE_SIZE = 80
 
 
 def run_child(model_name: str, mode: str, epochs: int, num_images: int, image_size: int,
               out: Path) -> dict:
-    """`train_once` in a fresh process with the recipe's environment."""
-    cmd = [sys.executable, "-m", "jaxrepro.tfref.determinism", "--child", model_name, mode,
-           "--epochs", str(epochs), "--images", str(num_images),
-           "--image-size", str(image_size), "--out", str(out)]
-    subprocess.run(cmd, env=runtime.child_environment(MODES[mode]), check=True,
-                   capture_output=True, text=True)
+    """`python -m jaxrepro.tfref.rerun` (one training) in a fresh process with the
+    recipe's environment; its result."""
+    cli.run_child("jaxrepro.tfref.rerun",
+                  [model_name, mode, "--epochs", str(epochs), "--images", str(num_images),
+                   "--image-size", str(image_size), "--out", str(out)],
+                  env=runtime.child_environment(MODES[mode]),
+                  what=f"the Keras training of {model_name} ({mode})")
     return json.loads(out.read_text())
 
 
@@ -86,15 +57,14 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def measure(model_names: Sequence[str], modes: Sequence[str], epochs: int, num_images: int,
-            image_size: int | None, workdir: Path) -> list[dict]:
+            image_size: int, workdir: Path) -> list[dict]:
     """Two runs per (model, mode); one comparison each."""
     rows = []
     for name in model_names:
-        size = image_size or IMAGE_SIZES[name]
         for mode in modes:
-            runs = [run_child(name, mode, epochs, num_images, size,
+            runs = [run_child(name, mode, epochs, num_images, image_size,
                               workdir / f"{name}_{mode}_{i}.json") for i in (1, 2)]
-            row = {"model": name, "mode": mode, "image_size": size, **compare(*runs)}
+            row = {"model": name, "mode": mode, "image_size": image_size, **compare(*runs)}
             print(json.dumps(row), file=sys.stderr, flush=True)
             rows.append(row)
     return rows
@@ -104,22 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref.determinism",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=sorted(IMAGE_SIZES),
-                        choices=sorted(IMAGE_SIZES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="default: 80 (ConvNet), 32 (mini Xception)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="default: %(default)s (the mini Xception also takes 32)")
     parser.add_argument("--out", help="write the comparison as JSON here")
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        name, mode = args.child
-        result = train_once(name, mode, args.epochs, args.images,
-                            args.image_size or IMAGE_SIZES[name])
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        return 0
     with tempfile.TemporaryDirectory(prefix="tfref_determinism_") as tmp:
         rows = measure(args.models, args.modes, args.epochs, args.images, args.image_size,
                        Path(tmp))
@@ -131,5 +93,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    runtime.ensure_tf_process("jaxrepro.tfref.determinism", sys.argv[1:])
     sys.exit(main())

@@ -1,9 +1,11 @@
-"""The Keras half of the matched comparison (`python -m jaxrepro.compare`). TF side only.
+"""The Keras half of the matched protocol (`jaxrepro.analysis.matched`). TF side only.
 
-    python -m jaxrepro.tfref matched MODEL WEIGHTS.npz INPUTS.npz OUTDIR
+    python -m jaxrepro.tfref matched MODEL WEIGHTS.npz INPUTS.npz LAYERS.json OUTDIR
 
-The JAX process (`jaxrepro.compare`) writes the initial weights (Flax-named, see
-`weights`) and INPUTS.npz with, as plain arrays (read with `allow_pickle=False`):
+The JAX process writes the initial weights (Flax-named, see `weights`), LAYERS.json
+(from the model's spec: `activations`, each sown Flax activation's Keras layer in
+forward order, and `gradcam_layer`, the Keras layer whose output is Grad-CAM's A) and
+INPUTS.npz with, as plain arrays (read with `allow_pickle=False`):
 
     train_images  float32 [N, B, S, S, 3]  the N training batches, already augmented
     train_labels  float32 [N, B]
@@ -50,28 +52,9 @@ import numpy as np
 
 from jaxrepro.tfref import transfer, weights
 
-# Keras layer whose output is Grad-CAM's A (the Flax models' LAST_CONV).
-LAST_CONV = {"convnet": "conv5", "minixception": "block5_add"}
-
-
-def activation_layers(model_name: str) -> dict[str, str]:
-    """Keras layer name -> the Flax sown intermediate its output equals (forward order)."""
-    if model_name == "convnet":
-        out = {}
-        for i in range(1, 6):
-            out[f"conv{i}"] = f"conv{i}_out"  # Conv2D(activation='relu'): the ReLU output
-            if i < 5:
-                out[f"pool{i}"] = f"pool{i}_out"
-        return out
-    out = {"stem": "stem_out"}
-    for i in range(1, 6):
-        b = f"block{i}"
-        out.update({f"{b}_act_a": f"{b}/act_a", f"{b}_sepconv_a": f"{b}/sepconv_a_out",
-                    f"{b}_act_b": f"{b}/act_b", f"{b}_sepconv_b": f"{b}/sepconv_b_out",
-                    f"{b}_pool": f"{b}/pool_out", f"{b}_residual": f"{b}/residual_out",
-                    f"{b}_add": f"{b}_out"})
-    out["gap"] = "gap_out"
-    return out
+def read_layers(path: str | Path) -> dict[str, Any]:
+    """LAYERS.json: {'activations': {flax sown name: keras layer}, 'gradcam_layer': name}."""
+    return json.loads(Path(path).read_text())
 
 
 def _trainable(model) -> list[tuple[str, Any]]:
@@ -88,7 +71,7 @@ def _grad_to_flax(name: str, value: np.ndarray) -> np.ndarray:
     return transfer.depthwise_to_flax(value) if name.endswith("depthwise/kernel") else value
 
 
-def keras_gradcam(model: Any, model_name: str) -> Callable:
+def keras_gradcam(model: Any, gradcam_layer: str) -> Callable:
     """Grad-CAM as in the keras.io example: `x -> (A-sized maps, input-sized maps)`.
 
     Eager TF (GradientTape), explaining the logit; maps normalised to their maximum
@@ -97,7 +80,7 @@ def keras_gradcam(model: Any, model_name: str) -> Callable:
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
-    cam_model = keras.Model(model.inputs, [model.get_layer(LAST_CONV[model_name]).output,
+    cam_model = keras.Model(model.inputs, [model.get_layer(gradcam_layer).output,
                                            model.get_layer("dense").output])
 
     def gradcam(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +100,7 @@ def keras_gradcam(model: Any, model_name: str) -> Callable:
     return gradcam
 
 
-def run(model_name: str, weights_in: str, inputs: str, outdir: str) -> dict:
+def run(model_name: str, weights_in: str, inputs: str, layers_file: str, outdir: str) -> dict:
     """Load, probe, train and explain in Keras; write the files listed in the docstring."""
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
@@ -138,16 +121,17 @@ def run(model_name: str, weights_in: str, inputs: str, outdir: str) -> dict:
     weights.save(out / "weights_000.npz", transfer.from_keras(model))
 
     logit_model = models.logit_model(model)
-    names = activation_layers(model_name)
+    layers = read_layers(layers_file)
+    names = layers["activations"]
     probe_model = keras.Model(model.inputs,
-                              [model.get_layer(k).output for k in names]
+                              [model.get_layer(k).output for k in names.values()]
                               + [model.get_layer("dense").output])
     acts = probe_model(probe_x, training=False)
-    forward = {flax: np.asarray(a.numpy(), np.float32) for flax, a in zip(names.values(), acts)}
+    forward = {flax: np.asarray(a.numpy(), np.float32) for flax, a in zip(names, acts)}
     forward["logits"] = np.asarray(acts[-1].numpy(), np.float32)[:, 0]
     weights.save(out / "forward.npz", forward)
 
-    gradcam = keras_gradcam(model, model_name)
+    gradcam = keras_gradcam(model, layers["gradcam_layer"])
 
     cams = {}
     cams["start_lowres"], cams["start"] = gradcam(probe_x)

@@ -12,12 +12,12 @@ cross-entropy on the sigmoid, RMSprop with the config's settings, eager TF kerne
 in result.json equals the JAX run's `data.json`), as float32 pixel values in 0..255.
 Keras shuffles, augments and draws dropout with its own generators, and runs the
 epoch's last partial batch, so this is a reference for what TF does, not a bitwise twin
-of the JAX run (`python -m jaxrepro.compare` is the matched one).
+of the JAX run (`python -m jaxrepro.analysis.compare` is the matched one).
 
 Modes (`jaxrepro.tfref.determinism`): `recipe` (default; seeds/000 Listings 1 and 2 plus
 `enable_op_determinism()`), `none`, `single` (the recipe plus Listing 7: one thread).
 `--init-from` starts from given Flax-named weights (e.g. a JAX run's step 0, written by
-`python -m jaxrepro.tfref.export`) instead of Keras's seeded initialisers.
+`python -m jaxrepro.analysis.export`) instead of Keras's seeded initialisers.
 
 Writes DIR/final.npz (Flax names and layouts, readable by the JAX side), DIR/history.json
 (per epoch: loss, accuracy, val_loss, val_accuracy) and DIR/result.json (SHA-256 of every

@@ -1,12 +1,12 @@
 """Train one experiment under several CPU "device variants" and diff each against the first.
 
-    python -m jaxrepro.variants CONFIG_FILE [--variants default,ynn,one-core] [--out DIR]
-                                [--config.KEY=VALUE ...]
+    python -m jaxrepro.analysis.variants CONFIG_FILE [--variants default,ynn,one-core]
+                                         [--out DIR] [--config.KEY=VALUE ...]
 
 Cross-device differences can be produced on one CPU machine: another XLA:CPU code
 path, another number of cores, op-by-op execution. Each variant runs the same
 config in its own process (XLA reads its flags once, at start), into DIR/<variant>;
-then `jaxrepro.diff` compares every variant with the first one. The table says
+then `jaxrepro.analysis.diff` compares every variant with the first one. The table says
 which variants keep the bits, where the others first part (step and layer), and how
 far apart they end. Written to DIR/variants.md and DIR/variants.json.
 """
@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from jaxrepro import cli
+from jaxrepro import config as configlib
+from jaxrepro.analysis import diff as difflib
+from jaxrepro.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,9 @@ VARIANTS: dict[str, Variant] = {
     "ynn": Variant("XLA:CPU YNNPACK fusions for elementwise ops too (jaxrepro's default "
                    "is dots and reductions)",
                    xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
-    # A sign-prefixed list keeps XLA's own default list: convolutions in YNNPACK, as
-    # jaxrepro ran before 2026-11-29 (the `+dot` entry left both models' steps'
-    # bits as with no flag at all, measured).
-    "ynn-convs": Variant("XLA:CPU's default YNNPACK use, convolutions included "
-                         "(jaxrepro's setting before 2026-11-29)",
+    # A sign-prefixed list keeps XLA's own default list, convolutions in YNNPACK (the
+    # `+dot` entry leaves both models' steps' bits as with no flag at all, measured).
+    "ynn-convs": Variant("XLA:CPU's default YNNPACK use, convolutions included",
                          xla_flags="--xla_cpu_experimental_ynn_fusion_type=+dot"),
     "avx2": Variant("XLA:CPU code generated for AVX2 (with FMA) instead of AVX",
                     xla_flags="--xla_cpu_max_isa=AVX2"),
@@ -68,23 +70,14 @@ def variant_env(variant: Variant, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def _limit_cpus(n: int | None):
-    if n is None:
-        return None
-    cpus = sorted(os.sched_getaffinity(0))[:n]
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
 def run_variant(name: str, config_file: str, overrides: Sequence[str], workdir: Path,
                 progress: bool) -> None:
     """Train `config_file` under variant `name` into `workdir` (a new run)."""
     variant = VARIANTS[name]
-    cmd = [sys.executable, "-m", "jaxrepro.train", config_file, *overrides,
-           "--workdir", str(workdir), "--overwrite"] + ([] if progress else ["--no-progress"])
-    r = subprocess.run(cmd, env=variant_env(variant, os.environ),
-                       preexec_fn=_limit_cpus(variant.cpus))
-    if r.returncode != 0:
-        raise SystemExit(f"variant {name}: training exited {r.returncode}")
+    args = [config_file, *cli.as_arguments(overrides), "--workdir", str(workdir), "--overwrite",
+            *([] if progress else ["--no-progress"])]
+    cli.run_child("jaxrepro.train", args, env=variant_env(variant, os.environ),
+                  cpus=variant.cpus, capture=False, what=f"variant {name}")
 
 
 def summarize(name: str, report: dict) -> dict:
@@ -133,20 +126,47 @@ def table(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+class VariantError(UserError, ValueError):
+    """A variant list that cannot run."""
+
+
+def check_names(names: Sequence[str]) -> None:
+    """Raise VariantError unless there are two or more names, all known."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or len(names) < 2:
+        problem = f"unknown variant(s) {', '.join(unknown)}" if unknown else "give two or more"
+        raise VariantError(f"{problem}; valid variants: {', '.join(VARIANTS)}")
+
+
+def compare_variants(config_file: str, overrides: Sequence[str], names: Sequence[str],
+                     out: Path, progress: bool = True) -> list[dict]:
+    """Train every variant into `out/<name>`, diff each against the first; write
+    variants.md and variants.json into `out`; the table's rows."""
+    check_names(names)
+    for name in names:
+        print(f"== variant {name}: {VARIANTS[name].description}", file=sys.stderr)
+        run_variant(name, config_file, overrides, out / name, progress)
+    rows = [summarize(name, difflib.diff(out / names[0], out / name)) for name in names[1:]]
+    (out / "variants.md").write_text(table(rows, names[0]) + "\n")
+    (out / "variants.json").write_text(json.dumps(
+        {"baseline": names[0], "config_file": config_file, "overrides": list(overrides),
+         "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI; exit 0 when every variant ran (whatever their bits), 2 on errors."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
+    rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.variants", description=__doc__.split("\n\n")[0],
+        prog="python -m jaxrepro.analysis.variants", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Variants:\n" + "\n".join(f"  {k:20s} {v.description}"
                                           for k, v in VARIANTS.items())
         + "\n\n--config.KEY=VALUE overrides go to every run. Each variant trains the whole "
           "config (no-jit is many times slower), so a short run is usually what you want:\n"
-          "  python -m jaxrepro.variants experiments/minixception.py --out /tmp/variants \\\n"
-          "    --config.data.image_size=32 --config.data.num_train=64 --config.data.num_val=32 \\\n"
-          "    --config.batch_size=16 --config.num_epochs=2 --config.checkpoint_every_steps=3")
+          "  python -m jaxrepro.analysis.variants experiments/minixception.py:tiny "
+          "--out /tmp/variants")
     parser.add_argument("config_file", help="experiment config, e.g. experiments/convnet.py "
                         "(Python; it is executed)")
     parser.add_argument("--variants", default="default,ynn,one-core,no-jit",
@@ -154,31 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("checkpoints/variants"),
                         help="directory for the runs and the table (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    args = parser.parse_args(rest)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or len(names) < 2:
-        problem = f"unknown variant(s) {', '.join(unknown)}" if unknown else "give two or more"
-        print(f"error: {problem}; valid variants: {', '.join(VARIANTS)}", file=sys.stderr)
-        return 2
-    if not Path(args.config_file).exists():
-        print(f"error: config file {args.config_file} does not exist", file=sys.stderr)
-        return 2
-    from jaxrepro import diff as difflib  # noqa: PLC0415
-
-    for name in names:
-        print(f"== variant {name}: {VARIANTS[name].description}", file=sys.stderr)
-        run_variant(name, args.config_file, overrides, args.out / name, not args.no_progress)
-    rows = []
-    for name in names[1:]:
-        report = difflib.diff(args.out / names[0], args.out / name)
-        rows.append(summarize(name, report))
-    text = table(rows, names[0])
-    (args.out / "variants.md").write_text(text + "\n")
-    (args.out / "variants.json").write_text(json.dumps(
-        {"baseline": names[0], "config_file": args.config_file, "overrides": overrides,
-         "rows": rows}, indent=2) + "\n")
-    print(text)
+    check_names(names)
+    configlib.resolve(args.config_file, overrides)  # a bad file or key fails here, not in a child
+    rows = compare_variants(args.config_file, overrides, names, args.out, not args.no_progress)
+    print(table(rows, names[0]))
     return 0
 
 

@@ -172,3 +172,8 @@ def _backward_3x3(residuals, g: jax.Array):
 
 
 max_pool_3x3_s2.defvjp(_forward_3x3, _backward_3x3)
+
+
+# Each fast pooling and Flax's own, which XLA differentiates by select-and-scatter (the
+# reference the tests compare against and the benchmark's "before").
+REFERENCE = {max_pool_2x2: flax_max_pool_2x2, max_pool_3x3_s2: flax_max_pool_3x3_s2}

@@ -20,24 +20,33 @@ Two ways to train on `num_devices` devices (a 1-D mesh, axis "data"):
 Cost of the invariant mode (`benchmarks/parallel_bench.py`): every device holds M/D
 gradient slots plus M gathered gradients ((M + M/D) x params memory) and receives
 (M - M/D) x params bytes per step, instead of an all-reduce of about 2 x params. On
-XLA:CPU the step was also about 4.5x slower (ConvNet, 96 px, batch 32, M=8), mostly
-because XLA:CPU runs the run-time loop's body slowly (M=1 was slower still).
+XLA:CPU the step is also several times slower, mostly because XLA:CPU runs the run-time
+loop's body slowly.
+
+Both steps are `jaxrepro.train.steps`' step with another placement: the same
+`loss_and_grads`, augmentation keys and update.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxrepro import rng
+from jaxrepro.errors import UserError
+from jaxrepro.train import steps
 
 DATA = "data"  # the mesh axis the batch is split over
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """Batch size, micro-batch count and device count that do not fit together."""
 
 
@@ -118,44 +127,39 @@ def tree_mean(stacked: Any, count: int) -> Any:
     return jax.tree.map(lambda x: pairwise_sum(x) / jnp.asarray(count, x.dtype), stacked)
 
 
-def microbatch_grads(grad_fn: Callable, params: Any, batch_stats: Any, images: jax.Array,
-                     labels: jax.Array, first: jax.Array, count: jax.Array,
-                     batch_per_micro: int) -> Any:
+def microbatch_results(fn: Callable, images: jax.Array, labels: jax.Array, first: jax.Array,
+                       count: jax.Array, batch_per_micro: int) -> Any:
     """Per-micro-batch results of this device's `count` micro-batches, stacked.
 
-    `grad_fn(params, batch_stats, images, labels, m)` -> pytree for micro-batch m (global
-    index `first + j`). The loop runs `count` times, a traced value, so XLA keeps it a
-    loop and compiles the body once, whatever the number of devices. Optimization
-    barriers around the body's inputs and outputs keep XLA from fusing the slicing of
-    this device's buffer (whose size depends on the device count) into the body's
-    arithmetic.
+    `fn(images, labels, m)` -> pytree for micro-batch m (global index `first + j`). The
+    loop runs `count` times, a traced value, so XLA keeps it a loop and compiles the body
+    once, whatever the number of devices. Optimization barriers around the body's inputs
+    and outputs keep XLA from fusing the slicing of this device's buffer (whose size
+    depends on the device count) into the body's arithmetic.
     """
     slots = images.shape[0] // batch_per_micro
     images = images.reshape(slots, batch_per_micro, *images.shape[1:])
     labels = labels.reshape(slots, batch_per_micro, *labels.shape[1:])
     m0 = jnp.zeros((), jnp.int32)
-    out_shape = jax.eval_shape(grad_fn, params, batch_stats, images[0], labels[0], m0)
+    out_shape = jax.eval_shape(fn, images[0], labels[0], m0)
     buffers = jax.tree.map(lambda s: jnp.zeros((slots, *s.shape), s.dtype), out_shape)
 
     def body(j, buffers):
         x, y = jax.lax.optimization_barrier((images[j], labels[j]))
-        out = jax.lax.optimization_barrier(grad_fn(params, batch_stats, x, y, first + j))
+        out = jax.lax.optimization_barrier(fn(x, y, first + j))
         return jax.tree.map(lambda b, o: b.at[j].set(o), buffers, out)
 
     return jax.lax.fori_loop(0, count, body, buffers)
 
 
-def make_invariant_step(model, tx, augment, mesh: Mesh, batch_size: int, microbatches: int,
-                        loss_fn: Callable, fingerprints: Callable, state_cls: Any) -> Callable:
+def make_invariant_step(model: nn.Module, tx: optax.GradientTransformation,
+                        augment: Mapping[str, Any], mesh: Mesh, batch_size: int,
+                        microbatches: int) -> Callable:
     """A jitted `(state, images_u8, labels, keys) -> (state, metrics, fingerprints)`.
 
-    Same signature as `train.make_train_step`'s step; state and outputs replicated on
-    `mesh`, images and labels sharded over it. The bits do not depend on `mesh.size`.
+    The signature of `steps.train_step`; state and outputs replicated on `mesh`, images
+    and labels sharded over it. The bits do not depend on `mesh.size`.
     """
-    from jaxrepro import rng  # noqa: PLC0415
-    from jaxrepro.data.augment import augment_example  # noqa: PLC0415
-    import optax  # noqa: PLC0415
-
     num_devices = mesh.size
     check_layout(batch_size, num_devices, microbatches, available=len(mesh.devices.flat))
     bm, per_device = batch_size // microbatches, microbatches // num_devices
@@ -165,39 +169,24 @@ def make_invariant_step(model, tx, augment, mesh: Mesh, batch_size: int, microba
         augment_key = rng.step_key(keys["augment"], step)
         dropout_key = rng.step_key(keys["dropout"], step)
 
-        def grad_fn(params, batch_stats, x_u8, y, m):
+        def microbatch(x_u8, y, m):
             # Example i of the batch (i = m * bm + k) is augmented with fold_in(key, i),
             # as in the single-program step; dropout gets its own key per micro-batch.
-            idx = (m * bm + jnp.arange(bm, dtype=jnp.int32)).astype(jnp.uint32)
-            ex_keys = jax.vmap(lambda i: jax.random.fold_in(augment_key, i))(idx)
-            x = jax.vmap(lambda k, im: augment_example(
-                k, im, flip=augment.flip, rotation=augment.rotation, zoom=augment.zoom))(
-                    ex_keys, x_u8.astype(jnp.float32))
-            drop = jax.random.fold_in(dropout_key, m)
-
-            def loss_of(p):
-                logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                              train=True, rngs={"dropout": drop},
-                                              mutable=["batch_stats"])
-                return jnp.mean(loss_fn(logits, y)), (logits, updates)
-
-            (loss, (logits, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-            correct = jnp.sum((logits > 0) == (y > 0)).astype(jnp.int32)
-            return {"grads": grads, "batch_stats": updates.get("batch_stats", {}),
-                    "loss": loss, "correct": correct}
+            positions = m * bm + jnp.arange(bm, dtype=jnp.int32)
+            x = steps.augment_images(x_u8, augment_key, augment, positions)
+            g = steps.loss_and_grads(model, state.params, state.batch_stats, x, y,
+                                     jax.random.fold_in(dropout_key, m))
+            return {"grads": g.grads, "batch_stats": g.batch_stats, "loss": g.loss,
+                    "correct": steps.correct_count(g.logits, y).astype(jnp.int32)}
 
         first = jax.lax.axis_index(DATA) * per_device
-        local = microbatch_grads(grad_fn, state.params, state.batch_stats, images, labels,
-                                 first, count, bm)
+        local = microbatch_results(microbatch, images, labels, first, count, bm)
         every = jax.tree.map(lambda x: jax.lax.all_gather(x, DATA, axis=0, tiled=True), local)
-        grads = tree_mean(every["grads"], microbatches)
-        batch_stats = tree_mean(every["batch_stats"], microbatches)
+        new = steps.apply_gradients(tx, state, tree_mean(every["grads"], microbatches),
+                                    tree_mean(every["batch_stats"], microbatches))
         loss = pairwise_sum(every["loss"]) / microbatches
         correct = jnp.sum(every["correct"])  # integers: exact in any order
-        param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state_cls(step=step + 1, params=optax.apply_updates(state.params, param_updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
-        return new, {"loss": loss, "correct": correct}, fingerprints(new)
+        return new, {"loss": loss, "correct": correct}, steps.state_fingerprints(new)
 
     sharded = jax.shard_map(step_fn, mesh=mesh,
                             in_specs=(P(), P(DATA), P(DATA), P(), P()),
@@ -215,12 +204,24 @@ def make_invariant_step(model, tx, augment, mesh: Mesh, batch_size: int, microba
     return train_step
 
 
-def make_sharded_step(step_fn: Callable, mesh: Mesh) -> Callable:
-    """`step_fn` (the single-program step, unjitted) jitted with the batch sharded on `mesh`.
+def make_sharded_step(model: nn.Module, tx: optax.GradientTransformation,
+                      augment: Mapping[str, Any], mesh: Mesh) -> Callable:
+    """`steps.train_step` jitted with the batch sharded on `mesh`.
 
     XLA partitions it and all-reduces the gradients itself: correct, but the bits
     change with the device count.
     """
     rep, data = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, data, data, rep),
+    return jax.jit(steps.train_step(model, tx, augment), in_shardings=(rep, data, data, rep),
                    out_shardings=(rep, rep, rep), donate_argnums=0)
+
+
+def make_step(model: nn.Module, tx: optax.GradientTransformation, augment: Mapping[str, Any],
+              mesh: Mesh | None, microbatches: int = 0, batch_size: int = 0) -> Callable:
+    """The training step of a placement: one device (`mesh=None`), the batch sharded by
+    XLA (`microbatches=0`), or device-count invariant micro-batches."""
+    if mesh is None:
+        return steps.make_train_step(model, tx, augment)
+    if microbatches:
+        return make_invariant_step(model, tx, augment, mesh, batch_size, microbatches)
+    return make_sharded_step(model, tx, augment, mesh)

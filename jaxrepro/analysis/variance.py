@@ -1,15 +1,15 @@
 """How much of a difference between two results comes from the seed, the framework,
 the CPU code path, or nothing at all? Train K short runs per factor and measure.
 
-    python -m jaxrepro.variance CONFIG_FILE [--k 3] [--steps 20] [--probe 8]
-                                [--variants one-core,ynn] [--out DIR] [--config.KEY=VALUE ...]
+    python -m jaxrepro.analysis.variance CONFIG_FILE [--k 3] [--steps 20] [--probe 8]
+                     [--variants one-core,ynn] [--out DIR] [--config.KEY=VALUE ...]
 
-Issue 5's variance decomposition. Every run follows one protocol, the matched one of
-`python -m jaxrepro.compare`: the JAX process builds the initial weights (`init`
-stream) and N training batches (`shuffle` order, `augment` keys, augmented once) of a
-seed; a trainer in a fresh process of its own takes those weights and batches, runs N
-steps of Keras RMSprop with dropout off (so that two frameworks can see exactly the same
-inputs), and writes its final weights. Then this process evaluates every set of final
+Every run follows one protocol, the matched one (`jaxrepro.analysis.matched`): this
+process builds the initial weights (`init` stream) and N training batches (`shuffle`
+order, `augment` keys, augmented once) of a seed; a trainer in a fresh process of its
+own (`python -m jaxrepro.analysis.matched` or `python -m jaxrepro.tfref matched`) takes
+those weights and batches, runs N steps of Keras RMSprop with dropout off (so that two
+frameworks can see exactly the same inputs), and writes its final weights. Then this process evaluates every set of final
 weights the same way (JAX, inference mode): validation accuracy and Grad-CAM heatmaps
 of P validation images. Only training differs between runs, never evaluation.
 
@@ -19,7 +19,7 @@ Runs, seeds s0 = config.seed, s1 = s0 + 1, ...:
   framework   Keras vs JAX on each seed s0 .. s(K-1)       (K pairs; the same init
               and batches, bit for bit; Keras under the paper's determinism recipe)
   code path   JAX on s0 under each of --variants (another XLA:CPU code path or core
-              count, see `jaxrepro.variants`) vs JAX on s0   (one pair per variant)
+              count, see `jaxrepro.analysis.variants`) vs JAX on s0   (one pair per variant)
   rerun JAX   JAX on s0 again, K-1 more processes, vs the first   (K-1 pairs)
   rerun TF    Keras on s0 again, K-1 more processes, vs the first (K-1 pairs)
 
@@ -37,32 +37,35 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
-import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 
-from jaxrepro import compare as comparelib
+from jaxrepro import cli
 from jaxrepro import config as configlib
-from jaxrepro import data as datalib
-from jaxrepro import models
-from jaxrepro import variants as variantslib
+from jaxrepro.analysis import matched
+from jaxrepro.analysis import variants as variantslib
+from jaxrepro.analysis.compare import tf_environment
+from jaxrepro.errors import UserError
 from jaxrepro.explain import gradcam as gradcamlib
+from jaxrepro.numerics import array_diff
 from jaxrepro.tfref import weights
-from jaxrepro.train import build_optimizer, load_data, model_options
+from jaxrepro.train import setup, steps
+from jaxrepro.train.loop import load_data
 
-ROOT = Path(__file__).resolve().parents[1]
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
 FACTORS = ("seed", "framework", "code path", "rerun JAX", "rerun TF")
 DEFAULT_VARIANTS = "one-core,ynn"
 
 
-class VarianceError(RuntimeError):
+class VarianceError(UserError, RuntimeError):
     """The decomposition cannot run as asked (a user error: exit 2)."""
 
 
@@ -97,43 +100,10 @@ def plan(seed: int, k: int, variant_names: Sequence[str]) -> tuple[list[Run], di
 # ------------------------------------------------------------------ trainers
 
 
-def write_inputs(config, steps: int, probe: int, directory: Path) -> None:
+def write_inputs(config, num_steps: int, probe: int, directory: Path) -> None:
     """A seed's initial weights and batches, as the trainers read them."""
-    inputs = comparelib.matched_inputs(config, steps, probe)
-    _, state = inputs.pop("model"), inputs.pop("state")
-    directory.mkdir(parents=True, exist_ok=True)
-    weights.save(directory / "init.npz", weights.flatten(jax.device_get(
-        {"params": state.params, "batch_stats": state.batch_stats})))
-    with open(directory / "inputs.npz", "wb") as f:
-        np.savez(f, train_images=inputs["train_images"], train_labels=inputs["train_labels"],
-                 probe_images=inputs["probe_images"])
-
-
-def train_jax(config, init: Path, inputs: Path, out: Path) -> None:
-    """The JAX trainer (run in a child process): N matched steps, final weights to `out`."""
-    model = models.get_model(config.model, dropout_rate=0.0, **model_options(config))
-    tx = build_optimizer(config)
-    variables = weights.unflatten(weights.load(init))
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    opt_state = tx.init(params)
-    step = comparelib.matched_step(model, tx)
-    with np.load(inputs, allow_pickle=False) as data:
-        xs, ys = data["train_images"], data["train_labels"]
-    losses = []
-    for k in range(xs.shape[0]):
-        loss, _, params, batch_stats, opt_state = step(params, batch_stats, opt_state,
-                                                       xs[k], ys[k])
-        losses.append(float(loss))
-    final = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-    weights.save(out / "final.npz", weights.flatten(jax.device_get(final)))
-    (out / "losses.json").write_text(json.dumps(losses) + "\n")
-
-
-def _run_process(cmd: list[str], env: dict[str, str], cpus: int | None, what: str) -> None:
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                       preexec_fn=variantslib._limit_cpus(cpus))
-    if r.returncode != 0:
-        raise RuntimeError(f"{what} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    matched.write_exchange(matched.matched_inputs(config, num_steps, probe), directory,
+                           validation=False)
 
 
 def train_run(run: Run, config_file: str, overrides: Sequence[str], exchange: Path,
@@ -144,22 +114,20 @@ def train_run(run: Run, config_file: str, overrides: Sequence[str], exchange: Pa
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if run.trainer == "keras":
-        cmd = [sys.executable, "-m", "jaxrepro.tfref", "matched", _model_name(config_file,
-               overrides), str(seed_dir / "init.npz"), str(seed_dir / "inputs.npz"),
-               str(out / "keras")]
-        _run_process(cmd, comparelib.tf_environment(), None, f"Keras run {run.name}")
+        model = configlib.resolve(config_file, overrides).model
+        cli.run_child("jaxrepro.tfref", ["matched", model, str(seed_dir / "init.npz"),
+                                         str(seed_dir / "inputs.npz"),
+                                         str(seed_dir / "layers.json"), str(out / "keras")],
+                      env=tf_environment(), what=f"Keras run {run.name}")
         last = sorted((out / "keras").glob("weights_*.npz"))[-1]
         shutil.copyfile(last, out / "final.npz")
         return
     variant = variantslib.VARIANTS[run.variant]
-    cmd = [sys.executable, "-m", "jaxrepro.variance", "--child", str(seed_dir), str(out),
-           config_file, *(f"--config.{o}" for o in overrides), f"--config.seed={run.seed}"]
-    _run_process(cmd, variantslib.variant_env(variant, os.environ), variant.cpus,
-                 f"JAX run {run.name}")
-
-
-def _model_name(config_file: str, overrides: Sequence[str]) -> str:
-    return configlib.resolve(config_file, overrides).model
+    cli.run_child("jaxrepro.analysis.matched",
+                  [str(seed_dir), str(out), config_file, *cli.as_arguments(overrides),
+                   f"--config.seed={run.seed}"],
+                  env=variantslib.variant_env(variant, os.environ), cpus=variant.cpus,
+                  what=f"JAX run {run.name}")
 
 
 # ----------------------------------------------------------------- measures
@@ -170,14 +138,10 @@ def evaluate(model, final: dict, probe: np.ndarray, val_images: np.ndarray,
     """Validation accuracy and Grad-CAM heatmaps of one run's final weights."""
     variables = weights.unflatten(final)
     variables.setdefault("batch_stats", {})
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    correct = 0
-    for s in range(0, len(val_labels), batch_size):
-        z = forward(variables, jnp.asarray(val_images[s:s + batch_size], jnp.float32))
-        correct += int(np.sum((np.asarray(z) > 0) == (val_labels[s:s + batch_size] > 0)))
+    accuracy = (steps.evaluate(steps.make_eval_step(model), variables, val_images, val_labels,
+                               batch_size).accuracy if len(val_labels) else None)
     maps = gradcamlib.gradcam(model, variables, jnp.asarray(probe))
-    return {"val_accuracy": correct / len(val_labels) if len(val_labels) else None,
-            "gradcam": np.asarray(maps, np.float64)}
+    return {"val_accuracy": accuracy, "gradcam": np.asarray(maps, np.float64)}
 
 
 def pair_measures(a: dict, b: dict) -> dict[str, Any]:
@@ -185,7 +149,7 @@ def pair_measures(a: dict, b: dict) -> dict[str, Any]:
     wa, wb = a["weights"], b["weights"]
     if set(wa) != set(wb):
         raise RuntimeError(f"weights of one run only: {sorted(set(wa) ^ set(wb))}")
-    bitwise = all(np.array_equal(wa[n].view(np.uint8), wb[n].view(np.uint8)) for n in wa)
+    bitwise = all(array_diff(wa[n], wb[n]).equal for n in wa)
     names = [n for n in wa if n.startswith("params/")]
     diff = np.sqrt(sum(np.sum((np.float64(wa[n]) - np.float64(wb[n])) ** 2) for n in names))
     norm = np.sqrt(sum(np.sum(np.float64(wa[n]) ** 2) for n in names))
@@ -226,11 +190,6 @@ def table(factors: dict[str, dict]) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """One panel per measure, one column of points per factor (log scale, 0 drawn low)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     names = list(report["factors"])
     keys = (("param_rel_diff", "parameters: ||a-b|| / ||a||"),
             ("gradcam_rmse", "Grad-CAM RMSE"), ("accuracy_diff", "|val accuracy a - b|"))
@@ -258,12 +217,12 @@ def plot(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------- main
 
 
-def decompose(config_file: str, overrides: Sequence[str], k: int, steps: int, probe: int,
+def decompose(config_file: str, overrides: Sequence[str], k: int, num_steps: int, probe: int,
               variant_names: Sequence[str], out: Path, progress: bool = True) -> dict:
     """Train every run of `plan`, measure every pair; write variance.{json,md,png}."""
     if k < 2:
         raise VarianceError("--k must be at least 2 (a factor needs two runs)")
-    if steps < 1:
+    if num_steps < 1:
         raise VarianceError("--steps must be at least 1")
     unknown = [v for v in variant_names if v not in variantslib.VARIANTS or v == "default"]
     if unknown:
@@ -275,15 +234,15 @@ def decompose(config_file: str, overrides: Sequence[str], k: int, steps: int, pr
     exchange = out / "inputs"
     seeds = sorted({r.seed for r in runs})
     for s in seeds:
-        write_inputs(configlib.resolve(config_file, [*overrides, f"seed={s}"]), steps, probe,
-                     exchange / f"s{s}")
+        write_inputs(configlib.resolve(config_file, [*overrides, f"seed={s}"]), num_steps,
+                     probe, exchange / f"s{s}")
     for i, run in enumerate(runs, 1):
         if progress:
             print(f"[{i}/{len(runs)}] training {run.name}", file=sys.stderr, flush=True)
         train_run(run, config_file, overrides, exchange, out / "runs" / run.name)
 
     split = load_data(config).validation
-    model = models.get_model(config.model, dropout_rate=0.0, **model_options(config))
+    model = setup.build_model(config, dropout_rate=0.0)
     with np.load(exchange / f"s{config.seed}" / "inputs.npz", allow_pickle=False) as d:
         probe_images = d["probe_images"]
     results = {}
@@ -298,7 +257,7 @@ def decompose(config_file: str, overrides: Sequence[str], k: int, steps: int, pr
     report = {
         "model": config.model, "experiment": config.experiment, "seed": config.seed,
         "image_size": config.data.image_size, "batch_size": config.batch_size,
-        "steps": steps, "k": k, "probe_images": int(probe_images.shape[0]),
+        "steps": num_steps, "k": k, "probe_images": int(probe_images.shape[0]),
         "variants": list(variant_names), "overrides": list(overrides),
         "protocol": "matched: dropout off, batches augmented once by JAX, Keras RMSprop "
                     "defaults; every run evaluated by JAX",
@@ -312,17 +271,12 @@ def decompose(config_file: str, overrides: Sequence[str], k: int, steps: int, pr
     return report
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
-    if rest[:1] == ["--child"]:  # a JAX trainer: --child SEED_DIR OUT CONFIG_FILE
-        seed_dir, out, config_file = map(Path, rest[1:4])
-        train_jax(configlib.resolve(config_file, overrides), seed_dir / "init.npz",
-                  seed_dir / "inputs.npz", out)
-        return 0
+    """CLI: 0 done, 2 a user error, 1 if a trainer process fails."""
+    rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.variance", description=__doc__,
+        prog="python -m jaxrepro.analysis.variance", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Variants:\n" + "\n".join(f"  {k:20s} {v.description}"
                                           for k, v in variantslib.VARIANTS.items()
@@ -342,14 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
-        if not Path(args.config_file).exists():
-            raise VarianceError(f"config file {args.config_file} does not exist")
         report = decompose(args.config_file, overrides, args.k, args.steps, args.probe, names,
                            args.out, progress=not args.no_progress)
-    except (configlib.ConfigError, VarianceError, datalib.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
+    except cli.ChildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(table(report["factors"]))

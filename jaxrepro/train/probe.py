@@ -7,7 +7,7 @@ so that every operation runs at the shapes of a training step) the probe holds
     computed but not kept), and
   * the gradient of the training loss with respect to every parameter (training
     mode: batch statistics, and dropout from the run's own `probe` PRNG stream).
-The order in which layers run is stored with it (checkpoint metadata). `jaxrepro.diff` compares two probes layer by
+The order in which layers run is stored with it (checkpoint metadata). `jaxrepro.analysis.diff` compares two probes layer by
 layer: the first forward activation that differs between two runs with equal
 parameters says which layer a device or code path computes differently; the first
 gradient that differs (in backward order) does the same for backpropagation.
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxrepro import rng
 from jaxrepro.models import flat_intermediates
+from jaxrepro.train import steps
 
 
 # Modules that own parameters (leaves of the model tree).
@@ -57,7 +58,7 @@ def call_order(model: nn.Module, variables: dict, images: jax.Array) -> dict[str
     return {"activations": activations, "layers": layers}
 
 
-def make_probe(model: nn.Module, loss_fn: Callable, keep: int) -> Callable:
+def make_probe(model: nn.Module, keep: int) -> Callable:
     """A jitted `(params, batch_stats, images, labels, key, step) -> probe pytree`.
 
     Activations are kept for the first `keep` images of the batch.
@@ -66,20 +67,19 @@ def make_probe(model: nn.Module, loss_fn: Callable, keep: int) -> Callable:
     def probe(params, batch_stats, images, labels, probe_key, step):
         variables = {"params": params, "batch_stats": batch_stats}
         logits, inter = model.apply(variables, images, train=False, mutable=["intermediates"])
-
-        def loss(p):
-            out, _ = model.apply({"params": p, "batch_stats": batch_stats}, images, train=True,
-                                 rngs={"dropout": rng.step_key(probe_key, step)},
-                                 mutable=["batch_stats"])
-            return jnp.mean(loss_fn(out, labels))
-
-        value, grads = jax.value_and_grad(loss)(params)
-        return {"logits": logits, "loss": value,
+        g = steps.loss_and_grads(model, params, batch_stats, images, labels,
+                                 rng.step_key(probe_key, step))
+        return {"logits": logits, "loss": g.loss,
                 "activations": {k: v[:keep] for k, v in
                                 flat_intermediates(inter["intermediates"]).items()},
-                "gradients": grads}
+                "gradients": g.grads}
 
     return jax.jit(probe)
+
+
+def forward_order(model: nn.Module, variables: dict, images: jax.Array) -> list[str]:
+    """The sown activations in the order the forward pass computes them, then 'logits'."""
+    return call_order(model, variables, images)["activations"] + ["logits"]
 
 
 def gradient_order(layers: list[str], names: Any) -> list[str]:

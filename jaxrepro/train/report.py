@@ -1,7 +1,7 @@
 """A readable report of one run: curves (PNG) and a Markdown summary.
 
-The curves follow Figures 10-13 of seeds/000 (training and validation accuracy and
-loss per epoch). The summary puts the final metrics next to what proves the run's
+The curves follow the paper's figures of training and validation accuracy and loss
+per epoch. The summary puts the final metrics next to what proves the run's
 bits: the final state SHA-256, the data and epoch-order fingerprints and the
 environment the run ran in. Two runs with the same bits print the same hashes.
 """
@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from jaxrepro.records import read_jsonl  # noqa: E402
+from jaxrepro.train.rundir import RunDir  # noqa: E402
 
 
 def plot_curves(epochs: list[dict], title: str, path: Path) -> None:
@@ -40,19 +41,19 @@ def plot_curves(epochs: list[dict], title: str, path: Path) -> None:
 
 def write(workdir: str | Path) -> Path:
     """Write curves.png and report.md into a run directory; returns the report path."""
-    workdir = Path(workdir)
-    config = json.loads((workdir / "config.json").read_text())
-    final = json.loads((workdir / "final.json").read_text())
-    epochs = read_jsonl(workdir / "metrics.jsonl")
-    envs = read_jsonl(workdir / "environment.jsonl")
-    timing = read_jsonl(workdir / "timing.jsonl")
-    data = json.loads((workdir / "data.json").read_text())
+    run = RunDir(workdir)
+    config = json.loads(run.config.read_text())
+    final = json.loads(run.final.read_text())
+    epochs = read_jsonl(run.metrics)
+    envs = read_jsonl(run.environment)
+    timing = read_jsonl(run.timing)
+    data = json.loads(run.data.read_text())
     name = config["experiment"]
     if config["model"] != name:
         name += f" ({config['model']})"
     title = f"{name}, seed {config['seed']}"
     if epochs:
-        plot_curves(epochs, title, workdir / "curves.png")
+        plot_curves(epochs, title, run.curves)
 
     lines = [f"# Run report: {title}", ""]
     if epochs:
@@ -99,6 +100,5 @@ def write(workdir: str | Path) -> Path:
                   "- packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
                   f"- started {len(envs)} time(s), at steps "
                   f"{[e['start_step'] for e in envs]}", ""]
-    path = workdir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    run.report.write_text("\n".join(lines))
+    return run.report

@@ -1,6 +1,6 @@
-"""JAX side: write a run's (or checkpoint's) variables to the TF weight file, and back.
+"""Write a run's (or checkpoint's) variables to the weight file the TF side reads, and back.
 
-    python -m jaxrepro.tfref.export RUN_OR_CHECKPOINT OUT.npz
+    python -m jaxrepro.analysis.export RUN_OR_CHECKPOINT OUT.npz
 
 writes 'params/...' and 'batch_stats/...' of the checkpoint (the latest of a run
 directory) as an `.npz` (`jaxrepro.tfref.weights`) and prints, as JSON, the model, image
@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
 import jax
-import numpy as np
 
+from jaxrepro import cli
 from jaxrepro.tfref import weights
+from jaxrepro.train import rundir
 
 
 def export_variables(variables: Mapping[str, Any], path: str | Path) -> dict[str, str]:
@@ -38,28 +38,21 @@ def import_variables(path: str | Path) -> dict[str, Any]:
 
 def export_run(path: str | Path, out: str | Path) -> dict[str, Any]:
     """Export the variables of a run or checkpoint directory; what was written."""
-    from jaxrepro import runs  # noqa: PLC0415  (loads train, orbax: only when needed)
-
-    trained = runs.load(path)
+    trained = rundir.load(path)
     hashes = export_variables(trained.variables, out)
     return {"run": str(trained.run), "step": trained.step, "model": trained.config.model,
             "image_size": trained.image_size, "out": str(out), "sha256": hashes}
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref.export",
+    parser = argparse.ArgumentParser(prog="python -m jaxrepro.analysis.export",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory or <run>/checkpoints/<step>")
     parser.add_argument("out", help="the .npz to write")
     args = parser.parse_args(argv)
-    from jaxrepro.runs import RunNotFound  # noqa: PLC0415
-
-    try:
-        result = export_run(args.run, args.out)
-    except RunNotFound as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = export_run(args.run, args.out)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrepro.config import ConfigError
+
 
 class KerasRMSpropState(NamedTuple):
     """The per-parameter velocity (Keras's `velocities`), starting at zero."""
@@ -58,5 +60,5 @@ OPTIMIZERS = {"rmsprop": keras_rmsprop}
 def make_optimizer(name: str, **kwargs) -> optax.GradientTransformation:
     """An optimizer by config name."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name](**kwargs)

@@ -3,11 +3,12 @@
 A checkpoint holds two or three Orbax items: `state` (step, params, batch_stats,
 optimizer state), `meta` (JSON: data cursor, root key data, config hash and a
 manifest of SHA-256 of each leaf's bytes) and, optionally, `probe` (per-layer
-activations and gradients on a fixed batch, see `jaxrepro.probe`, with its own
-manifest). The checkpoint of step 0, the initial state, is always kept. Restoring recomputes the hashes and refuses a
-checkpoint whose bytes do not match, so a damaged or truncated checkpoint is
-reported, never half-loaded. Saves are synchronous and Orbax finalises a step
-directory atomically, so a run killed mid-save leaves the previous checkpoint intact.
+activations and gradients on a fixed batch, see `jaxrepro.train.probe`, with its own
+manifest). The checkpoint of step 0, the initial state, is always kept. Restoring
+recomputes the hashes and refuses a checkpoint whose bytes do not match, so a damaged
+or truncated checkpoint is reported, never half-loaded. Saves are synchronous and
+Orbax finalises a step directory atomically, so a run killed mid-save leaves the
+previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jaxrepro.errors import UserError
 from jaxrepro.fingerprint import sha256_leaves
 
 
 ITEMS = ("state", "meta", "probe")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, damaged or does not belong to this run."""
 
 

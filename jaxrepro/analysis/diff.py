@@ -1,6 +1,6 @@
 """Compare two runs or checkpoints: are they bitwise identical, and if not, where do they part?
 
-    python -m jaxrepro.diff A B [--json] [--plot PATH]
+    python -m jaxrepro.analysis.diff A B [--json] [--plot PATH] [--no-predictions]
 
 A and B are run directories (`checkpoints/<experiment>/<run>`) or checkpoint
 directories (`<run>/checkpoints/<step>`). The report gives
@@ -28,73 +28,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import matplotlib
 import numpy as np
 
+from jaxrepro import cli
+from jaxrepro.errors import UserError
+from jaxrepro.fingerprint import path_name
+from jaxrepro.numerics import array_diff
 from jaxrepro.records import read_jsonl
+from jaxrepro.train import checkpoint as ckpt
+from jaxrepro.train import rundir, steps
+from jaxrepro.train.loop import load_data
+from jaxrepro.train.probe import flat_gradients, gradient_order
+from jaxrepro.train.rundir import RunDir
 
-# ULP-distance histogram bins: [lo, hi) per bin.
-ULP_BINS = ((0, 1), (1, 2), (2, 4), (4, 16), (16, 256), (256, 65536), (65536, 2**63))
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
 
 
-class DiffError(RuntimeError):
+class DiffError(UserError, RuntimeError):
     """Inputs that cannot be compared (missing, damaged or of another structure)."""
 
 
-# ------------------------------------------------------------------- numbers
-
-
-def ordered_bits(x: np.ndarray) -> np.ndarray:
-    """Float32 bit patterns mapped to int64 so that adjacent floats differ by 1.
-
-    -0.0 and +0.0 both map to 0; positive floats keep their bit pattern; negative
-    floats map to minus the pattern of their magnitude.
-    """
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
-    magnitude = bits & 0x7FFFFFFF
-    return np.where(bits < 0, -magnitude, magnitude)
-
-
-def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Number of float32 values between a and b, elementwise (int64).
-
-    NaN against anything (including NaN) is reported as -1: no distance exists.
-    +0 and -0 are 0 ULP apart although their bits differ.
-    """
-    a = np.asarray(a, np.float32)
-    b = np.asarray(b, np.float32)
-    d = np.abs(ordered_bits(a) - ordered_bits(b))
-    return np.where(np.isnan(a) | np.isnan(b), -1, d)
-
-
 def compare_leaf(a: np.ndarray, b: np.ndarray) -> dict:
-    """Bitwise equality and size of the difference of two arrays of one shape."""
-    a, b = np.asarray(a), np.asarray(b)
-    a_bytes = np.ascontiguousarray(a).view(np.uint8)
-    b_bytes = np.ascontiguousarray(b).view(np.uint8)
-    if a.dtype != b.dtype or a.shape != b.shape:
-        raise DiffError(f"dtype/shape {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
-    differs = (a_bytes.reshape(a.size, -1) != b_bytes.reshape(b.size, -1)).any(axis=1) \
-        if a.size else np.zeros(0, bool)
-    n = int(differs.sum())
-    out = {"equal": n == 0, "shape": list(a.shape), "dtype": str(a.dtype),
-           "num_different": n, "fraction_different": n / a.size if a.size else 0.0}
-    if n and np.issubdtype(a.dtype, np.floating):
-        fa, fb = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        absdiff = np.abs(fa - fb)
-        scale = np.maximum(np.abs(fa), np.abs(fb))
-        rel = np.divide(absdiff, scale, out=np.zeros_like(absdiff), where=scale > 0)
-        out["max_abs_diff"] = float(np.nanmax(absdiff)) if np.isfinite(absdiff).any() else None
-        out["max_rel_diff"] = float(np.nanmax(rel)) if np.isfinite(rel).any() else None
-        if a.dtype == np.float32:
-            ulps = ulp_distance(a, b).ravel()
-            out["nan_mismatches"] = int((ulps < 0).sum())
-            ulps = ulps[ulps >= 0]
-            out["max_ulp"] = int(ulps.max()) if ulps.size else None
-            out["ulp_histogram"] = {f"[{lo},{hi})" if hi < 2**63 else f">={lo}":
-                                    int(((ulps >= lo) & (ulps < hi)).sum()) for lo, hi in ULP_BINS}
-    elif n:
-        out["max_abs_diff"] = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    return out
+    """Bitwise equality and size of the difference of two arrays of one shape (a dict)."""
+    try:
+        return array_diff(a, b, histogram=True).to_dict()
+    except ValueError as e:
+        raise DiffError(str(e)) from None
 
 
 # --------------------------------------------------------------------- inputs
@@ -114,58 +76,27 @@ class Side:
 
 def locate(path: str | Path) -> Side:
     """Resolve a run directory or a checkpoint step directory."""
-    from jaxrepro import runs  # noqa: PLC0415  (imports jax)
-
-    try:
-        return Side(*runs.locate(path))
-    except runs.RunNotFound as e:
-        raise DiffError(str(e)) from None
-
-
-def _manager(run: Path):
-    from jaxrepro import checkpoint as ckpt  # noqa: PLC0415  (imports jax)
-
-    return ckpt.manager(run / "checkpoints", max_to_keep=None)
+    return Side(*rundir.locate(path))
 
 
 def checkpoint_steps(run: Path) -> list[int]:
     """The finalised checkpoint steps of a run."""
-    return sorted(int(s) for s in _manager(run).all_steps())
+    return sorted(int(s) for s in RunDir(run).manager().all_steps())
 
 
 def load_state(side: Side, step: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
     """The verified leaves ('params.conv1.kernel' -> array) of a side's checkpoint."""
-    from jaxrepro import checkpoint as ckpt  # noqa: PLC0415  (imports jax)
-    from jaxrepro.fingerprint import path_name  # noqa: PLC0415
-    import jax  # noqa: PLC0415
-
-    mngr = _manager(side.run)
-    step = step if step is not None else side.step
-    step = step if step is not None else ckpt.latest_step(mngr)
-    if step is None:
-        raise DiffError(f"{side.run} has no checkpoint")
-    if step not in mngr.all_steps():
-        raise DiffError(f"{side.run} has no checkpoint at step {step}; it has "
-                        f"{sorted(mngr.all_steps())}")
-    try:
-        state, _ = ckpt.restore(mngr, step, None)
-    except ckpt.CheckpointError as e:
-        raise DiffError(str(e)) from e
+    step = rundir.checkpoint_step(side.run, step if step is not None else side.step)
+    state, _ = ckpt.restore(RunDir(side.run).manager(), step, None)
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
     return step, {path_name(p): np.asarray(v) for p, v in flat}
 
 
 def load_probe(run: Path, step: int) -> tuple[dict, dict] | None:
     """The verified probe of checkpoint `step` and its layer order, or None if it has none."""
-    from jaxrepro import checkpoint as ckpt  # noqa: PLC0415
-    from jaxrepro.probe import flat_gradients  # noqa: PLC0415
-
-    if not (run / "checkpoints" / str(step) / "probe").is_dir():
+    if not (RunDir(run).checkpoints / str(step) / "probe").is_dir():
         return None
-    try:
-        probe, meta = ckpt.restore_probe(_manager(run), step)
-    except ckpt.CheckpointError as e:
-        raise DiffError(str(e)) from e
+    probe, meta = ckpt.restore_probe(RunDir(run).manager(), step)
     order = meta.get("probe_order") or {}
     probe["gradients"] = flat_gradients(probe["gradients"])
     return probe, order
@@ -194,10 +125,9 @@ def first_divergent_step(steps_a: list[dict], steps_b: list[dict]) -> dict:
             "reason": "no logged step differs" if common else "no step records"}
 
 
-def _brief(r: dict) -> dict:
-    """The headline numbers of a `compare_leaf` result."""
-    return {k: r.get(k) for k in ("equal", "fraction_different", "max_ulp", "max_rel_diff",
-                                  "max_abs_diff")}
+def _brief(a: np.ndarray, b: np.ndarray) -> dict:
+    """The headline numbers of how two arrays differ."""
+    return array_diff(a, b).brief()
 
 
 def _state_record_equal(steps_a: list[dict], steps_b: list[dict], step: int) -> bool | None:
@@ -213,8 +143,6 @@ def compare_probes(pa: dict, order: dict, pb: dict) -> dict:
     Names the first forward activation (or the logits) and the first gradient whose
     bits differ; the per-layer numbers say by how much.
     """
-    from jaxrepro.probe import gradient_order  # noqa: PLC0415
-
     names = list(order.get("activations") or sorted(pa["activations"]))
     forward: dict[str, dict] = {}
     for name in names + ["logits"]:
@@ -223,7 +151,7 @@ def compare_probes(pa: dict, order: dict, pb: dict) -> dict:
         if a is None or b is None or np.shape(a) != np.shape(b):
             forward[name] = {"equal": False, "note": "missing on one side or other shape"}
         else:
-            forward[name] = _brief(compare_leaf(a, b))
+            forward[name] = _brief(a, b)
     grad_names = gradient_order(list(order.get("layers") or []),
                                 sorted(set(pa["gradients"]) | set(pb["gradients"])))
     gradients: dict[str, dict] = {}
@@ -232,7 +160,7 @@ def compare_probes(pa: dict, order: dict, pb: dict) -> dict:
         if a is None or b is None or np.shape(a) != np.shape(b):
             gradients[name] = {"equal": False, "note": "missing on one side or other shape"}
         else:
-            gradients[name] = _brief(compare_leaf(a, b))
+            gradients[name] = _brief(a, b)
     return {"first_forward": next((k for k, r in forward.items() if not r["equal"]), None),
             "first_gradient": next((k for k, r in gradients.items() if not r["equal"]), None),
             "forward": forward, "gradients": gradients}
@@ -282,7 +210,7 @@ def checkpoint_growth(a: Side, b: Side, steps: list[int]) -> list[dict]:
             continue
         rs = [compare_leaf(la[k], lb[k]) for k in sorted(la)]
         ulps = [r["max_ulp"] for r in rs if r.get("max_ulp") is not None]
-        rels = [r["max_rel_diff"] for r in rs if r.get("max_rel_diff") is not None]
+        rels = [r["max_rel"] for r in rs if r.get("max_rel") is not None]
         growth.append({"step": step, "leaves_different": sum(not r["equal"] for r in rs),
                        "max_ulp": max(ulps, default=0), "max_rel_diff": max(rels, default=0.0)})
     return growth
@@ -295,26 +223,17 @@ def predictions_diff(a: Side, b: Side) -> dict:
     logits are bitwise equal. Evaluating both on one device isolates the weights from
     the device that trained them.
     """
-    from jaxrepro import runs, train  # noqa: PLC0415
-    from jaxrepro.data import DataError  # noqa: PLC0415
-
+    ma, mb = rundir.load(a.run, a.step), rundir.load(b.run, b.step)
     try:
-        ma, mb = runs.load(a.run, a.step), runs.load(b.run, b.step)
-        data = train.load_data(ma.config)
-    except (DataError, runs.RunNotFound) as e:
+        val = load_data(ma.config).validation
+    except UserError as e:  # the data set is not prepared on this machine
         return {"skipped": str(e)}
-    val = data.validation
     logits = []
-    step_a = train.make_eval_step(ma.model)
+    step_a = steps.make_eval_step(ma.model)
     for m in (ma, mb):  # one compiled program when both runs use the same model
-        step = step_a if m.model == ma.model else train.make_eval_step(m.model)
-        n, bs = len(val.labels), int(ma.config.eval_batch_size)
-        out = []
-        for start in range(0, n, bs):
-            idx = np.minimum(np.arange(start, start + bs), n - 1)
-            _, _, lg = step(m.state, val.images[idx], val.labels[idx], np.ones(bs, np.float32))
-            out.append(np.asarray(lg)[: n - start])
-        logits.append(np.concatenate(out)[:n])
+        step = step_a if m.model == ma.model else steps.make_eval_step(m.model)
+        logits.append(steps.evaluate(step, m.variables, val.images, val.labels,
+                                     int(ma.config.eval_batch_size)).logits)
     la, lb = logits
     pred_a, pred_b = la > 0, lb > 0
     labels = np.asarray(val.labels) > 0
@@ -322,7 +241,7 @@ def predictions_diff(a: Side, b: Side) -> dict:
             "accuracy_a": float(np.mean(pred_a == labels)),
             "accuracy_b": float(np.mean(pred_b == labels)),
             "predictions_changed": int(np.sum(pred_a != pred_b)),
-            "logits": _brief(compare_leaf(la.astype(np.float32), lb.astype(np.float32)))}
+            "logits": _brief(la.astype(np.float32), lb.astype(np.float32))}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -336,7 +255,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def environment_diff(a: Path, b: Path) -> dict[str, list]:
     """Fields of the (latest) environment fingerprints that differ: name -> [a, b]."""
-    ea, eb = read_jsonl(a / "environment.jsonl"), read_jsonl(b / "environment.jsonl")
+    ea, eb = read_jsonl(RunDir(a).environment), read_jsonl(RunDir(b).environment)
     if not ea or not eb:
         return {}
     fa = _flatten({k: v for k, v in ea[-1].items() if k != "start_step"})
@@ -350,7 +269,7 @@ def environment_diff(a: Path, b: Path) -> dict[str, list]:
 def fork_relation(a: Path, b: Path) -> dict | None:
     """If one run was forked from the other (fork.json), from which step and with what."""
     for child, parent, name in ((b, a, "B"), (a, b, "A")):
-        path = child / "fork.json"
+        path = RunDir(child).fork
         if path.exists():
             info = json.loads(path.read_text())
             if Path(info["parent"]).resolve() == parent.resolve():
@@ -383,7 +302,7 @@ def diff(a: str | Path, b: str | Path, *, predictions: bool = True) -> dict:
     report["leaves"] = {k: compare_leaf(leaves_a[k], leaves_b[k]) for k in sorted(leaves_a)}
     identical = all(r["equal"] for r in report["leaves"].values())
     report["verdict"] = "identical" if identical else "different"
-    steps_a, steps_b = read_jsonl(side_a.run / "steps.jsonl"), read_jsonl(side_b.run / "steps.jsonl")
+    steps_a, steps_b = read_jsonl(RunDir(side_a.run).steps), read_jsonl(RunDir(side_b.run).steps)
     report["first_divergence"] = first_divergent_step(steps_a, steps_b)
     report["fork"] = fork_relation(side_a.run, side_b.run)
     common = sorted(set(checkpoint_steps(side_a.run)) & set(checkpoint_steps(side_b.run)))
@@ -435,7 +354,7 @@ def format_text(report: dict) -> str:
             if r["equal"]:
                 continue
             lines.append(f"{k:44s} {r['num_different']:9d} {r['fraction_different']:7.3f} "
-                         f"{r.get('max_abs_diff') or 0:10.3e} {r.get('max_rel_diff') or 0:10.3e} "
+                         f"{r.get('max_abs') or 0:10.3e} {r.get('max_rel') or 0:10.3e} "
                          f"{r.get('max_ulp') if r.get('max_ulp') is not None else '-':>9}")
     fd = report["first_divergence"]
     if fd.get("step") is not None:
@@ -496,17 +415,12 @@ def _format_layers(layers: dict) -> list[str]:
         r = table[first]
         n_diff = sum(not v["equal"] for v in table.values())
         lines.append(f"  first {kind} layer that differs: {first} (max {r.get('max_ulp')} ulp, "
-                     f"max rel {r.get('max_rel_diff') or 0:.1e}); {n_diff} of {len(table)} differ")
+                     f"max rel {r.get('max_rel') or 0:.1e}); {n_diff} of {len(table)} differ")
     return lines
 
 
 def plot_growth(report: dict, path: Path) -> None:
     """How the difference grew: leaves per step, the two losses, max ULP per checkpoint."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     growth = report.get("first_divergence", {}).get("growth") or []
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     steps = [g["step"] for g in growth]
@@ -533,10 +447,11 @@ def plot_growth(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 identical, 1 different, 2 not comparable or error."""
     parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.diff", description=__doc__.split("\n\n")[0],
+        prog="python -m jaxrepro.analysis.diff", description=__doc__.split("\n\n")[0],
         epilog="A and B: run directories or <run>/checkpoints/<step>. "
                "Exit status 0 identical, 1 different, 2 not comparable or error.")
     parser.add_argument("a", help="run directory, or <run>/checkpoints/<step>")
@@ -547,11 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="skip evaluating both models on A's validation split (it needs "
                              "the data set on this machine)")
     args = parser.parse_args(argv)
-    try:
-        report = diff(args.a, args.b, predictions=not args.no_predictions)
-    except DiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = diff(args.a, args.b, predictions=not args.no_predictions)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_text(report))
     if args.plot and report["verdict"] == "different":
         plot_growth(report, args.plot)

@@ -1,10 +1,10 @@
-"""How stable are the explanations? The thesis' rotation and noise protocol (seeds/004 ch. 7-8).
+"""How stable are the explanations? The rotation and noise protocol of Heggen's thesis.
 
-    python -m jaxrepro.robustness RUN_OR_CHECKPOINT [--images N | IMAGE...]
-                                  [--methods gradcam,ig,...] [--seed S] [--out DIR]
-    python -m jaxrepro.robustness RUN_OR_CHECKPOINT --correctness [--images N]
+    python -m jaxrepro.explain.robustness RUN_OR_CHECKPOINT [--images N | IMAGE...]
+                                          [--methods gradcam,ig,...] [--seed S] [--out DIR]
+    python -m jaxrepro.explain.robustness RUN_OR_CHECKPOINT --correctness [--images N]
 
-Protocol (seeds/004 sections 7.1-7.4, figures 8.2-8.37), per image and method:
+Protocol (the thesis's sections 7.1-7.4, figures 8.2-8.37), per image and method:
 
 - reference: the heatmap of the image, explaining its predicted class.
 - transformed: the heatmap of the transformed image, explaining *its* predicted class
@@ -46,14 +46,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -63,30 +61,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jaxrepro import checkpoint as ckpt  # noqa: E402
+from jaxrepro import cli  # noqa: E402
 from jaxrepro import data as datalib  # noqa: E402
-from jaxrepro import runs  # noqa: E402
 from jaxrepro.data.augment import rotate_image  # noqa: E402
+from jaxrepro.errors import UserError  # noqa: E402
 from jaxrepro.explain import METHODS, UNSIGNED, explain, metrics  # noqa: E402
-from jaxrepro.explain.inputs import InputError, read_image  # noqa: E402
+from jaxrepro.explain.inputs import read_image  # noqa: E402
 from jaxrepro.explain.prediction import CLASS_NAMES, class_sign, predict  # noqa: E402
+from jaxrepro.train import rundir  # noqa: E402
 
 ANGLES_SMALL = (0.5, 1.0, 5.0, 10.0)
 ANGLES_LARGE = (15.0, 20.0, 25.0, 40.0)
 SIGMAS_SMALL = tuple(round(0.01 * k, 2) for k in range(1, 11))
 SIGMAS_LARGE = (0.25, 0.45, 1.0, 2.5, 5.0, 10.0)   # the thesis names 0.25, 0.45, 1, 5, 10
 PIXEL_RANGE = 255.0                                 # sigma 1 = the whole pixel range
-LOCAL_METHODS = ("gradcam", "guided-backprop", "guided-gradcam", "ig")
 
 
-class ProtocolError(RuntimeError):
+class ProtocolError(UserError, RuntimeError):
     """Options or inputs the protocol cannot run with; reported with exit status 2."""
-
-
-def available_methods() -> tuple[str, ...]:
-    """The methods this checkout can run (lrp once its module is present)."""
-    has_lrp = importlib.util.find_spec("jaxrepro.explain.lrp") is not None
-    return LOCAL_METHODS + (("lrp",) if has_lrp else ())
 
 
 # ------------------------------------------------------------------ transforms
@@ -357,10 +349,10 @@ def correctness(model: Any, variables: Any, images: np.ndarray, labels: np.ndarr
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.robustness",
+        prog="python -m jaxrepro.explain.robustness",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Robustness of explanations under rotation and Gaussian noise (the "
-                    "protocol of seeds/004, ch. 7-8): RMSE between the heatmap of a "
+                    "protocol of Heggen's thesis, ch. 7-8): RMSE between the heatmap of a "
                     "transformed image and the equally transformed reference heatmap. "
                     "With --correctness: pointing game and relevance mass inside the "
                     "object masks of the validation images.",
@@ -369,7 +361,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                f"{SIGMAS_SMALL} and {SIGMAS_LARGE}.\n"
                "Writes robustness.csv and <image>.rotation.png / <image>.noise.png "
                "(or correctness.csv) in --out.\n"
-               "Example:\n  python -m jaxrepro.robustness checkpoints/convnet/seed1001 "
+               "Example:\n  python -m jaxrepro.explain.robustness checkpoints/convnet/seed1001 "
                "--images 3 --methods gradcam,ig --out robustness")
     parser.add_argument("run", help="run directory or checkpoint directory")
     parser.add_argument("files", nargs="*", metavar="IMAGE",
@@ -378,8 +370,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="number of validation images of the run's data (default 3; "
                              "with --correctness 100)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated methods (default: all available: "
-                             f"{','.join(LOCAL_METHODS)}[,lrp])")
+                        help=f"comma-separated methods (default: all: {','.join(METHODS)})")
     parser.add_argument("--angles", default=None,
                         help="comma-separated angles in degrees (default: the thesis')")
     parser.add_argument("--sigmas", default=None,
@@ -409,20 +400,16 @@ def _floats(text: str | None, default: tuple[float, ...], what: str) -> tuple[fl
 
 
 def _methods(text: str | None) -> tuple[str, ...]:
-    available = available_methods()
     if text is None:
-        return available
+        return tuple(METHODS)
     chosen = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         raise ProtocolError(f"unknown methods {unknown}; valid: {sorted(METHODS)}")
-    missing = [m for m in chosen if m not in available]
-    if missing:
-        raise ProtocolError(f"methods not available in this checkout: {missing}")
     return chosen
 
 
-def _validation(trained: runs.TrainedModel) -> Any:
+def _validation(trained: rundir.TrainedModel) -> Any:
     d = trained.config.data
     return datalib.load(source=d.source, split="validation", image_size=d.image_size,
                         num_train=d.num_train, num_val=d.num_val,
@@ -440,15 +427,12 @@ def run(args: argparse.Namespace) -> int:
         raise ProtocolError("give IMAGE files or --images N (validation images), not both; "
                             "--correctness uses validation images only")
     options = {"steps": args.steps, "composite": args.composite}
-    run_dir, _ = runs.locate(args.run)
-    image_size = int(runs.read_config(run_dir).data.image_size)
+    run_dir, _ = rundir.locate(args.run)
+    image_size = int(rundir.RunDir(run_dir).read_config().data.image_size)
     if args.files:
-        try:
-            pictures = [read_image(Path(p), image_size)[0] for p in args.files]
-        except InputError as e:
-            raise ProtocolError(str(e)) from None
+        pictures = [read_image(Path(p), image_size)[0] for p in args.files]
         images, names = np.stack(pictures), [Path(p).stem for p in args.files]
-    trained = runs.load(args.run)
+    trained = rundir.load(args.run)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.files:
@@ -494,14 +478,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except (ProtocolError, runs.RunNotFound, ckpt.CheckpointError, datalib.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,273 @@
+"""Speed and memory of jaxrepro next to the paper's Keras/TF runs, measured in one run.
+
+    python -m jaxrepro.analysis.bench [CONFIG_FILE ...] [--systems ...] [--image-size 180]
+                     [--batch-size 32] [--steps 6] [--repeats 3] [--out DIR]
+
+CONFIG_FILEs default to experiments/convnet.py and experiments/minixception.py. Every
+(config, system) is measured in a fresh process of its own, one after the other, on
+the same data: the config's images (the paper's pipeline: uint8 images, flip / rotate
+0.1 / zoom 0.2 augmentation inside the step, RMSprop), read by `jaxrepro.data` on both
+sides. Systems:
+
+  jax              jaxrepro as it trains by default (deterministic)
+  jax-ynn          the same with XLA:CPU's YNNPACK fusions for elementwise ops too
+                   (`jaxrepro.analysis.variants` "ynn")
+  jax-ynn-convs    the same with XLA:CPU's default YNNPACK use, convolutions included
+                   (`jaxrepro.analysis.variants` "ynn-convs"; other bits)
+  jax-flax-pool    jaxrepro with Flax's own max-pool gradient (select-and-scatter), i.e.
+                   without `jaxrepro.models.ops.pooling` (the same bits)
+  jax-xla-convs    XLA's own depthwise and 1x1 convolutions (`--config.fast_convs=False`,
+                   i.e. without `jaxrepro.models.ops.convolutions`; other bits); only for
+                   a model with the `fast_convs` option (the mini Xception)
+  jax-one-chunk    the depthwise backward pass over the whole batch at once, without
+                   the batch chunks of `jaxrepro.models.ops.convolutions` (other bits);
+                   only for a model with the `fast_convs` option
+  tf-recipe        Keras model.fit under the paper's recipe (Listings 1, 2 and
+                   enable_op_determinism), TF's oneDNN kernels, multi-threaded
+  tf-none          Keras model.fit without the recipe (TF's default)
+  tf-single        the recipe plus Listing 7 (one inter-op and one intra-op thread)
+
+Per process (`jaxrepro.analysis.bench_jax`, `jaxrepro.tfref.bench`): compile time,
+then `--repeats` timed repeats of `--steps` training steps (images/s, after
+compilation), inference (images/s), Grad-CAM heatmaps/s (JAX: `jaxrepro.explain.gradcam`;
+TF: the keras.io GradientTape recipe), LRP heatmaps/s (JAX only) and the process's peak
+resident memory. Each JAX repeat starts from the same initial state on the same
+batches, so the repeats must end with the same bits; the table says whether they did.
+The table gives the median and the spread (min-max) of the repeats and the ratios
+`jaxrepro/TF-deterministic` and `jaxrepro/TF-default` per model. Written to
+DIR/bench.json, DIR/bench.md and DIR/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+from jaxrepro import cli, models
+from jaxrepro import config as configlib
+from jaxrepro.analysis import variants
+from jaxrepro.errors import UserError
+from jaxrepro.timing import machine
+from jaxrepro.tfref import process
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+DEFAULT_CONFIGS = ("experiments/convnet.py", "experiments/minixception.py")
+SYSTEMS = {
+    "jax": "jaxrepro, deterministic (default)",
+    "jax-ynn": "jaxrepro + YNNPACK fusions",
+    "jax-ynn-convs": "jaxrepro with YNNPACK convolutions (before)",
+    "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
+    "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
+    "jax-one-chunk": "jaxrepro with the depthwise backward pass unchunked (before)",
+    "tf-recipe": "Keras/TF, determinism recipe",
+    "tf-none": "Keras/TF default",
+    "tf-single": "Keras/TF, recipe, single thread",
+}
+# The child's switch for each "before" system that runs jaxrepro's own code another way.
+CHILD_SWITCHES = {"jax-flax-pool": "--flax-pool", "jax-xla-convs": "--xla-convs",
+                  "jax-one-chunk": "--one-chunk"}
+# Systems that change the `fast_convs` convolutions only (a model spec's config option).
+FAST_CONVS_ONLY = ("jax-xla-convs", "jax-one-chunk")
+# The `jaxrepro.analysis.variants` variant each JAX system runs under.
+JAX_VARIANTS = {"jax-ynn": "ynn", "jax-ynn-convs": "ynn-convs"}
+TF_MODES = {"tf-recipe": "recipe", "tf-none": "none", "tf-single": "single"}
+# The ratios the issue asks for: jaxrepro over each TF baseline.
+RATIOS = {"jaxrepro/TF-deterministic": "tf-recipe", "jaxrepro/TF-default": "tf-none"}
+
+
+class BenchError(UserError, ValueError):
+    """Settings the benchmark cannot run with."""
+
+
+def data_overrides(image_size: int, batch_size: int, steps: int) -> list[str]:
+    """Config overrides both sides load: enough training images for `steps` batches."""
+    return [f"data.image_size={image_size}", f"data.num_train={max(steps, 1) * batch_size}",
+            f"data.num_val={batch_size}", f"batch_size={batch_size}",
+            f"eval_batch_size={batch_size}"]
+
+
+# --------------------------------------------------------------------- parent
+
+
+def child_command(system: str, config_file: str, model: str, args: argparse.Namespace,
+                  out: Path) -> tuple[str, list[str]]:
+    """(module, arguments) of the process that measures `system` on `config_file` (a
+    config of `model`) into `out`."""
+    common = [config_file, "--steps", str(args.steps), "--repeats", str(args.repeats),
+              "--json", str(out),
+              *cli.as_arguments(data_overrides(args.image_size, args.batch_size, args.steps))]
+    if system in TF_MODES:
+        return "jaxrepro.tfref.bench", [*common, "--mode", TF_MODES[system], "--gradcam-layer",
+                                        models.get_spec(model).keras_gradcam_layer]
+    switch = CHILD_SWITCHES.get(system)
+    return "jaxrepro.analysis.bench_jax", [*common, *([switch] if switch else [])]
+
+
+def child_environment(system: str) -> dict[str, str]:
+    """Environment of the measuring process (a TF one gets its recipe's)."""
+    if system in TF_MODES:
+        return process.child_environment(process.MODES[TF_MODES[system]], dict(os.environ))
+    variant = variants.VARIANTS[JAX_VARIANTS.get(system, "default")]
+    return variants.variant_env(variant, os.environ)
+
+
+def run_system(system: str, config_file: str, model: str, args: argparse.Namespace,
+               out: Path) -> dict:
+    """Measure one system on one config in its own process; its JSON result."""
+    module, child_args = child_command(system, config_file, model, args, out)
+    cli.run_child(module, child_args, env=child_environment(system),
+                  what=f"{system} on {model}")
+    return {"system": system, "model": model, **json.loads(out.read_text())}
+
+
+def summary(values: list[float] | None) -> dict | None:
+    """Median and range of repeated measurements."""
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per model: jaxrepro's median training images/s over each TF baseline's."""
+    by = {(r["model"], r["system"]): summary(r["train_images_per_s"])["median"] for r in rows}
+    out: dict[str, dict[str, float]] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for jax_system in ("jax", "jax-ynn"):
+            for name, tf_system in RATIOS.items():
+                if (model, jax_system) in by and (model, tf_system) in by:
+                    label = name if jax_system == "jax" else name.replace("jaxrepro", "jax-ynn")
+                    out.setdefault(model, {})[label] = by[model, jax_system] / by[model, tf_system]
+        for before in (*CHILD_SWITCHES, "jax-ynn-convs"):
+            if (model, "jax") in by and (model, before) in by:
+                out.setdefault(model, {})[f"jaxrepro/{before}"] = (
+                    by[model, "jax"] / by[model, before])
+    return out
+
+
+def _cell(values: list[float] | None, spec: str = ".1f") -> str:
+    s = summary(values)
+    if s is None:
+        return "-"
+    return f"{s['median']:{spec}} ({s['min']:{spec}}-{s['max']:{spec}})"
+
+
+def table(rows: list[dict], machine: str) -> str:
+    """Markdown: one row per (model, system), then the ratios."""
+    lines = [f"Measured on: {machine}", "",
+             "| model | system | train img/s | compile s | inference img/s | Grad-CAM /s | "
+             "LRP /s | peak MiB | repeats bitwise |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bitwise = {True: "yes", False: "NO", None: "-"}[r.get("repeats_bitwise")]
+        lines.append(
+            f"| {r['model']} | {r['system']} | {_cell(r['train_images_per_s'])} | "
+            f"{r['compile_s']:.1f} | {_cell(r['infer_images_per_s'])} | "
+            f"{_cell(r.get('gradcam_per_s'))} | {_cell(r.get('lrp_per_s'))} | "
+            f"{r['peak_memory_mib']:.0f} | {bitwise} |")
+    lines += ["", "| model | ratio (median train images/s) | value |", "|---|---|---|"]
+    for model, values in ratios(rows).items():
+        lines += [f"| {model} | {name} | {v:.2f}x |" for name, v in values.items()]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Bar chart of training images/s (median, range as error bars) per model."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        stats = [summary(r["train_images_per_s"]) for r in mine]
+        med = [s["median"] for s in stats]
+        err = [[m - s["min"] for m, s in zip(med, stats)], [s["max"] - m for m, s in zip(med, stats)]]
+        colors = ["tab:blue" if r["system"].startswith("jax") else "tab:orange" for r in mine]
+        ax.bar([r["system"] for r in mine], med, yerr=err, color=colors, capsize=3)
+        ax.set_title(f"{model}: training throughput")
+        ax.set_ylabel("images / s")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxrepro.analysis.bench",
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", metavar="CONFIG_FILE",
+                        default=list(DEFAULT_CONFIGS),
+                        help="experiment configs (default: %(default)s)")
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--image-size", type=int, default=180)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6, help="training steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="checkpoints/bench", help="output directory")
+    args = parser.parse_args(argv)
+    for name in ("image_size", "batch_size", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(config file, model name, systems) per config, checked before anything runs."""
+    out = []
+    for config_file in args.configs:
+        config = configlib.resolve(config_file)
+        spec = models.get_spec(config.model)
+        if args.image_size < spec.min_image_size:
+            raise BenchError(f"{config_file}: the {config.model} needs --image-size of at "
+                             f"least {spec.min_image_size}")
+        systems = [s for s in args.systems
+                   if s not in FAST_CONVS_ONLY or "fast_convs" in spec.config_options]
+        out.append((config_file, config.model, systems))
+    return out
+
+
+@cli.guarded
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: measure every (config, system), print and write the table."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    todo = plan(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for config_file, model, systems in todo:
+        skipped = [s for s in args.systems if s not in systems]
+        if skipped:
+            print(f"skipping {', '.join(skipped)} on {model}: they change the fast_convs "
+                  "convolutions only", file=sys.stderr, flush=True)
+        for system in systems:
+            print(f"measuring {system} on {model} ...", file=sys.stderr, flush=True)
+            try:
+                rows.append(run_system(system, config_file, model, args,
+                                       out / f"{model}_{system}.json"))
+            except cli.ChildError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            r = rows[-1]
+            print(f"  {summary(r['train_images_per_s'])['median']:.1f} train images/s, "
+                  f"compile {r['compile_s']:.1f} s", file=sys.stderr, flush=True)
+    text = table(rows, machine())
+    settings = {k: getattr(args, k) for k in ("image_size", "batch_size", "steps", "repeats")}
+    (out / "bench.json").write_text(json.dumps({"machine": machine(), **settings, "rows": rows,
+                                                "ratios": ratios(rows)}, indent=1) + "\n")
+    (out / "bench.md").write_text(text + "\n")
+    plot(rows, out / "bench.png")
+    print(text)
+    print(f"\nwritten: {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

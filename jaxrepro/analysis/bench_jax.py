@@ -1,0 +1,126 @@
+"""The JAX half of `python -m jaxrepro.analysis.bench`: one config, one system, this process.
+
+    python -m jaxrepro.analysis.bench_jax CONFIG_FILE --json OUT [--steps 6] [--repeats 3]
+                     [--flax-pool | --xla-convs | --one-chunk] [--config.KEY=VALUE ...]
+
+Compile time of the train step, then `--repeats` timed repeats of `--steps` training
+steps (each from the same initial state on the same batches, as the trainer runs them:
+the loss and fingerprints read back every step), inference, Grad-CAM and LRP
+heatmaps/s and the peak resident memory. The switches run one of jaxrepro's speed-ups
+the way it was before (`--flax-pool`: Flax's select-and-scatter max-pool gradient;
+`--xla-convs`: XLA's own depthwise and 1x1 convolutions; `--one-chunk`: the depthwise
+backward pass over the whole batch at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxrepro import cli, determinism, fingerprint
+from jaxrepro import config as configlib
+from jaxrepro import data as datalib
+from jaxrepro.explain import gradcam, lrp
+from jaxrepro.models.ops import convolutions, pooling
+from jaxrepro.timing import peak_memory_mib, timed, usable_cpus
+from jaxrepro.train import setup, steps
+from jaxrepro.train.loop import load_data
+
+SWITCHES = ("flax_pool", "xla_convs", "one_chunk")
+
+
+def measure(config_file: str, overrides: Sequence[str], steps_per_repeat: int, repeats: int,
+            flax_pool: bool = False, xla_convs: bool = False, one_chunk: bool = False) -> dict:
+    """Measure jaxrepro's training, inference and explanations in this process."""
+    if one_chunk:
+        convolutions.CHUNK_BYTES = sys.maxsize  # every batch fits: one chunk
+    config = configlib.resolve(config_file, [*overrides, *(["fast_convs=False"] if xla_convs
+                                                           else [])])
+    data = load_data(config)
+    model, tx = setup.build_model(config), setup.build_optimizer(config)
+    if flax_pool:
+        model = model.clone(pool=pooling.REFERENCE[model.pool])
+    keys = setup.stream_keys(config)
+    initial = jax.device_get(setup.init_state(model, tx, keys["init"], config.data.image_size))
+    batch_size = config.batch_size
+    n_train = len(data.train.labels)
+    batches = [(data.train.images[i], data.train.labels[i]) for i in
+               (datalib.batch_at(keys["shuffle"], 0, b, batch_size, n_train)
+                for b in range(steps_per_repeat))]
+
+    step_fn = steps.make_train_step(model, tx, config.augment)
+    start = time.perf_counter()
+    compiled = step_fn.lower(jax.device_put(initial), *batches[0], keys).compile()
+    compile_s = time.perf_counter() - start
+    finals = []
+
+    def train_steps():
+        state = jax.device_put(initial)  # every repeat: the same start, the same batches
+        for images, labels in batches:  # as the trainer: the loss and fingerprints each step
+            state, metrics, prints = compiled(state, images, labels, keys)
+            float(metrics["loss"])
+            fingerprint.to_hex(prints)
+        finals.append(fingerprint.combine_hex(fingerprint.sha256_leaves(state.variables)))
+
+    train_s = timed(train_steps, repeats)
+    variables = jax.device_put(initial).variables
+    eval_step = steps.make_eval_step(model)
+    ones = np.ones(batch_size, np.float32)
+
+    def infer():
+        for images, labels in batches:
+            jax.block_until_ready(eval_step(variables, images, labels, ones))
+
+    cam = jax.jit(lambda v, x: gradcam.gradcam(model, v, x))
+    relevance = jax.jit(lambda v, x: lrp.heatmap(lrp.attribute(model, v, x)))
+    explain_x = batches[0][0].astype(np.float32)
+
+    def explain(fn):
+        return lambda: jax.block_until_ready(fn(variables, explain_x))
+
+    for warm in (infer, explain(cam), explain(relevance)):
+        warm()  # compile outside the timed calls
+    images = steps_per_repeat * batch_size
+    return {
+        "compile_s": compile_s,
+        "train_images_per_s": [images / s for s in train_s],
+        "infer_images_per_s": [images / s for s in timed(infer, repeats)],
+        "gradcam_per_s": [batch_size / s for s in timed(explain(cam), repeats)],
+        "lrp_per_s": [batch_size / s for s in timed(explain(relevance), repeats)],
+        "repeats_bitwise": len(set(finals)) == 1,
+        "final_sha256": finals[0],
+        "peak_memory_mib": peak_memory_mib(),
+        "runtime": {"jax": jax.__version__, "backend": jax.default_backend(),
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpus": usable_cpus(),
+                    "packages": determinism.fingerprint().get("packages")},
+    }
+
+
+@cli.guarded
+def main(argv: Sequence[str] | None = None) -> int:
+    rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m jaxrepro.analysis.bench_jax",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("config_file")
+    parser.add_argument("--json", required=True, help="where to write the result")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    for switch in SWITCHES:
+        parser.add_argument(f"--{switch.replace('_', '-')}", action="store_true")
+    args = parser.parse_args(rest)
+    result = measure(args.config_file, overrides, args.steps, args.repeats,
+                     **{s: getattr(args, s) for s in SWITCHES})
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

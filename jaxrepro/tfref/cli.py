@@ -1,0 +1,135 @@
+"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched,train} ...` (a TF process).
+
+    summary [--image-size 180]
+        parameter counts of both Keras models, as JSON
+    mirror MODEL WEIGHTS.npz OUT.npz [--image-size S] [--images IMAGES.npy --logits LOGITS.npy]
+        load Flax-named weights into the Keras model, write back what Keras then holds
+        (OUT.npz, same names), and optionally the Keras logits of IMAGES (inference mode:
+        dropout off, batch norm on its moving statistics)
+    matched MODEL WEIGHTS.npz INPUTS.npz LAYERS.json OUTDIR
+        the Keras half of the matched protocol (`python -m jaxrepro.analysis.compare`,
+        see `jaxrepro.tfref.matched`): activations, gradients, N training steps and
+        Grad-CAM on given batches
+    train CONFIG_FILE --out DIR [--mode recipe|none|single] [--init-from W.npz] [--config.K=V]
+        the paper's Keras training (model.fit, Keras augmentation) on the config's data
+        set, as `python -m jaxrepro.train` loads it (see `jaxrepro.tfref.train`)
+
+Started from a shell, the command re-executes itself as a clean TF process (no JAX
+backend, none of jaxrepro's XLA flags; the recipe's environment when it needs one).
+
+The JAX side writes WEIGHTS.npz with `python -m jaxrepro.analysis.export` and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from jaxrepro import cli
+from jaxrepro.errors import UserError
+from jaxrepro.tfref import determinism, runtime, transfer, weights
+from jaxrepro.tfref import train as trainlib
+
+
+def summary(image_size: int) -> dict:
+    """Parameter counts of both Keras models at `image_size`."""
+    from jaxrepro.tfref import models  # noqa: PLC0415  (imports keras)
+
+    return {name: models.count_params(models.build(name, image_size)) for name in models.MODELS}
+
+
+def mirror(model_name: str, weights_in: str, weights_out: str, image_size: int,
+           images: str | None = None, logits: str | None = None) -> dict:
+    """Flax weights -> Keras model -> Flax weights (and Keras logits of `images`)."""
+    from jaxrepro.tfref import models  # noqa: PLC0415
+
+    model = models.build(model_name, image_size)
+    transfer.load_into_keras(model, weights.load(weights_in))
+    weights.save(weights_out, transfer.from_keras(model))
+    out = {"model": model_name, "image_size": image_size, "params": models.count_params(model)}
+    if images is not None:
+        x = np.load(images, allow_pickle=False).astype(np.float32)
+        z = models.logit_model(model)(x, training=False)
+        np.save(logits, np.asarray(z.numpy(), np.float32)[:, 0], allow_pickle=False)
+        out["images"] = int(x.shape[0])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = cli.split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("summary", help="parameter counts of both Keras models")
+    p.add_argument("--image-size", type=int, default=180)
+    p = sub.add_parser("mirror", help="Flax weights through Keras and back, plus logits")
+    p.add_argument("model", choices=("convnet", "minixception"))
+    p.add_argument("weights_in")
+    p.add_argument("weights_out")
+    p.add_argument("--image-size", type=int, default=180)
+    p.add_argument("--images", help="float32 or uint8 images [N, S, S, 3] (.npy)")
+    p.add_argument("--logits", help="where to write the Keras logits [N] (.npy)")
+    p = sub.add_parser("matched", help="Keras side of python -m jaxrepro.analysis.compare")
+    p.add_argument("model", choices=("convnet", "minixception"))
+    p.add_argument("weights_in")
+    p.add_argument("inputs", help="batches and probe images (.npz, see tfref.matched)")
+    p.add_argument("layers", help="Keras layer names from the model's spec (.json)")
+    p.add_argument("outdir")
+    p = sub.add_parser("train", help="the paper's Keras training on the config's data set",
+                       description=train_doc(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config_file", help="experiment config (Python; it is executed)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mode", default="recipe", choices=("recipe", "none", "single"),
+                   help="determinism recipe (default: %(default)s)")
+    p.add_argument("--init-from", help="start from these Flax-named weights (.npz)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines from Keras")
+    args = parser.parse_args(rest)
+    if args.command == "mirror" and (args.images is None) != (args.logits is None):
+        parser.error("--images and --logits go together")
+    if overrides and args.command != "train":
+        parser.error("--config.KEY=VALUE goes with the train command only")
+
+    # matched trains: the paper's recipe; summary and mirror draw nothing random.
+    recipe = (_train_recipe(args.mode) if args.command == "train"
+              else runtime.Recipe(deterministic=args.command == "matched"))
+    runtime.ensure_tf_process("jaxrepro.tfref", argv, recipe)
+    if args.command == "train":
+        try:
+            result = trainlib.train(args.config_file, overrides, Path(args.out), args.mode,
+                                    args.init_from, verbose=0 if args.quiet else 2)
+        except (UserError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        result = {k: v for k, v in result.items() if k != "sha256"}
+    else:
+        tf = runtime.start(recipe)
+        if args.command == "matched":
+            from jaxrepro.tfref import matched  # noqa: PLC0415
+
+            result = matched.run(args.model, args.weights_in, args.inputs, args.layers,
+                                 args.outdir)
+        elif args.command == "summary":
+            result = summary(args.image_size)
+        else:
+            result = mirror(args.model, args.weights_in, args.weights_out, args.image_size,
+                            args.images, args.logits)
+        result["runtime"] = runtime.describe(tf, recipe)
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+def _train_recipe(mode: str) -> runtime.Recipe:
+    return determinism.MODES[mode]
+
+
+def train_doc() -> str:
+    return trainlib.__doc__
+
