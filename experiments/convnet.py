@@ -33,8 +33,16 @@ import ml_collections
 
 # The tiny variant: the same code path at the smallest size the ConvNet takes (its five
 # VALID convolutions and four pools need 80 px), 8 steps in two epochs, no diff probes.
-TINY = dict(image_size=80, num_train=64, num_val=32, batch_size=16, eval_batch_size=32,
-            num_epochs=2, checkpoint_every_steps=3, diff_probe_examples=0)
+TINY = dict(
+    image_size=80,
+    num_train=64,
+    num_val=32,
+    batch_size=16,
+    eval_batch_size=32,
+    num_epochs=2,
+    checkpoint_every_steps=3,
+    diff_probe_examples=0,
+)
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -49,18 +57,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # what that stream feeds.
     c.rng = ml_collections.ConfigDict(dict(init=-1, dropout=-1, augment=-1, shuffle=-1))
 
-    c.data = ml_collections.ConfigDict(dict(
-        source="shapes",      # shapes (embedded, generated locally) | cats_vs_dogs | folder
-        image_size=180,
-        num_train=2000,
-        num_val=1000,
-        data_dir="",          # TFDS data_dir; "" means $JAXREPRO_DATA_DIR or ./data/tfds
-        folder="",            # for source=folder: a Kaggle-style folder of images
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="shapes",  # shapes (embedded, generated locally) | cats_vs_dogs | folder
+            image_size=180,
+            num_train=2000,
+            num_val=1000,
+            data_dir="",  # TFDS data_dir; "" means $JAXREPRO_DATA_DIR or ./data/tfds
+            folder="",  # for source=folder: a Kaggle-style folder of images
+        )
+    )
     c.augment = ml_collections.ConfigDict(dict(flip=True, rotation=0.1, zoom=0.2))
 
-    c.optimizer = ml_collections.ConfigDict(dict(
-        name="rmsprop", learning_rate=1e-3, rho=0.9, epsilon=1e-7))  # Keras defaults
+    c.optimizer = ml_collections.ConfigDict(
+        dict(name="rmsprop", learning_rate=1e-3, rho=0.9, epsilon=1e-7)
+    )  # Keras defaults
     c.batch_size = 32
     # Data parallelism (README "Data-parallel training"). num_devices: devices the batch
     # is sharded over (must divide batch_size; 1: one device, the plain program).
@@ -74,7 +85,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     c.checkpoint_every_steps = 25
     c.keep_checkpoints = 3
-    c.probe_examples = 4      # validation images whose logits are recorded every epoch
+    c.probe_examples = 4  # validation images whose logits are recorded every epoch
     # Each checkpoint stores a probe of the first batch_size validation images (per-layer
     # gradients, logits) and the activations of this many of them, so that
     # `python -m jaxrepro.diff` can name the first layer that differs (0: no probe).
@@ -82,16 +93,25 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     return apply_variant(c, variant, TINY)
 
 
-def apply_variant(c: ml_collections.ConfigDict, variant: str | None,
-                  tiny: dict) -> ml_collections.ConfigDict:
+def apply_variant(
+    c: ml_collections.ConfigDict, variant: str | None, tiny: dict
+) -> ml_collections.ConfigDict:
     """`c` as the named variant: None (the defaults) or "tiny"."""
     if variant is None:
         return c
     if variant != "tiny":
         raise ValueError(f"unknown config variant {variant!r}; valid: tiny")
     c.data.image_size, c.data.num_train, c.data.num_val = (
-        tiny["image_size"], tiny["num_train"], tiny["num_val"])
-    for key in ("batch_size", "eval_batch_size", "num_epochs", "checkpoint_every_steps",
-                "diff_probe_examples"):
+        tiny["image_size"],
+        tiny["num_train"],
+        tiny["num_val"],
+    )
+    for key in (
+        "batch_size",
+        "eval_batch_size",
+        "num_epochs",
+        "checkpoint_every_steps",
+        "diff_probe_examples",
+    ):
         c[key] = tiny[key]
     return c

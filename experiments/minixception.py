@@ -17,10 +17,10 @@ The paper's protocol in full (100 epochs, 2,000 train / 1,000 validation images 
 Data sources and all other keys as in experiments/convnet.py; `--show-config` lists them.
 """
 
-import ml_collections
-
 from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
+
+import ml_collections
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ import functools
 import os
 import subprocess
 import sys
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from jaxrepro.errors import UserError
 
@@ -27,7 +27,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     rest, overrides = [], []
     for arg in argv:
         if arg.startswith(CONFIG_PREFIX):
-            overrides.append(arg[len(CONFIG_PREFIX):])
+            overrides.append(arg[len(CONFIG_PREFIX) :])
         else:
             rest.append(arg)
     return rest, overrides
@@ -74,9 +74,17 @@ def child_command(module: str, args: Sequence[str], prefix: Sequence[str] = ()) 
     return [*prefix, sys.executable, "-m", module, *args]
 
 
-def run_child(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
-              cpus: int | None = None, prefix: Sequence[str] = (), timeout: float | None = None,
-              capture: bool = True, what: str | None = None) -> subprocess.CompletedProcess:
+def run_child(
+    module: str,
+    args: Sequence[str] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    cpus: int | None = None,
+    prefix: Sequence[str] = (),
+    timeout: float | None = None,
+    capture: bool = True,
+    what: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run `python -m module args` in a fresh process and wait for it.
 
     `env`: the child's whole environment (default: this one's); `cpus`: the child may
@@ -85,9 +93,15 @@ def run_child(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] |
     collect stdout and stderr as text (else they go to this process's). Raises
     `ChildError` (naming `what`) if the child fails.
     """
-    r = subprocess.run(child_command(module, args, prefix), env=dict(env or os.environ),
-                       preexec_fn=_affinity(cpus), capture_output=capture, text=True,
-                       timeout=timeout, check=False)
+    r = subprocess.run(
+        child_command(module, args, prefix),
+        env=dict(env or os.environ),
+        preexec_fn=_affinity(cpus),
+        capture_output=capture,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if r.returncode != 0:
         raise ChildError(what or f"python -m {module}", r.returncode, r.stderr)
     return r

@@ -13,8 +13,9 @@ import ast
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import ml_collections
 
@@ -52,8 +53,10 @@ def load_file(spec: str | Path) -> ml_collections.ConfigDict:
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: get_config({variant!r}) failed: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, "
-                          "expected ml_collections.ConfigDict")
+        raise ConfigError(
+            f"{path}: get_config() returned {type(config).__name__}, "
+            "expected ml_collections.ConfigDict"
+        )
     return config
 
 
@@ -87,16 +90,20 @@ def _parse(text: str, current: Any, key: str) -> Any:
             return text
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ConfigError(f"--config.{key}={text!r}: expected a value of type "
-                          f"{kind.__name__} (current value {current!r})") from None
+        raise ConfigError(
+            f"--config.{key}={text!r}: expected a value of type "
+            f"{kind.__name__} (current value {current!r})"
+        ) from None
     if current is not None and not isinstance(value, kind):
-        raise ConfigError(f"--config.{key}={text!r}: expected {kind.__name__}, "
-                          f"got {type(value).__name__}")
+        raise ConfigError(
+            f"--config.{key}={text!r}: expected {kind.__name__}, got {type(value).__name__}"
+        )
     return value
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Iterable[str]) -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Iterable[str]
+) -> ml_collections.ConfigDict:
     """Apply `key=value` overrides (without the `--config.` prefix), type-checked."""
     config = ml_collections.ConfigDict(config.to_dict())  # a copy we may change
     valid = flat_keys(config)

@@ -50,8 +50,18 @@ JAX_CONFIG = {
 # Settings jaxrepro leaves to the user but records, since they change the bits.
 RECORDED_CONFIG = ("jax_disable_jit",)
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
-            "tensorflow-datasets", "array-record", "chex", "ml-collections")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "tensorflow-datasets",
+    "array-record",
+    "chex",
+    "ml-collections",
+)
 
 _applied = False
 
@@ -92,7 +102,8 @@ def apply(extra_xla_flags: tuple[str, ...] = ()) -> None:
             raise RuntimeError(
                 "jaxrepro: a JAX backend is already running, so XLA flags can no longer "
                 f"change. Wanted XLA_FLAGS={flags!r}. Import jaxrepro (or call "
-                "jaxrepro.determinism.apply) before creating any JAX array.")
+                "jaxrepro.determinism.apply) before creating any JAX array."
+            )
     else:
         os.environ["XLA_FLAGS"] = flags
     import jax  # noqa: PLC0415  (must come after XLA_FLAGS is set)
@@ -131,9 +142,17 @@ def fingerprint() -> dict[str, Any]:
     import jax  # noqa: PLC0415
 
     devices = jax.devices()
-    threads = {k: os.environ.get(k) for k in (
-        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-        "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS") if os.environ.get(k)}
+    threads = {
+        k: os.environ.get(k)
+        for k in (
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+            "TF_NUM_INTRAOP_THREADS",
+            "TF_NUM_INTEROP_THREADS",
+        )
+        if os.environ.get(k)
+    }
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -38,8 +38,11 @@ def _words(x: jax.Array) -> jax.Array:
     if x.dtype.itemsize == 2:
         return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).ravel()
     if x.dtype.itemsize == 1:
-        return x.view(jnp.uint8).astype(jnp.uint32).ravel() if x.dtype != jnp.bool_ \
+        return (
+            x.view(jnp.uint8).astype(jnp.uint32).ravel()
+            if x.dtype != jnp.bool_
             else x.astype(jnp.uint32).ravel()
+        )
     raise TypeError(f"cannot fingerprint dtype {x.dtype}")
 
 
@@ -73,7 +76,7 @@ def path_name(path: tuple) -> str:
 def to_hex(fingerprints: Any) -> dict[str, str]:
     """Host dict 'leaf.path' -> 16 hex digits, from a fingerprint tree."""
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(fingerprints))[0]
-    return {path_name(p): "%08x%08x" % tuple(int(w) for w in np.asarray(v)) for p, v in flat}
+    return {path_name(p): "".join(f"{int(w):08x}" for w in np.asarray(v)) for p, v in flat}
 
 
 def combine_hex(leaves: dict[str, str]) -> str:
@@ -89,8 +92,11 @@ def sha256_leaves(tree: Any) -> dict[str, str]:
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
     out = {}
     for p, v in flat:
-        v = np.asarray(jax.random.key_data(v) if isinstance(v, jax.Array) and
-                       jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+        v = np.asarray(
+            jax.random.key_data(v)
+            if isinstance(v, jax.Array) and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+            else v
+        )
         h = hashlib.sha256(f"{v.dtype.str}{v.shape}".encode())
         h.update(np.ascontiguousarray(v).tobytes())
         out[path_name(p)] = h.hexdigest()

@@ -64,8 +64,8 @@ class ArrayDiff:
     num_different: int
     fraction_different: float
     max_abs: float | None = 0.0
-    max_rel: float | None = 0.0         # max |a-b| / max(|a|, |b|), elementwise
-    rel_to_max: float | None = 0.0      # max |a-b| / max |a|: the scale-aware figure
+    max_rel: float | None = 0.0  # max |a-b| / max(|a|, |b|), elementwise
+    rel_to_max: float | None = 0.0  # max |a-b| / max |a|: the scale-aware figure
     max_ulp: int | None = 0
     nan_mismatches: int = 0
     ulp_histogram: dict[str, int] | None = None
@@ -78,8 +78,10 @@ class ArrayDiff:
 
     def brief(self) -> dict[str, Any]:
         """The headline figures."""
-        return {k: getattr(self, k) for k in ("equal", "fraction_different", "max_ulp",
-                                              "max_rel", "rel_to_max", "max_abs")}
+        return {
+            k: getattr(self, k)
+            for k in ("equal", "fraction_different", "max_ulp", "max_rel", "rel_to_max", "max_abs")
+        }
 
 
 def _max_or_none(x: np.ndarray) -> float | None:
@@ -95,16 +97,26 @@ def array_diff(a: np.ndarray, b: np.ndarray, *, histogram: bool = False) -> Arra
     if a.dtype != b.dtype or a.shape != b.shape:
         raise ValueError(f"dtype/shape {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
     if a.size:
-        differs = (a.view(np.uint8).reshape(a.size, -1)
-                   != b.view(np.uint8).reshape(b.size, -1)).any(axis=1)
+        differs = (
+            a.view(np.uint8).reshape(a.size, -1) != b.view(np.uint8).reshape(b.size, -1)
+        ).any(axis=1)
     else:
         differs = np.zeros(0, bool)
     n = int(differs.sum())
-    base = dict(shape=tuple(a.shape), dtype=str(a.dtype), equal=n == 0, num_different=n,
-                fraction_different=n / a.size if a.size else 0.0)
+    base = dict(
+        shape=tuple(a.shape),
+        dtype=str(a.dtype),
+        equal=n == 0,
+        num_different=n,
+        fraction_different=n / a.size if a.size else 0.0,
+    )
     if n == 0:
-        return ArrayDiff(**base, ulp_histogram=_histogram(np.zeros(a.size, np.int64))
-                         if histogram and np.issubdtype(a.dtype, np.floating) else None)
+        return ArrayDiff(
+            **base,
+            ulp_histogram=_histogram(np.zeros(a.size, np.int64))
+            if histogram and np.issubdtype(a.dtype, np.floating)
+            else None,
+        )
     fa, fb = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     absdiff = np.abs(fa - fb)
     scale = np.maximum(np.abs(fa), np.abs(fb))
@@ -113,19 +125,27 @@ def array_diff(a: np.ndarray, b: np.ndarray, *, histogram: bool = False) -> Arra
     max_abs = _max_or_none(absdiff)
     rel_to_max = None if max_abs is None else (max_abs / top if top else max_abs)
     if not np.issubdtype(a.dtype, np.floating):
-        return ArrayDiff(**base, max_abs=max_abs, max_rel=_max_or_none(rel),
-                         rel_to_max=rel_to_max, max_ulp=None)
+        return ArrayDiff(
+            **base, max_abs=max_abs, max_rel=_max_or_none(rel), rel_to_max=rel_to_max, max_ulp=None
+        )
     ulps = ulp_distance(a, b).ravel()
     valid = ulps[ulps >= 0]
-    return ArrayDiff(**base, max_abs=max_abs, max_rel=_max_or_none(rel), rel_to_max=rel_to_max,
-                     max_ulp=int(valid.max()) if valid.size else None,
-                     nan_mismatches=int((ulps < 0).sum()),
-                     ulp_histogram=_histogram(valid) if histogram else None)
+    return ArrayDiff(
+        **base,
+        max_abs=max_abs,
+        max_rel=_max_or_none(rel),
+        rel_to_max=rel_to_max,
+        max_ulp=int(valid.max()) if valid.size else None,
+        nan_mismatches=int((ulps < 0).sum()),
+        ulp_histogram=_histogram(valid) if histogram else None,
+    )
 
 
 def _histogram(ulps: np.ndarray) -> dict[str, int]:
-    return {f"[{lo},{hi})" if hi < 2**63 else f">={lo}": int(((ulps >= lo) & (ulps < hi)).sum())
-            for lo, hi in ULP_BINS}
+    return {
+        f"[{lo},{hi})" if hi < 2**63 else f">={lo}": int(((ulps >= lo) & (ulps < hi)).sum())
+        for lo, hi in ULP_BINS
+    }
 
 
 # ------------------------------------------------------------- rank statistics

@@ -8,7 +8,7 @@ initial weights, the dropout masks, the augmentation or the epoch order.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 

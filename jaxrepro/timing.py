@@ -10,8 +10,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:

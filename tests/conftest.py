@@ -34,8 +34,13 @@ def tiny_config(model: str, *overrides: str):
 
 def train_tiny(model: str, workdir: Path, *overrides: str, **kwargs) -> dict:
     """Train the tiny config of `model` into `workdir` in this process; final.json's record."""
-    return train.train_and_evaluate(tiny_config(model, *overrides), workdir, progress=False,
-                                    config_file=str(ROOT / f"experiments/{model}.py"), **kwargs)
+    return train.train_and_evaluate(
+        tiny_config(model, *overrides),
+        workdir,
+        progress=False,
+        config_file=str(ROOT / f"experiments/{model}.py"),
+        **kwargs,
+    )
 
 
 def _leaf_bytes(leaf) -> bytes | object:
@@ -60,9 +65,11 @@ def assert_bitwise_equal(*trees) -> None:
     for k, other in enumerate(others, start=1):
         for (path, a), (_, b) in zip(first, other):
             if _leaf_bytes(a) != _leaf_bytes(b):
-                raise AssertionError(f"tree 0 and tree {k} differ in the bits of "
-                                     f"{jax.tree_util.keystr(path)} (signed zeros or NaN "
-                                     "payloads: equal as values)")
+                raise AssertionError(
+                    f"tree 0 and tree {k} differ in the bits of "
+                    f"{jax.tree_util.keystr(path)} (signed zeros or NaN "
+                    "payloads: equal as values)"
+                )
 
 
 def loss_and_grads(model, variables: dict, x, y):
@@ -74,8 +81,12 @@ def loss_and_grads(model, variables: dict, x, y):
     batch_norm = "batch_stats" in variables
 
     def loss(params):
-        z = model.apply({**variables, "params": params}, x, train=batch_norm,
-                        mutable=["batch_stats"] if batch_norm else False)
+        z = model.apply(
+            {**variables, "params": params},
+            x,
+            train=batch_norm,
+            mutable=["batch_stats"] if batch_norm else False,
+        )
         z = z[0] if batch_norm else z
         return jnp.mean(jax.nn.softplus(z) - y * z)
 
@@ -90,27 +101,38 @@ def data_dir(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(module: str, *args: str, timeout: int = 600, check: bool = True,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, timeout: int = 600, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m module args...` in a fresh process from the repo root."""
-    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    r = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}")
+        raise AssertionError(
+            f"{module} {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}"
+        )
     return r
 
 
 def train_cli(model: str, workdir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
     """Train the tiny version of an experiment into `workdir` in a process of its own."""
-    return run_cli("jaxrepro.train", tiny_spec(model), "--workdir", str(workdir),
-                   "--no-progress", *extra, **kw)
+    return run_cli(
+        "jaxrepro.train", tiny_spec(model), "--workdir", str(workdir), "--no-progress", *extra, **kw
+    )
 
 
 def records(workdir: Path) -> dict:
     """The deterministic records of a run, as text, for byte-for-byte comparison."""
-    return {name: (workdir / name).read_text()
-            for name in ("steps.jsonl", "metrics.jsonl", "final.json", "data.json",
-                         "config.json")}
+    return {
+        name: (workdir / name).read_text()
+        for name in ("steps.jsonl", "metrics.jsonl", "final.json", "data.json", "config.json")
+    }
 
 
 def final(workdir: Path) -> dict:

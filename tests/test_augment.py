@@ -1,6 +1,5 @@
 """Tests of the Keras-style flip/rotate/zoom augmentation (jaxrepro.data.augment)."""
 
-
 import functools
 
 import chex
@@ -8,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_bitwise_equal
 
 from jaxrepro.data import augment as A
-
-from conftest import assert_bitwise_equal
 
 OFF = dict(flip=False, rotation=0.0, zoom=0.0)
 
@@ -24,8 +22,9 @@ def _np_affine(image: np.ndarray, transform: np.ndarray) -> np.ndarray:
     """Independent float64 bilinear resampler, reflect fill (d c b a | a b c d | d c b a)."""
     h, w, _ = image.shape
     t = np.asarray(transform, np.float64)
-    y, x = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                       indexing="ij")
+    y, x = np.meshgrid(
+        np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij"
+    )
     xi, yi = t[0] * x + t[1] * y + t[2], t[3] * x + t[4] * y + t[5]
 
     def reflect(i, n):
@@ -40,8 +39,12 @@ def _np_affine(image: np.ndarray, transform: np.ndarray) -> np.ndarray:
     def px(yy, xx):
         return im[reflect(yy, h), reflect(xx, w)]
 
-    return ((1 - fy) * (1 - fx) * px(y0, x0) + (1 - fy) * fx * px(y0, x0 + 1)
-            + fy * (1 - fx) * px(y0 + 1, x0) + fy * fx * px(y0 + 1, x0 + 1))
+    return (
+        (1 - fy) * (1 - fx) * px(y0, x0)
+        + (1 - fy) * fx * px(y0, x0 + 1)
+        + fy * (1 - fx) * px(y0 + 1, x0)
+        + fy * fx * px(y0 + 1, x0 + 1)
+    )
 
 
 def _np_pipeline(image: np.ndarray, params: dict) -> np.ndarray:
@@ -55,17 +58,21 @@ def _np_pipeline(image: np.ndarray, params: dict) -> np.ndarray:
 
 
 def _batch_params(key, n, **kwargs):
-    return jax.vmap(functools.partial(A.augment_params, **kwargs))(A.example_keys(key, jnp.arange(n)))
+    return jax.vmap(functools.partial(A.augment_params, **kwargs))(
+        A.example_keys(key, jnp.arange(n))
+    )
 
 
 # --- keys and randomness --------------------------------------------------------------
+
 
 def test_same_key_same_bits():
     images = _images()
     f = jax.jit(A.augment_batch)
     assert_bitwise_equal(f(jax.random.key(1), images), f(jax.random.key(1), images))
-    assert_bitwise_equal(A.augment_batch(jax.random.key(1), images),
-                                A.augment_batch(jax.random.key(1), images))
+    assert_bitwise_equal(
+        A.augment_batch(jax.random.key(1), images), A.augment_batch(jax.random.key(1), images)
+    )
 
 
 def test_separate_compilations_same_bits():
@@ -86,8 +93,9 @@ def test_example_keys_are_fold_in_of_position():
     key = jax.random.key(5)
     keys = A.example_keys(key, jnp.arange(4))
     for i in range(4):
-        assert_bitwise_equal(jax.random.key_data(keys[i]),
-                                    jax.random.key_data(jax.random.fold_in(key, i)))
+        assert_bitwise_equal(
+            jax.random.key_data(keys[i]), jax.random.key_data(jax.random.fold_in(key, i))
+        )
 
 
 def test_examples_in_a_batch_get_different_transforms():
@@ -105,8 +113,9 @@ def test_examples_in_a_batch_get_different_transforms():
 def test_batch_is_per_example_and_independent_of_batch_size():
     key, images = jax.random.key(9), _images(5)
     batch = A.augment_batch(key, images)
-    one_by_one = jnp.stack([A.augment_example(jax.random.fold_in(key, i), images[i])
-                            for i in range(5)])
+    one_by_one = jnp.stack(
+        [A.augment_example(jax.random.fold_in(key, i), images[i]) for i in range(5)]
+    )
     assert_bitwise_equal(batch, one_by_one)
     f = jax.jit(A.augment_batch)
     assert_bitwise_equal(f(key, images[:2]), f(key, images)[:2])
@@ -143,23 +152,25 @@ def test_invalid_factor_raises():
 
 # --- each part ------------------------------------------------------------------------
 
+
 def test_all_parts_off_is_the_identity_bitwise():
     images = _images()
     assert_bitwise_equal(A.augment_batch(jax.random.key(0), images, **OFF), images)
     assert_bitwise_equal(
-        jax.jit(functools.partial(A.augment_batch, **OFF))(jax.random.key(0), images), images)
+        jax.jit(functools.partial(A.augment_batch, **OFF))(jax.random.key(0), images), images
+    )
 
 
 def test_zoom_zero_and_rotation_zero_are_identities():
     images = _images()
     key = jax.random.key(0)
-    assert_bitwise_equal(
-        A.augment_batch(key, images, flip=False, rotation=0.0, zoom=0.0), images)
+    assert_bitwise_equal(A.augment_batch(key, images, flip=False, rotation=0.0, zoom=0.0), images)
     # With zoom off, the output is the rotation alone (no second resampling).
     rotated = A.augment_batch(key, images, flip=False, rotation=0.1, zoom=0.0)
     angles = _batch_params(key, 4, flip=False, rotation=0.1, zoom=0.0)["angle"]
-    assert_bitwise_equal(rotated, jnp.stack(
-        [A.rotate_image(images[i], angles[i]) for i in range(4)]))
+    assert_bitwise_equal(
+        rotated, jnp.stack([A.rotate_image(images[i], angles[i]) for i in range(4)])
+    )
     # Zoom by a factor of exactly 1 resamples at the pixel centres: the identity.
     assert_bitwise_equal(A.zoom_image(images[0], jnp.float32(1.0)), images[0])
 
@@ -178,13 +189,16 @@ def test_flip_is_exactly_reversed_columns():
 def test_rotation_by_90_degrees_is_rot90_counter_clockwise(size):
     image = np.asarray(_images(1, size, size)[0])
     # cos/sin are snapped to an exact grid, so quarter turns hit pixel centres exactly.
-    assert_bitwise_equal(A.rotate_image(jnp.asarray(image), jnp.float32(np.pi / 2)),
-                                np.rot90(image, 1))
-    assert_bitwise_equal(A.rotate_image(jnp.asarray(image), jnp.float32(-np.pi / 2)),
-                                np.rot90(image, -1))
+    assert_bitwise_equal(
+        A.rotate_image(jnp.asarray(image), jnp.float32(np.pi / 2)), np.rot90(image, 1)
+    )
+    assert_bitwise_equal(
+        A.rotate_image(jnp.asarray(image), jnp.float32(-np.pi / 2)), np.rot90(image, -1)
+    )
     # Through the pipeline: factor (0.25, 0.25) is a quarter turn counter-clockwise.
-    out = A.augment_batch(jax.random.key(0), jnp.asarray(image)[None], flip=False,
-                          rotation=(0.25, 0.25), zoom=0.0)
+    out = A.augment_batch(
+        jax.random.key(0), jnp.asarray(image)[None], flip=False, rotation=(0.25, 0.25), zoom=0.0
+    )
     assert_bitwise_equal(out[0], np.rot90(image, 1))
 
 
@@ -215,8 +229,9 @@ def test_rotated_constant_image_stays_constant():
     # Reflect fill brings no border colour in; only float32 rounding of the weights remains.
     for value in (1.0, 77.0, 255.0):
         images = jnp.full((8, 40, 40, 3), value, jnp.float32)
-        out = np.asarray(jax.jit(functools.partial(A.augment_batch, rotation=0.5))(
-            jax.random.key(7), images))
+        out = np.asarray(
+            jax.jit(functools.partial(A.augment_batch, rotation=0.5))(jax.random.key(7), images)
+        )
         np.testing.assert_allclose(out, value, rtol=1e-6, atol=0)
 
 
@@ -233,13 +248,18 @@ def test_matches_map_coordinates_reflect():
     image = _images(1, 24, 24)[0]
     transform = A.rotation_transform(jnp.float32(0.7), 24, 24)
     h, w, _ = image.shape
-    y, x = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
-                       indexing="ij")
+    y, x = np.meshgrid(
+        np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij"
+    )
     t = np.asarray(transform)
     coords = [jnp.asarray(t[3] * x + t[4] * y + t[5]), jnp.asarray(t[0] * x + t[1] * y + t[2])]
-    expected = jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., c], coords, order=1,
-                                                            mode="reflect")
-                          for c in range(3)], axis=-1)
+    expected = jnp.stack(
+        [
+            jax.scipy.ndimage.map_coordinates(image[..., c], coords, order=1, mode="reflect")
+            for c in range(3)
+        ],
+        axis=-1,
+    )
     np.testing.assert_allclose(A.affine_transform(image, transform), expected, atol=2e-4)
 
 
@@ -249,14 +269,18 @@ def test_jitted_full_size_batch_matches_float64_reference():
     # The paper's batch: 32 images of 180x180.
     key, images = jax.random.key(2), jnp.round(_images(32, 180, 180, seed=3))
     params = _batch_params(key, 32)
-    expected = np.stack([_np_pipeline(np.asarray(images[i]),
-                                      {k: np.asarray(v[i]) for k, v in params.items()})
-                         for i in range(32)])
+    expected = np.stack(
+        [
+            _np_pipeline(np.asarray(images[i]), {k: np.asarray(v[i]) for k, v in params.items()})
+            for i in range(32)
+        ]
+    )
     out = np.asarray(jax.jit(A.augment_batch)(key, images))
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-3)
 
 
 # --- jit and no jit ---------------------------------------------------------------------
+
 
 class JitVariantsTest(chex.TestCase):
     """Both variants compute the same thing; bits agree where the arithmetic is exact."""
@@ -264,23 +288,31 @@ class JitVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_exact_parts_agree_bitwise(self):
         images, key = _images(8), jax.random.key(0)
-        flip_only = self.variant(functools.partial(A.augment_batch, flip=True, rotation=0.0,
-                                                   zoom=0.0))
-        expected = [np.asarray(images[i])[:, ::-1] if f else np.asarray(images[i])
-                    for i, f in enumerate(np.asarray(_batch_params(key, 8)["flip"]))]
+        flip_only = self.variant(
+            functools.partial(A.augment_batch, flip=True, rotation=0.0, zoom=0.0)
+        )
+        expected = [
+            np.asarray(images[i])[:, ::-1] if f else np.asarray(images[i])
+            for i, f in enumerate(np.asarray(_batch_params(key, 8)["flip"]))
+        ]
         assert_bitwise_equal(flip_only(key, images), np.stack(expected))
-        quarter = self.variant(functools.partial(A.augment_batch, flip=False,
-                                                 rotation=(0.25, 0.25), zoom=0.0))
-        assert_bitwise_equal(quarter(key, images),
-                                    np.rot90(np.asarray(images), 1, axes=(1, 2)))
+        quarter = self.variant(
+            functools.partial(A.augment_batch, flip=False, rotation=(0.25, 0.25), zoom=0.0)
+        )
+        assert_bitwise_equal(quarter(key, images), np.rot90(np.asarray(images), 1, axes=(1, 2)))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_full_pipeline_matches_reference(self):
         key, images = jax.random.key(1), _images(4)
         params = _batch_params(key, 4)
-        expected = np.stack([_np_pipeline(np.asarray(images[i]),
-                                          {k: np.asarray(v[i]) for k, v in params.items()})
-                             for i in range(4)])
+        expected = np.stack(
+            [
+                _np_pipeline(
+                    np.asarray(images[i]), {k: np.asarray(v[i]) for k, v in params.items()}
+                )
+                for i in range(4)
+            ]
+        )
         out = self.variant(A.augment_batch)(key, images)
         np.testing.assert_allclose(out, expected, rtol=0, atol=1e-3)
 

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from conftest import ROOT
+
 from jaxrepro.analysis import bench
 
 CONVNET = str(ROOT / "experiments" / "convnet.py")
@@ -19,9 +20,28 @@ MINIXCEPTION = str(ROOT / "experiments" / "minixception.py")
 
 def test_bench_measures_jax_and_keras_side_by_side(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert bench.main([CONVNET, "--systems", "jax", "jax-flax-pool", "tf-recipe",
-                       "--image-size", "80", "--batch-size", "8", "--steps", "2",
-                       "--repeats", "2", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                CONVNET,
+                "--systems",
+                "jax",
+                "jax-flax-pool",
+                "tf-recipe",
+                "--image-size",
+                "80",
+                "--batch-size",
+                "8",
+                "--steps",
+                "2",
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "bench.json").read_text())
     rows = {r["system"]: r for r in result["rows"]}
     assert set(rows) == {"jax", "jax-flax-pool", "tf-recipe"}
@@ -64,21 +84,29 @@ def test_bench_rejects_bad_settings(tmp_path, capsys):
 def test_each_before_system_passes_its_own_switch(tmp_path):
     args = argparse.Namespace(image_size=80, batch_size=8, steps=2, repeats=2)
     switches = {"--flax-pool", "--xla-convs", "--one-chunk"}
-    for system, switch in [("jax", None), ("jax-flax-pool", "--flax-pool"),
-                           ("jax-xla-convs", "--xla-convs"), ("jax-one-chunk", "--one-chunk")]:
-        module, cmd = bench.child_command(system, MINIXCEPTION, "minixception", args,
-                                          tmp_path / "out.json")
+    for system, switch in [
+        ("jax", None),
+        ("jax-flax-pool", "--flax-pool"),
+        ("jax-xla-convs", "--xla-convs"),
+        ("jax-one-chunk", "--one-chunk"),
+    ]:
+        module, cmd = bench.child_command(
+            system, MINIXCEPTION, "minixception", args, tmp_path / "out.json"
+        )
         assert module == "jaxrepro.analysis.bench_jax"
         assert switches & set(cmd) == ({switch} if switch else set()), system
-    module, cmd = bench.child_command("tf-single", MINIXCEPTION, "minixception", args,
-                                      tmp_path / "out.json")
+    module, cmd = bench.child_command(
+        "tf-single", MINIXCEPTION, "minixception", args, tmp_path / "out.json"
+    )
     assert module == "jaxrepro.tfref.bench" and cmd[cmd.index("--mode") + 1] == "single"
     assert cmd[cmd.index("--gradcam-layer") + 1] == "block5_add"  # from the model's spec
 
 
 def test_fast_convs_systems_run_only_for_a_model_that_has_them():
-    args = argparse.Namespace(configs=[CONVNET, MINIXCEPTION], image_size=80,
-                              systems=["jax", "jax-xla-convs", "jax-one-chunk"])
+    args = argparse.Namespace(
+        configs=[CONVNET, MINIXCEPTION],
+        image_size=80,
+        systems=["jax", "jax-xla-convs", "jax-one-chunk"],
+    )
     plan = {model: systems for _, model, systems in bench.plan(args)}
-    assert plan == {"convnet": ["jax"],
-                    "minixception": ["jax", "jax-xla-convs", "jax-one-chunk"]}
+    assert plan == {"convnet": ["jax"], "minixception": ["jax", "jax-xla-convs", "jax-one-chunk"]}

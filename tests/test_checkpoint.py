@@ -1,20 +1,24 @@
 """Orbax checkpoints round-trip bitwise; damage is detected, never half-loaded."""
 
+import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import assert_bitwise_equal
 
 from jaxrepro.train import checkpoint as ckpt
 from jaxrepro.train.optim import keras_rmsprop
 
-from conftest import assert_bitwise_equal
-
 
 def _state():
-    params = {"conv1": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 3, 8)),
-                        "bias": jnp.arange(8, dtype=jnp.float32)}}
+    params = {
+        "conv1": {
+            "kernel": jax.random.normal(jax.random.key(0), (3, 3, 3, 8)),
+            "bias": jnp.arange(8, dtype=jnp.float32),
+        }
+    }
     return {"step": jnp.int32(7), "params": params, "opt_state": keras_rmsprop().init(params)}
 
 
@@ -34,8 +38,11 @@ def test_round_trip_is_bitwise(tmp_path):
 
 
 def _data_files(mngr):
-    files = [p for p in (Path(mngr.directory) / "7" / "state").rglob("*")
-             if p.is_file() and p.parent.name == "d"]
+    files = [
+        p
+        for p in (Path(mngr.directory) / "7" / "state").rglob("*")
+        if p.is_file() and p.parent.name == "d"
+    ]
     assert files, "expected OCDBT data files"
     return files
 
@@ -64,7 +71,6 @@ def test_tampered_manifest_is_detected(tmp_path):
     mngr2 = ckpt.manager(tmp_path / "ck2")
     ckpt.save(mngr2, 7, other, {})
     # Put the other checkpoint's state under this checkpoint's manifest.
-    import shutil
     shutil.rmtree(Path(mngr.directory) / "7" / "state")
     shutil.copytree(Path(mngr2.directory) / "7" / "state", Path(mngr.directory) / "7" / "state")
     with pytest.raises(ckpt.CheckpointError, match="damaged"):

@@ -7,15 +7,16 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from jaxrepro import cli
 from jaxrepro.errors import UserError
 
 
 def test_split_overrides_keeps_order_and_strips_the_prefix():
     rest, overrides = cli.split_overrides(
-        ["cfg.py", "--config.a=1", "--workdir", "w", "--config.b.c=x"])
+        ["cfg.py", "--config.a=1", "--workdir", "w", "--config.b.c=x"]
+    )
     assert rest == ["cfg.py", "--workdir", "w"] and overrides == ["a=1", "b.c=x"]
     assert cli.as_arguments(overrides) == ["--config.a=1", "--config.b.c=x"]
 
@@ -46,8 +47,13 @@ def test_run_child_reports_the_failure_with_its_stderr():
 
 def test_a_child_limited_to_one_cpu_sees_one():
     code = "import os; print(len(os.sched_getaffinity(0)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         preexec_fn=cli._affinity(1), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=cli._affinity(1),
+        check=True,
+    )
     assert out.stdout.strip() == "1"
 
 

@@ -14,8 +14,8 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from jaxrepro import config as configlib
 from jaxrepro import models, rng
 from jaxrepro.analysis import compare
@@ -23,8 +23,12 @@ from jaxrepro.tfref import weights
 from jaxrepro.train import build_optimizer, init_state
 
 CONFIG = str(ROOT / "experiments" / "minixception.py")
-TINY = ["--config.data.image_size=64", "--config.data.num_train=48",
-        "--config.data.num_val=16", "--config.batch_size=16"]
+TINY = [
+    "--config.data.image_size=64",
+    "--config.data.num_train=48",
+    "--config.data.num_val=16",
+    "--config.batch_size=16",
+]
 STEPS = 2
 
 
@@ -33,12 +37,28 @@ def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compare")
     buffer = io.StringIO()  # the CLI's stdout (capsys is per test, this fixture per module)
     with contextlib.redirect_stdout(buffer):
-        code = compare.main([CONFIG, "--against", "tensorflow", "--steps", str(STEPS),
-                             "--out", str(out), "--probe", "4", "--keep-exchange", *TINY])
+        code = compare.main(
+            [
+                CONFIG,
+                "--against",
+                "tensorflow",
+                "--steps",
+                str(STEPS),
+                "--out",
+                str(out),
+                "--probe",
+                "4",
+                "--keep-exchange",
+                *TINY,
+            ]
+        )
     assert code == 0
-    return {"out": out, "stdout": buffer.getvalue(),
-            "report": json.loads((out / "compare.json").read_text()),
-            "ex": out / "exchange"}
+    return {
+        "out": out,
+        "stdout": buffer.getvalue(),
+        "report": json.loads((out / "compare.json").read_text()),
+        "ex": out / "exchange",
+    }
 
 
 def _bitwise(a: np.ndarray, b: np.ndarray) -> bool:
@@ -49,8 +69,12 @@ def test_cli_writes_every_section_and_the_plot(run):
     rep = run["report"]
     assert {"forward", "backward", "trajectory", "gradcam"} <= set(rep)
     assert [r["step"] for r in rep["trajectory"]] == list(range(STEPS + 1))
-    assert {r["layer"] for r in rep["forward"]} >= {"stem_out", "block1_out", "block5_out",
-                                                    "logits"}
+    assert {r["layer"] for r in rep["forward"]} >= {
+        "stem_out",
+        "block1_out",
+        "block5_out",
+        "logits",
+    }
     params = weights.load(run["ex"] / "init.npz")
     assert {r["param"] for r in rep["backward"]} == {n for n in params if n.startswith("params/")}
     assert set(rep["gradcam"]) == {"start", "end"}
@@ -60,12 +84,13 @@ def test_cli_writes_every_section_and_the_plot(run):
 
 
 def test_initial_weights_are_the_config_init_and_bitwise_equal_in_keras(run):
-    config = configlib.resolve(CONFIG, [t[len("--config."):] for t in TINY])
+    config = configlib.resolve(CONFIG, [t[len("--config.") :] for t in TINY])
     keys = rng.stream_keys(config.seed, {k: v for k, v in config.rng.items() if v >= 0})
     model = models.get_model(config.model, dropout_rate=0.0)
     state = init_state(model, build_optimizer(config), keys["init"], config.data.image_size)
-    ours = weights.flatten(jax.device_get({"params": state.params,
-                                           "batch_stats": state.batch_stats}))
+    ours = weights.flatten(
+        jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    )
     sent = weights.load(run["ex"] / "init.npz")
     keras0 = weights.load(run["ex"] / "keras" / "weights_000.npz")
     assert set(ours) == set(sent) == set(keras0)
@@ -98,8 +123,13 @@ def test_forward_logits_agree_and_the_reported_ulp_is_right(run):
     # The JAX logits in the report are those of the sent weights, recomputed here.
     inputs = np.load(run["ex"] / "inputs.npz", allow_pickle=False)
     model = models.get_model("minixception", dropout_rate=0.0)
-    z = np.asarray(model.apply(weights.unflatten(weights.load(run["ex"] / "init.npz")),
-                               inputs["probe_images"], train=False))
+    z = np.asarray(
+        model.apply(
+            weights.unflatten(weights.load(run["ex"] / "init.npz")),
+            inputs["probe_images"],
+            train=False,
+        )
+    )
     assert np.max(np.abs(z - z_j)) <= 1e-5 * np.max(np.abs(z_j))
 
 
@@ -127,10 +157,13 @@ def test_gradcam_agrees_at_the_start(run):
     assert g["spearman_mean"] is not None and g["spearman_mean"] > 0.99
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--against", "pytorch"], "only"),
-    (["--against", "tensorflow", "--config.no_such_key=1"], "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--against", "pytorch"], "only"),
+        (["--against", "tensorflow", "--config.no_such_key=1"], "unknown config key"),
+    ],
+)
 def test_user_errors_exit_2(args, message, capsys):
     assert compare.main([str(ROOT / "experiments" / "convnet.py"), *args]) == 2
     assert message in capsys.readouterr().err

@@ -16,8 +16,7 @@ def test_experiment_configs_load(name):
     assert c.model == name
     assert c.data.image_size == 180
     assert (c.data.num_train, c.data.num_val) == (2000, 1000)
-    assert c.optimizer.to_dict() == dict(name="rmsprop", learning_rate=1e-3, rho=0.9,
-                                         epsilon=1e-7)
+    assert c.optimizer.to_dict() == dict(name="rmsprop", learning_rate=1e-3, rho=0.9, epsilon=1e-7)
     assert (c.augment.flip, c.augment.rotation, c.augment.zoom) == (True, 0.1, 0.2)
     assert c.dropout_rate == 0.5
 
@@ -30,9 +29,10 @@ def test_paper_protocol_reachable_by_overrides():
 
 
 def test_overrides_are_typed():
-    c = configlib.resolve(ROOT / "experiments" / "convnet.py",
-                          ["optimizer.learning_rate=0.01", "augment.flip=false", "seed=7",
-                           "data.source=folder"])
+    c = configlib.resolve(
+        ROOT / "experiments" / "convnet.py",
+        ["optimizer.learning_rate=0.01", "augment.flip=false", "seed=7", "data.source=folder"],
+    )
     assert c.optimizer.learning_rate == 0.01 and isinstance(c.optimizer.learning_rate, float)
     assert c.augment.flip is False
     assert c.seed == 7 and c.data.source == "folder"
@@ -63,18 +63,22 @@ def test_hash_changes_with_any_value():
     a = configlib.resolve(ROOT / "experiments" / "convnet.py")
     b = configlib.resolve(ROOT / "experiments" / "convnet.py", ["rng.dropout=3"])
     assert configlib.config_hash(a) == configlib.config_hash(
-        configlib.resolve(ROOT / "experiments" / "convnet.py"))
+        configlib.resolve(ROOT / "experiments" / "convnet.py")
+    )
     assert configlib.config_hash(a) != configlib.config_hash(b)
     assert configlib.diff_keys(a.to_dict(), b.to_dict()) == ["rng.dropout: -1 -> 3"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["experiments/convnet.py", "--config.nope=1"], "unknown config key 'nope'"),
-    (["experiments/convnet.py", "--config.batch_size=big"], "expected a value of type int"),
-    (["experiments/missing.py"], "config file not found"),
-    (["experiments/convnet.py:huge"], "unknown config variant 'huge'; valid: tiny"),
-    (["experiments/convnet.py", "--config.optimizer.name=adam"], "unknown optimizer 'adam'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["experiments/convnet.py", "--config.nope=1"], "unknown config key 'nope'"),
+        (["experiments/convnet.py", "--config.batch_size=big"], "expected a value of type int"),
+        (["experiments/missing.py"], "config file not found"),
+        (["experiments/convnet.py:huge"], "unknown config variant 'huge'; valid: tiny"),
+        (["experiments/convnet.py", "--config.optimizer.name=adam"], "unknown optimizer 'adam'"),
+    ],
+)
 def test_cli_errors_exit_2(args, message, capsys, tmp_path):
     assert train_cli.main([*args, "--workdir", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
@@ -85,7 +89,18 @@ def test_tiny_variant_is_the_defaults_with_small_settings(name, size):
     tiny = configlib.resolve(f"{ROOT / 'experiments' / name}.py:tiny")
     full = configlib.resolve(ROOT / "experiments" / f"{name}.py")
     changed = {k.split(":")[0] for k in configlib.diff_keys(full.to_dict(), tiny.to_dict())}
-    assert {"data.image_size", "data.num_train", "batch_size"} <= changed <= {
-        "batch_size", "checkpoint_every_steps", "data.image_size", "data.num_train",
-        "data.num_val", "diff_probe_examples", "eval_batch_size", "num_epochs"}
+    assert (
+        {"data.image_size", "data.num_train", "batch_size"}
+        <= changed
+        <= {
+            "batch_size",
+            "checkpoint_every_steps",
+            "data.image_size",
+            "data.num_train",
+            "data.num_val",
+            "diff_probe_examples",
+            "eval_batch_size",
+            "num_epochs",
+        }
+    )
     assert tiny.data.image_size == size and tiny.num_epochs == 2

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_bitwise_equal, loss_and_grads
 from jax import lax
 
-from conftest import assert_bitwise_equal, loss_and_grads
 from jaxrepro.models import convnet, minixception
 from jaxrepro.models.ops import convolutions
 
@@ -70,8 +70,11 @@ def test_depthwise_backward_in_chunks_matches_xla_and_repeats_op_by_op(monkeypat
     chunked = grads(convolutions.depthwise_conv)
     for a, b in zip(chunked, grads(lax.conv_general_dilated)):
         _close(a, b)
-    scans = [e for e in jax.make_jaxpr(lambda: grads(convolutions.depthwise_conv))().eqns
-             if e.primitive.name == "scan"]
+    scans = [
+        e
+        for e in jax.make_jaxpr(lambda: grads(convolutions.depthwise_conv))().eqns
+        if e.primitive.name == "scan"
+    ]
     assert [e.params["length"] for e in scans] == [3]
     assert_bitwise_equal(jax.jit(lambda: grads(convolutions.depthwise_conv))(), chunked)
     with jax.disable_jit():
@@ -84,9 +87,11 @@ def test_pointwise_matches_xla_forward_and_backward(stride, padding):
     x = _normal((2, 7, 9, 5), 3)
     k = _normal((1, 1, 5, 4), 4)
     fast, back_fast = jax.vjp(
-        lambda x, k: _pointwise(convolutions.pointwise_conv, x, k, stride, padding), x, k)
+        lambda x, k: _pointwise(convolutions.pointwise_conv, x, k, stride, padding), x, k
+    )
     want, back_want = jax.vjp(
-        lambda x, k: _pointwise(lax.conv_general_dilated, x, k, stride, padding), x, k)
+        lambda x, k: _pointwise(lax.conv_general_dilated, x, k, stride, padding), x, k
+    )
     _close(fast, want)
     g = _normal(want.shape, 5)
     for a, b in zip(back_fast(g), back_want(g)):
@@ -101,8 +106,9 @@ def test_patch_grad_conv_keeps_xlas_forward_and_input_gradient_bits(kernel, cin,
     dn = lax.conv_dimension_numbers(x.shape, k.shape, NHWC)
 
     def conv(impl):
-        return lambda x, k: impl(x, k, (1, 1), padding, dimension_numbers=dn,
-                                 precision=lax.Precision.HIGHEST)
+        return lambda x, k: impl(
+            x, k, (1, 1), padding, dimension_numbers=dn, precision=lax.Precision.HIGHEST
+        )
 
     fast, back_fast = jax.jit(lambda x, k: jax.vjp(conv(convolutions.patch_grad_conv), x, k))(x, k)
     want, back_want = jax.jit(lambda x, k: jax.vjp(conv(lax.conv_general_dilated), x, k))(x, k)
@@ -142,18 +148,22 @@ def test_what_they_do_not_cover_is_xlas_own_bits():
     x = _normal((2, 9, 9, 4), 6)
     k = _normal((3, 3, 1, 4), 7)
     dn = lax.conv_dimension_numbers(x.shape, k.shape, NHWC)
-    strided = dict(window_strides=(2, 2), padding="SAME", dimension_numbers=dn,
-                   feature_group_count=4)
-    assert_bitwise_equal(convolutions.depthwise_conv(x, k, **strided),
-                                lax.conv_general_dilated(x, k, **strided))
+    strided = dict(
+        window_strides=(2, 2), padding="SAME", dimension_numbers=dn, feature_group_count=4
+    )
+    assert_bitwise_equal(
+        convolutions.depthwise_conv(x, k, **strided), lax.conv_general_dilated(x, k, **strided)
+    )
     k3 = _normal((3, 3, 4, 5), 8)
     dn3 = lax.conv_dimension_numbers(x.shape, k3.shape, NHWC)
     assert_bitwise_equal(
         convolutions.pointwise_conv(x, k3, (1, 1), "SAME", dimension_numbers=dn3),
-        lax.conv_general_dilated(x, k3, (1, 1), "SAME", dimension_numbers=dn3))
+        lax.conv_general_dilated(x, k3, (1, 1), "SAME", dimension_numbers=dn3),
+    )
     assert_bitwise_equal(
         convolutions.patch_grad_conv(x, k3, (2, 2), "SAME", dimension_numbers=dn3),
-        lax.conv_general_dilated(x, k3, (2, 2), "SAME", dimension_numbers=dn3))
+        lax.conv_general_dilated(x, k3, (2, 2), "SAME", dimension_numbers=dn3),
+    )
 
 
 def test_mini_xception_fast_convs_keep_parameters_and_outputs():
@@ -162,8 +172,7 @@ def test_mini_xception_fast_convs_keep_parameters_and_outputs():
     plain = fast.clone(fast_convs=False)
     variables = fast.init(jax.random.key(0), x, train=False)
     assert_bitwise_equal(variables, plain.init(jax.random.key(0), x, train=False))
-    _close(fast.apply(variables, x, train=False), plain.apply(variables, x, train=False),
-           tol=1e-5)
+    _close(fast.apply(variables, x, train=False), plain.apply(variables, x, train=False), tol=1e-5)
 
 
 def test_fast_convs_give_other_bits_than_xla_convs():

@@ -39,7 +39,7 @@ def _rng(*seed: int) -> np.random.Generator:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tfds_a")
-    data.load("shapes", "train", data_dir=root, **TINY)   # builds on first use
+    data.load("shapes", "train", data_dir=root, **TINY)  # builds on first use
     return root
 
 
@@ -88,12 +88,15 @@ def test_two_independent_builds_are_bitwise_identical(tiny_dir, tmp_path):
 
 
 def test_example_is_identical_in_another_process(tiny_dir):
-    code = ("import hashlib, numpy as np, jaxrepro\n"
-            "from jaxrepro.data import shapes\n"
-            "ex = shapes.render_example(0, 7, 32)\n"
-            "print(hashlib.sha256(ex['image'].tobytes() + ex['mask'].tobytes()).hexdigest())\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=120).stdout.split()[-1]
+    code = (
+        "import hashlib, numpy as np, jaxrepro\n"
+        "from jaxrepro.data import shapes\n"
+        "ex = shapes.render_example(0, 7, 32)\n"
+        "print(hashlib.sha256(ex['image'].tobytes() + ex['mask'].tobytes()).hexdigest())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
+    ).stdout.split()[-1]
     here = shapes.render_example(0, 7, 32)
     assert out == hashlib.sha256(here["image"].tobytes() + here["mask"].tobytes()).hexdigest()
     ds = shapes.JaxreproShapes(data_dir=str(tiny_dir), config="tiny").as_data_source("train")
@@ -131,7 +134,7 @@ def test_labels_balanced_and_masks_sane(tiny_splits):
         assert split.masks.shape == (n, 32, 32) and split.masks.dtype == np.uint8
         assert set(np.unique(split.masks)) <= {0, 1}
         area = split.masks.reshape(n, -1).mean(axis=1)
-        assert (area > 0.02).all() and (area < 0.6).all()   # an object, not the frame
+        assert (area > 0.02).all() and (area < 0.6).all()  # an object, not the frame
         # The object lies inside the image: the mask never covers a whole border row/column.
         for m in split.masks:
             assert not (m[0].all() or m[-1].all() or m[:, 0].all() or m[:, -1].all())
@@ -155,8 +158,8 @@ def test_config_selection_by_size():
     assert shapes.config_for(32, 96).name == "tiny"
     custom = shapes.config_for(32, 200)
     assert (custom.name, custom.image_size, custom.num_examples) == ("s32_n3000", 32, 3000)
-    assert shapes.config_for(80, 96).name == "s80_n96"           # the tiny scenes at 80 px
-    assert shapes.config_for(64, 5001).num_examples == 5002      # even: balanced
+    assert shapes.config_for(80, 96).name == "s80_n96"  # the tiny scenes at 80 px
+    assert shapes.config_for(64, 5001).num_examples == 5002  # even: balanced
     with pytest.raises(data.DataError, match="32x32"):
         data.load("shapes", "train", image_size=180, builder_config="tiny", data_dir="/nonexistent")
     with pytest.raises(data.DataError, match="valid"):
@@ -164,12 +167,13 @@ def test_config_selection_by_size():
 
 
 def test_other_sizes_draw_the_same_scenes(tiny_dir, tiny_splits):
-    big = data.load("shapes", "validation", image_size=48, num_train=64, num_val=32,
-                    data_dir=tiny_dir)
+    big = data.load(
+        "shapes", "validation", image_size=48, num_train=64, num_val=32, data_dir=tiny_dir
+    )
     small = tiny_splits["validation"]
     assert big.provenance["config"] == "s48_n96" and big.images.shape[1:] == (48, 48, 3)
     assert big.ids == small.ids and np.array_equal(big.labels, small.labels)
-    for m48, m32 in zip(big.masks, small.masks):   # the same object, drawn finer
+    for m48, m32 in zip(big.masks, small.masks):  # the same object, drawn finer
         down = np.asarray(Image.fromarray(m48 * 255).resize((32, 32), Image.Resampling.BOX)) > 127
         inter, union = (down & (m32 > 0)).sum(), (down | (m32 > 0)).sum()
         assert inter / union > 0.7
@@ -177,8 +181,15 @@ def test_other_sizes_draw_the_same_scenes(tiny_dir, tiny_splits):
 
 def test_too_few_examples_is_a_clear_error(tiny_dir):
     with pytest.raises(data.DataError, match="class 0 has 48 examples"):
-        data.load("shapes", "train", image_size=32, num_train=80, num_val=32,
-                  builder_config="tiny", data_dir=tiny_dir)
+        data.load(
+            "shapes",
+            "train",
+            image_size=32,
+            num_train=80,
+            num_val=32,
+            builder_config="tiny",
+            data_dir=tiny_dir,
+        )
 
 
 # ------------------------------------------------------------------------ split rule
@@ -195,8 +206,10 @@ def test_split_rule_is_stable_disjoint_balanced_and_storage_independent():
     assert train == sorted(train, key=lambda s: hashlib.sha256(s.encode()).digest())
     # Per class, train is the first hash-ordered block and validation the next one.
     for c in (0, 1):
-        ranked = sorted((s for s, l in zip(ids, labels) if l == c),
-                        key=lambda s: hashlib.sha256(s.encode()).digest())
+        ranked = sorted(
+            (s for s, label in zip(ids, labels) if label == c),
+            key=lambda s: hashlib.sha256(s.encode()).digest(),
+        )
         assert set(ranked[:10]) == {s for s in train if int(s[4:]) % 2 == c}
         assert set(ranked[10:15]) == {s for s in val if int(s[4:]) % 2 == c}
     # Shuffled storage order: the same ids, in the same order, in each split.
@@ -238,17 +251,19 @@ def test_epoch_order_is_a_pure_permutation_per_epoch():
     o0 = data.epoch_order(key, 0, 50)
     assert o0.dtype == np.int32 and np.array_equal(np.sort(o0), np.arange(50))
     order._cached_order.cache_clear()
-    assert np.array_equal(data.epoch_order(jax.random.key(3), 0, 50), o0)   # recomputed
+    assert np.array_equal(data.epoch_order(jax.random.key(3), 0, 50), o0)  # recomputed
     want = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(3), 0), 50))
     assert np.array_equal(o0, want)
     o1 = data.epoch_order(key, 1, 50)
     assert not np.array_equal(o0, o1) and np.array_equal(np.sort(o1), np.arange(50))
     assert not np.array_equal(o0, data.epoch_order(jax.random.key(4), 0, 50))
     raw = jax.random.PRNGKey(3)  # raw uint32 keys work too
-    assert np.array_equal(data.epoch_order(raw, 2, 50),
-                          np.asarray(jax.random.permutation(jax.random.fold_in(raw, 2), 50)))
+    assert np.array_equal(
+        data.epoch_order(raw, 2, 50),
+        np.asarray(jax.random.permutation(jax.random.fold_in(raw, 2), 50)),
+    )
     with pytest.raises(ValueError):
-        o0[0] = 1   # read-only: the memoised order cannot be changed by a caller
+        o0[0] = 1  # read-only: the memoised order cannot be changed by a caller
 
 
 def test_batches_are_full_and_match_the_order():
@@ -257,7 +272,7 @@ def test_batches_are_full_and_match_the_order():
     batches = list(data.batch_indices(o, 16))
     assert len(batches) == data.num_batches(50, 16) == 3
     assert all(len(b) == 16 for b in batches)
-    assert np.array_equal(np.concatenate(batches), o[:48])   # the last 2 are dropped
+    assert np.array_equal(np.concatenate(batches), o[:48])  # the last 2 are dropped
     for b in range(3):
         assert np.array_equal(data.batch_at(key, 2, b, 16, 50), batches[b])
     with pytest.raises(IndexError):
@@ -279,9 +294,16 @@ def test_data_fingerprint_sees_every_byte(tiny_splits):
     labels[0] = 1 - labels[0]
     assert data.data_fingerprint(split.images, labels, split.ids, split.masks) != fp
     swapped = np.r_[[1, 0], np.arange(2, len(split))]
-    assert data.data_fingerprint(split.images[swapped], split.labels[swapped],
-                                 [split.ids[i] for i in swapped], split.masks[swapped]) != fp
-    assert data.data_fingerprint(split.images, split.labels, split.ids) != fp   # no masks
+    assert (
+        data.data_fingerprint(
+            split.images[swapped],
+            split.labels[swapped],
+            [split.ids[i] for i in swapped],
+            split.masks[swapped],
+        )
+        != fp
+    )
+    assert data.data_fingerprint(split.images, split.labels, split.ids) != fp  # no masks
 
 
 def test_order_fingerprint():
@@ -316,10 +338,17 @@ def test_folder_kaggle_layout_skips_and_reports_corrupt_files(tmp_path, caplog):
             fmt = "PNG" if i % 3 == 0 else "JPEG"
             _write(folder / "train" / f"{animal}.{i}.jpg", _image_bytes(rng, fmt))
     _write(folder / "train" / "cat.99.jpg", b"\xff\xd8\xff\xe0 this is not a JPEG")  # corrupt
-    _write(folder / "test1" / "1.jpg", _image_bytes(rng, "JPEG"))                   # unlabeled
+    _write(folder / "test1" / "1.jpg", _image_bytes(rng, "JPEG"))  # unlabeled
     with caplog.at_level(logging.WARNING):
-        train = data.load("folder", "train", image_size=16, num_train=8, num_val=4,
-                          folder=folder, data_dir=tmp_path / "tfds")
+        train = data.load(
+            "folder",
+            "train",
+            image_size=16,
+            num_train=8,
+            num_val=4,
+            folder=folder,
+            data_dir=tmp_path / "tfds",
+        )
     assert [s["path"] for s in train.skipped] == ["train/cat.99.jpg"]
     assert "cat.99.jpg" in caplog.text
     assert train.provenance["num_unlabeled"] == 1
@@ -328,15 +357,29 @@ def test_folder_kaggle_layout_skips_and_reports_corrupt_files(tmp_path, caplog):
     for ex_id, image, label in zip(train.ids, train.images, train.labels):
         assert label == (0 if Path(ex_id).name.startswith("cat.") else 1)
         assert np.array_equal(image, decode_rgb((folder / ex_id).read_bytes(), 16))
-    val = data.load("folder", "validation", image_size=16, num_train=8, num_val=4,
-                    folder=folder, data_dir=tmp_path / "tfds")
+    val = data.load(
+        "folder",
+        "validation",
+        image_size=16,
+        num_train=8,
+        num_val=4,
+        folder=folder,
+        data_dir=tmp_path / "tfds",
+    )
     assert len(val) == 4 and not set(val.ids) & set(train.ids)
-    assert val.skipped == train.skipped          # read back from the prepared data set
+    assert val.skipped == train.skipped  # read back from the prepared data set
     assert "train/cat.99.jpg" not in train.ids + val.ids
     # A changed folder is a new builder config, never stale data.
     _write(folder / "train" / "dog.6.jpg", _image_bytes(rng, "JPEG"))
-    again = data.load("folder", "train", image_size=16, num_train=8, num_val=4,
-                      folder=folder, data_dir=tmp_path / "tfds")
+    again = data.load(
+        "folder",
+        "train",
+        image_size=16,
+        num_train=8,
+        num_val=4,
+        folder=folder,
+        data_dir=tmp_path / "tfds",
+    )
     assert again.provenance["config"] != train.provenance["config"]
 
 
@@ -346,8 +389,15 @@ def test_folder_petimages_layout(tmp_path):
         _write(folder / "Cat" / f"{i}.jpg", _image_bytes(rng, "JPEG"))
         _write(folder / "Dog" / f"{i}.jpg", _image_bytes(rng, "JPEG"))
     _write(folder / "Cat" / "Thumbs.db", b"not an image, not an image suffix")
-    split = data.load("folder", "train", image_size=8, num_train=4, num_val=2,
-                      folder=folder, data_dir=tmp_path / "tfds")
+    split = data.load(
+        "folder",
+        "train",
+        image_size=8,
+        num_train=4,
+        num_val=2,
+        folder=folder,
+        data_dir=tmp_path / "tfds",
+    )
     assert split.skipped == []
     assert sorted(split.labels.tolist()) == [0, 0, 1, 1]
     for ex_id, label in zip(split.ids, split.labels):
@@ -381,11 +431,16 @@ class _FakeCatsVsDogs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.builder_cls("cats_vs_dogs").VERSION
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(),
-            "image/filename": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=["cat", "dog"]),
-        }))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(),
+                    "image/filename": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+                }
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -394,16 +449,17 @@ class _FakeCatsVsDogs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         rng = _rng(3)
         for i in range(8):
             name = f"PetImages/{('Cat', 'Dog')[i % 2]}/{i}.jpg"
-            yield name, {"image": _image_bytes(rng, "JPEG"), "image/filename": name,
-                         "label": i % 2}
+            yield name, {"image": _image_bytes(rng, "JPEG"), "image/filename": name, "label": i % 2}
 
 
 def test_cats_vs_dogs_reads_array_record_and_resizes(tmp_path):
     _FakeCatsVsDogs(data_dir=str(tmp_path)).download_and_prepare(
         file_format="array_record",
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    split = data.load("cats_vs_dogs", "train", image_size=12, num_train=4, num_val=2,
-                      data_dir=tmp_path)
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+    split = data.load(
+        "cats_vs_dogs", "train", image_size=12, num_train=4, num_val=2, data_dir=tmp_path
+    )
     assert split.images.shape == (4, 12, 12, 3) and split.masks is None
     assert all(i.startswith("PetImages/") for i in split.ids)
     assert sorted(split.labels.tolist()) == [0, 0, 1, 1]
@@ -413,7 +469,8 @@ def test_cats_vs_dogs_prepared_as_tfrecord_is_refused(tmp_path):
     builder = _FakeCatsVsDogs(data_dir=str(tmp_path))
     builder.download_and_prepare(
         file_format="array_record",
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
     # Pretend it was prepared as tfrecord (writing real tfrecords needs TensorFlow).
     info_path = Path(builder.data_dir) / "dataset_info.json"
     info = json.loads(info_path.read_text())
@@ -421,8 +478,7 @@ def test_cats_vs_dogs_prepared_as_tfrecord_is_refused(tmp_path):
     info.pop("alternativeFileFormats", None)
     info_path.write_text(json.dumps(info))
     with pytest.raises(data.DataError, match="tfrecord.*array_record"):
-        data.load("cats_vs_dogs", "train", image_size=12, num_train=4, num_val=2,
-                  data_dir=tmp_path)
+        data.load("cats_vs_dogs", "train", image_size=12, num_train=4, num_val=2, data_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------- registry

@@ -11,8 +11,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import tiny_spec, train_tiny
+
 from jaxrepro import determinism
 from jaxrepro.analysis import diff as difflib
 from jaxrepro.analysis import variants
@@ -32,9 +32,17 @@ def train(workdir, *overrides: str, **kwargs) -> None:
 
 def train_main(workdir, *extra: str) -> int:
     """The training CLI on the same config, in this process; its exit status."""
-    return train_cli.main([tiny_spec("convnet"), "--config.diff_probe_examples=1",
-                           "--config.num_epochs=1", "--workdir", str(workdir),
-                           "--no-progress", *extra])
+    return train_cli.main(
+        [
+            tiny_spec("convnet"),
+            "--config.diff_probe_examples=1",
+            "--config.num_epochs=1",
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 # ------------------------------------------------------------ hand-picked ULPs
@@ -95,19 +103,23 @@ def _probe(**changes):
 
 
 def test_probe_comparison_names_layers_in_call_order_not_alphabetically():
-    order = {"activations": ["conv1_out", "pool1_out", "conv2_out"],
-             "layers": ["conv1", "conv2", "dense"]}
+    order = {
+        "activations": ["conv1_out", "pool1_out", "conv2_out"],
+        "layers": ["conv1", "conv2", "dense"],
+    }
     nudged = np.nextafter(f32(4), f32(5))
-    r = compare_probes(_probe(), order, _probe(conv2_out=nudged, pool1_out=f32(3.5),
-                                               **{"conv1/kernel": f32(0)}))
+    r = compare_probes(
+        _probe(), order, _probe(conv2_out=nudged, pool1_out=f32(3.5), **{"conv1/kernel": f32(0)})
+    )
     assert r["first_forward"] == "pool1_out"  # alphabetically conv2_out would come first
     assert r["forward"]["conv2_out"]["max_ulp"] == 1 and r["forward"]["conv1_out"]["equal"]
     assert r["forward"]["logits"]["equal"]  # logits unchanged here
     assert r["first_gradient"] == "conv1/kernel"
     same = compare_probes(_probe(), order, _probe())
     assert same["first_forward"] is None and same["first_gradient"] is None
-    backward = compare_probes(_probe(), order, _probe(**{"dense/kernel": f32(9),
-                                                         "conv1/kernel": f32(9)}))
+    backward = compare_probes(
+        _probe(), order, _probe(**{"dense/kernel": f32(9), "conv1/kernel": f32(9)})
+    )
     assert backward["first_gradient"] == "dense/kernel"  # backward order: the head first
 
 
@@ -121,8 +133,9 @@ def test_variant_flag_replaces_the_same_flag_in_the_parent():
 
 def test_variant_environment_appends_xla_flags():
     env = variant_env(VARIANTS["ynn"], {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "A": "1"})
-    assert env["XLA_FLAGS"] == ("--xla_dump_to=/tmp/x "
-                                "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce")
+    assert env["XLA_FLAGS"] == (
+        "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+    )
     assert env["A"] == "1" and variant_env(VARIANTS["no-jit"], {})["JAX_DISABLE_JIT"] == "1"
 
 
@@ -193,8 +206,11 @@ def test_other_seed_differs_from_step_0(runs, diff):
 def test_fork_parts_from_the_other_run_at_the_fork(runs, tmp_path, diff):
     # 1 epoch of 4 steps, checkpoints at 0, 3, 4. Fork at 3 with another learning rate:
     # the states agree up to step 3, the update of step 4 (the fork's first) differs.
-    train(tmp_path / "fork", "optimizer.learning_rate=0.002",
-          fork_from=runs / "a" / "checkpoints" / "3")
+    train(
+        tmp_path / "fork",
+        "optimizer.learning_rate=0.002",
+        fork_from=runs / "a" / "checkpoints" / "3",
+    )
     report = json.loads(diff(runs / "a", tmp_path / "fork", "--json").stdout)
     assert report["verdict"] == "different"
     assert report["fork"]["step"] == 3 and report["fork"]["child"] == "B"
@@ -205,8 +221,7 @@ def test_fork_parts_from_the_other_run_at_the_fork(runs, tmp_path, diff):
 
 
 def test_fork_from_a_missing_checkpoint_is_refused_before_writing(runs, tmp_path, capsys):
-    assert train_main(tmp_path / "fork", "--fork-from",
-                      str(runs / "a" / "checkpoints" / "2")) == 2
+    assert train_main(tmp_path / "fork", "--fork-from", str(runs / "a" / "checkpoints" / "2")) == 2
     err = capsys.readouterr().err
     assert "no checkpoint at step 2" in err and "[0, 3, 4]" in err
     assert not (tmp_path / "fork").exists()
@@ -221,9 +236,21 @@ def test_fork_from_another_model_is_refused_and_leaves_nothing(runs, tmp_path, c
 
 def test_code_path_variant_differs_and_names_the_first_layer(tmp_path, capsys, diff):
     # AVX2 code contracts a*b+c into FMAs: the same initial state, other logits.
-    assert variants.main([tiny_spec("convnet"), "--variants", "default,avx2", "--out",
-                          str(tmp_path), "--no-progress", "--config.diff_probe_examples=1",
-                          "--config.num_epochs=1"]) == 0
+    assert (
+        variants.main(
+            [
+                tiny_spec("convnet"),
+                "--variants",
+                "default,avx2",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+                "--config.diff_probe_examples=1",
+                "--config.num_epochs=1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     row = json.loads((tmp_path / "variants.json").read_text())["rows"][0]
     assert row["variant"] == "avx2" and row["verdict"] == "different", out

@@ -1,6 +1,5 @@
 """Tests of the explanation methods (jaxrepro.explain), their CLI and the robustness protocol."""
 
-
 import csv
 import functools
 from pathlib import Path
@@ -9,15 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_bitwise_equal, run_cli, train_tiny
 from PIL import Image
 
-import jaxrepro.explain
-from conftest import assert_bitwise_equal, run_cli, train_tiny
 from jaxrepro import models, train
 from jaxrepro.data.images import decode_rgb
-from jaxrepro.explain import METHODS, explain, metrics, prediction, robustness
+from jaxrepro.explain import METHODS, explain, ig, lrp, metrics, prediction, robustness
 from jaxrepro.explain import gradcam as gc
-from jaxrepro.explain import ig
 from jaxrepro.explain.cli import main as explain_main
 from jaxrepro.models.spec import GradcamLayer
 
@@ -31,7 +28,7 @@ TINY_MODELS = {
 LOCAL_METHODS = ["gradcam", "guided-backprop", "guided-gradcam", "ig"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(name: str):
     """(model, jitted apply) of a narrow model (compiled once per session)."""
     model = TINY_MODELS[name][0]()
@@ -56,7 +53,7 @@ def _random_leaf(path, shape, rng) -> np.ndarray:
 SEEDS = {"convnet": 1, "minixception": 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(name: str, seed: int | None = None):
     """(model, variables, images [2, S, S, 3] in 0..255) of a narrow random model.
 
@@ -66,10 +63,12 @@ def tiny(name: str, seed: int | None = None):
     size = TINY_MODELS[name][1]
     rng = np.random.default_rng(SEEDS[name] if seed is None else seed)
     images = jnp.asarray(rng.uniform(0.0, 255.0, (2, size, size, 3)).astype(np.float32))
-    shapes = jax.eval_shape(functools.partial(model.init, train=False),
-                            jax.random.key(0), images[:1])
+    shapes = jax.eval_shape(
+        functools.partial(model.init, train=False), jax.random.key(0), images[:1]
+    )
     variables = jax.tree_util.tree_map_with_path(
-        lambda p, s: jnp.asarray(_random_leaf(p, s.shape, rng)), shapes)
+        lambda p, s: jnp.asarray(_random_leaf(p, s.shape, rng)), shapes
+    )
     return model, variables, images
 
 
@@ -80,7 +79,8 @@ def logits_of(name, variables, images):
 def head_reference(name: str, model, variables, images, sign):
     """A and d(sign*logit)/dA by splitting the model by hand at its last conv."""
     _, state = jax.jit(functools.partial(model.apply, train=False, mutable=["intermediates"]))(
-        variables, images)
+        variables, images
+    )
     act = models.flat_intermediates(state["intermediates"])[gc.gradcam_layer(model).activation]
     dense = variables["params"]["dense"]
 
@@ -107,8 +107,8 @@ def test_gradcam_matches_hand_written_reference(name, sign):
     np.testing.assert_array_equal(got_act, act)
     np.testing.assert_allclose(got_grad, grad, rtol=1e-5, atol=1e-7)
 
-    weights = grad.mean(axis=(1, 2))                                   # alpha_k
-    raw = np.maximum(np.einsum("nhwc,nc->nhw", act, weights), 0.0)     # ReLU(sum alpha A)
+    weights = grad.mean(axis=(1, 2))  # alpha_k
+    raw = np.maximum(np.einsum("nhwc,nc->nhw", act, weights), 0.0)  # ReLU(sum alpha A)
     top = raw.max(axis=(1, 2), keepdims=True)
     low = np.where(top > 0, raw / np.where(top > 0, top, 1), 0)
     expected = jax.image.resize(low, (2, *images.shape[1:3]), method="linear")
@@ -148,8 +148,9 @@ def test_gradcam_all_zero_map_stays_zero_and_max_is_one():
 def test_gradcam_rejects_an_unknown_model_and_a_layer_it_does_not_meet(monkeypatch):
     with pytest.raises(ValueError, match="registered models"):
         gc.gradcam_layer(models.SeparableConv(4))
-    monkeypatch.setattr(gc, "gradcam_layer",
-                        lambda model: GradcamLayer("conv5_out", "conv9", "output"))
+    monkeypatch.setattr(
+        gc, "gradcam_layer", lambda model: GradcamLayer("conv5_out", "conv9", "output")
+    )
     model, variables, images = tiny("convnet")
     with pytest.raises(ValueError, match="met 0 times"):
         # a shape no other test uses, so jit traces again with the patched cut
@@ -166,8 +167,9 @@ def test_guided_relu_backward_zeroes_negative_gradients_and_inputs():
     np.testing.assert_array_equal(y, [0.0, 2.0, 3.0, 0.0, 5.0])
     np.testing.assert_array_equal(vjp(upstream)[0], [0.0, 0.0, 7.0, 0.0, 0.0])
     # the plain ReLU passes the negative gradient at a positive input
-    np.testing.assert_array_equal(jax.vjp(jax.nn.relu, x)[1](upstream)[0],
-                                  [0.0, -6.0, 7.0, 0.0, 0.0])
+    np.testing.assert_array_equal(
+        jax.vjp(jax.nn.relu, x)[1](upstream)[0], [0.0, -6.0, 7.0, 0.0, 0.0]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -178,16 +180,21 @@ def test_guided_backprop_is_not_the_plain_gradient(name):
     assert guided.shape == images.shape
     assert np.abs(np.asarray(guided)).max() > 0
     assert not np.allclose(guided, plain)
-    np.testing.assert_allclose(gc.guided_backprop(model, variables, images),
-                               np.asarray(guided).sum(-1), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        gc.guided_backprop(model, variables, images),
+        np.asarray(guided).sum(-1),
+        rtol=1e-5,
+        atol=1e-9,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_guided_gradcam_is_guided_backprop_times_gradcam(name):
     model, variables, images = tiny(name)
     sign = jnp.array([1.0, -1.0])
-    product = (np.asarray(gc.guided_backprop(model, variables, images, sign=sign))
-               * np.asarray(gc.gradcam(model, variables, images, sign=sign)))
+    product = np.asarray(gc.guided_backprop(model, variables, images, sign=sign)) * np.asarray(
+        gc.gradcam(model, variables, images, sign=sign)
+    )
     got = gc.guided_gradcam(model, variables, images, sign=sign)
     np.testing.assert_array_equal(got, product)
     assert np.abs(product).max() > 0
@@ -199,7 +206,7 @@ def test_guided_gradcam_is_guided_backprop_times_gradcam(name):
 def _analytic(x):
     """A smooth non-linear function, one value per example."""
     flat = x.reshape(x.shape[0], -1)
-    return jnp.sum(jnp.sin(flat) ** 2 + 0.1 * flat ** 3 + flat[:, :1] * flat, axis=1)
+    return jnp.sum(jnp.sin(flat) ** 2 + 0.1 * flat**3 + flat[:, :1] * flat, axis=1)
 
 
 @pytest.mark.parametrize("rule", ig.RULES)
@@ -212,7 +219,7 @@ def test_ig_completeness_on_an_analytic_function(rule):
         attr = ig.integrated_gradients_fn(_analytic, x, baseline, steps=steps, rule=rule)
         errors.append(np.abs(np.asarray(attr.sum(axis=(1, 2, 3))) - gap).max())
     assert errors[2] < 2e-3 * np.abs(gap).max()
-    assert errors[0] > errors[1] > errors[2]          # O(1/steps^2): about 16x per step
+    assert errors[0] > errors[1] > errors[2]  # O(1/steps^2): about 16x per step
     assert errors[0] / errors[2] > 100
 
 
@@ -238,11 +245,21 @@ def test_ig_quadrature_weights():
 def test_ig_completeness_error_on_the_convnet_shrinks_with_steps():
     model, variables, images = tiny("convnet")
     sign = jnp.array([1.0, -1.0])
-    gap = sign * (logits_of("convnet", variables, images)
-                  - logits_of("convnet", variables, jnp.zeros_like(images)))
-    errors = [np.abs(np.asarray(ig.integrated_gradients(model, variables, images, sign=sign,
-                                                        steps=steps).sum(axis=(1, 2)) - gap))
-              for steps in (2, 16, 128)]
+    gap = sign * (
+        logits_of("convnet", variables, images)
+        - logits_of("convnet", variables, jnp.zeros_like(images))
+    )
+    errors = [
+        np.abs(
+            np.asarray(
+                ig.integrated_gradients(model, variables, images, sign=sign, steps=steps).sum(
+                    axis=(1, 2)
+                )
+                - gap
+            )
+        )
+        for steps in (2, 16, 128)
+    ]
     assert np.all(errors[0] > errors[1]) and np.all(errors[1] > errors[2])
     assert np.all(errors[2] < 0.02 * np.abs(np.asarray(gap)))
 
@@ -263,8 +280,7 @@ def test_each_method_gives_the_same_bits_twice(method, name):
     model, variables, images = tiny(name)
     options = {"steps": 4} if method == "ig" else {}
     first = explain(method, model, variables, images, sign=-1.0, **options)
-    again = explain(method, model, variables, jnp.array(np.asarray(images)), sign=-1.0,
-                    **options)
+    again = explain(method, model, variables, jnp.array(np.asarray(images)), sign=-1.0, **options)
     assert first.shape == images.shape[:3] and first.dtype == jnp.float32
     assert np.abs(np.asarray(first)).max() > 0
     assert_bitwise_equal(first, again)
@@ -277,13 +293,10 @@ def test_registry_names_every_method():
 
 
 def test_lrp_entry_is_the_lrp_module_with_sign_and_composite():
-    from jaxrepro.explain import lrp
-
     model, variables, images = tiny("convnet")
     heat = explain("lrp", model, variables, images, sign=-1.0, composite="epsilon", steps=9)
-    direct = lrp.heatmap(lrp.attribute(model, variables, images, sign=-1.0,
-                                       composite="epsilon"))
-    assert_bitwise_equal(heat, direct)             # `steps` is not an lrp option
+    direct = lrp.heatmap(lrp.attribute(model, variables, images, sign=-1.0, composite="epsilon"))
+    assert_bitwise_equal(heat, direct)  # `steps` is not an lrp option
     other = explain("lrp", model, variables, images, sign=-1.0, composite="lrp0")
     assert not np.array_equal(np.asarray(heat), np.asarray(other))
 
@@ -304,8 +317,12 @@ def image_files(tmp_path_factory) -> dict[str, Path]:
     """An 80x80 PNG, a 64x50 PNG, that one resized by decode_rgb, and a broken file."""
     base = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(7)
-    files = {"square": base / "square.png", "small": base / "small.png",
-             "small_resized": base / "small_resized.png", "broken": base / "broken.png"}
+    files = {
+        "square": base / "square.png",
+        "small": base / "small.png",
+        "small_resized": base / "small_resized.png",
+        "broken": base / "broken.png",
+    }
     Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(files["square"])
     Image.fromarray(rng.integers(0, 256, (50, 64, 3), dtype=np.uint8)).save(files["small"])
     Image.fromarray(decode_rgb(files["small"].read_bytes(), 80)).save(files["small_resized"])
@@ -313,12 +330,21 @@ def image_files(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def test_cli_writes_png_and_npy_prints_prediction_and_resizes(trained_run, image_files,
-                                                              tmp_path, capsys):
+def test_cli_writes_png_and_npy_prints_prediction_and_resizes(
+    trained_run, image_files, tmp_path, capsys
+):
     out = tmp_path / "out"
-    args = [str(trained_run), str(image_files["square"]), str(image_files["small"]),
-            str(image_files["small_resized"]), "--method", "gradcam", "--out", str(out),
-            "--no-progress"]
+    args = [
+        str(trained_run),
+        str(image_files["square"]),
+        str(image_files["small"]),
+        str(image_files["small_resized"]),
+        "--method",
+        "gradcam",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert explain_main(args) == 0
     printed = capsys.readouterr().out
     trained = train.load(trained_run)
@@ -333,13 +359,23 @@ def test_cli_writes_png_and_npy_prints_prediction_and_resizes(trained_run, image
         with Image.open(out / f"{stem}.gradcam.png") as png:
             assert png.size == (80, 80) and png.mode == "RGB"
     # the 64x50 image went through the one resize rule: same pixels, same heatmap bytes
-    assert ((out / "small.gradcam.npy").read_bytes()
-            == (out / "small_resized.gradcam.npy").read_bytes())
+    assert (out / "small.gradcam.npy").read_bytes() == (
+        out / "small_resized.gradcam.npy"
+    ).read_bytes()
 
 
 def test_cli_npy_files_are_byte_identical_across_processes(trained_run, image_files, tmp_path):
-    args = [str(image_files["square"]), str(image_files["small"]), "--method", "ig",
-            "--steps", "4", "--class", "dog", "--no-progress"]
+    args = [
+        str(image_files["square"]),
+        str(image_files["small"]),
+        "--method",
+        "ig",
+        "--steps",
+        "4",
+        "--class",
+        "dog",
+        "--no-progress",
+    ]
     assert explain_main([str(trained_run), *args, "--out", str(tmp_path / "here")]) == 0
     run_cli("jaxrepro.explain", str(trained_run), *args, "--out", str(tmp_path / "there"))
     for stem in ("square", "small"):
@@ -358,15 +394,23 @@ def test_cli_explains_with_lrp_and_a_composite(trained_run, image_files, tmp_pat
     assert not np.array_equal(eps, np.load(tmp_path / "z" / "square.lrp.npy"))
 
 
-def test_cli_unreadable_image_exits_2_with_a_clear_message(trained_run, image_files,
-                                                           tmp_path, capsys):
-    code = explain_main([str(trained_run), str(image_files["square"]),
-                         str(image_files["broken"]), "--out", str(tmp_path / "o")])
+def test_cli_unreadable_image_exits_2_with_a_clear_message(
+    trained_run, image_files, tmp_path, capsys
+):
+    code = explain_main(
+        [
+            str(trained_run),
+            str(image_files["square"]),
+            str(image_files["broken"]),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert f"cannot read image {image_files['broken']}" in err
     assert "Traceback" not in err
-    assert not (tmp_path / "o").exists()          # nothing written before the check
+    assert not (tmp_path / "o").exists()  # nothing written before the check
     assert explain_main([str(trained_run), str(tmp_path / "missing.png")]) == 2
     assert "No such file" in capsys.readouterr().err
 
@@ -385,10 +429,11 @@ def test_cli_missing_run_exits_2(image_files, tmp_path, capsys):
 def test_rotation_is_counter_clockwise_and_exact_at_0_and_90_degrees():
     image = np.arange(5 * 5, dtype=np.float32).reshape(1, 5, 5, 1)
     assert_bitwise_equal(np.asarray(robustness.rotate(image, 0.0)), image)
-    np.testing.assert_array_equal(robustness.rotate(image, 90.0)[0, :, :, 0],
-                                  np.rot90(image[0, :, :, 0]))
+    np.testing.assert_array_equal(
+        robustness.rotate(image, 90.0)[0, :, :, 0], np.rot90(image[0, :, :, 0])
+    )
     assert robustness.crop_box(80, 0.0) == (0, 80)
-    assert robustness.crop_box(80, 45.0) == (12, 68)    # 80 / sqrt(2) = 56.6 -> 56
+    assert robustness.crop_box(80, 45.0) == (12, 68)  # 80 / sqrt(2) = 56.6 -> 56
 
 
 def test_noise_reruns_bit_for_bit_and_differs_with_another_seed():
@@ -409,12 +454,22 @@ def test_noise_reruns_bit_for_bit_and_differs_with_another_seed():
 
 def test_protocol_rmse_is_exactly_zero_at_angle_0_and_sigma_0():
     model, variables, images = tiny("convnet")
-    rows = robustness.protocol(model, variables, np.asarray(images[:1]), ["img"],
-                               methods=LOCAL_METHODS, angles=(0.0, 5.0),
-                               sigmas=(0.0, 0.05), seed=0, options={"steps": 2})
+    rows = robustness.protocol(
+        model,
+        variables,
+        np.asarray(images[:1]),
+        ["img"],
+        methods=LOCAL_METHODS,
+        angles=(0.0, 5.0),
+        sigmas=(0.0, 0.05),
+        seed=0,
+        options={"steps": 2},
+    )
     assert [(r.method, r.transform, r.amount) for r in rows] == [
-        (m, kind, a) for m in LOCAL_METHODS
-        for kind, a in (("rotation", 0.0), ("rotation", 5.0), ("noise", 0.0), ("noise", 0.05))]
+        (m, kind, a)
+        for m in LOCAL_METHODS
+        for kind, a in (("rotation", 0.0), ("rotation", 5.0), ("noise", 0.0), ("noise", 0.05))
+    ]
     for r in rows:
         if r.amount == 0.0:
             assert r.rmse == 0.0 and not r.label_changed and r.crop == 112
@@ -425,17 +480,36 @@ def test_protocol_rmse_is_exactly_zero_at_angle_0_and_sigma_0():
 
 def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
     out = tmp_path / "rob"
-    code = robustness.main([str(trained_run), "--images", "2", "--methods", "gradcam,ig",
-                            "--steps", "2", "--angles", "0,10", "--sigmas", "0,0.05,1",
-                            "--out", str(out), "--no-progress"])
+    code = robustness.main(
+        [
+            str(trained_run),
+            "--images",
+            "2",
+            "--methods",
+            "gradcam,ig",
+            "--steps",
+            "2",
+            "--angles",
+            "0,10",
+            "--sigmas",
+            "0,0.05,1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     with open(out / "robustness.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["transform"], float(r["amount"])) for r in rows[:5]] == [
-        ("gradcam", "rotation", 0.0), ("gradcam", "rotation", 10.0), ("gradcam", "noise", 0.0),
-        ("gradcam", "noise", 0.05), ("gradcam", "noise", 1.0)]
-    assert len(rows) == 2 * 2 * 5                      # images x methods x transforms
-    names = sorted({r["image"] for r in rows})         # val<index>_<true class>
+        ("gradcam", "rotation", 0.0),
+        ("gradcam", "rotation", 10.0),
+        ("gradcam", "noise", 0.0),
+        ("gradcam", "noise", 0.05),
+        ("gradcam", "noise", 1.0),
+    ]
+    assert len(rows) == 2 * 2 * 5  # images x methods x transforms
+    names = sorted({r["image"] for r in rows})  # val<index>_<true class>
     assert [n.split("_")[0] for n in names] == ["val0000", "val0001"]
     zero = [r for r in rows if float(r["amount"]) == 0.0]
     assert len(zero) == 2 * 2 * 2 and all(float(r["rmse"]) == 0.0 for r in zero)
@@ -447,11 +521,24 @@ def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "predicted" in printed and "label changed at:" in printed
     # the protocol reruns bit for bit; another seed changes only the noise rows
-    same = [str(trained_run), "--images", "2", "--methods", "gradcam,ig", "--steps", "2",
-            "--angles", "0,10", "--sigmas", "0,0.05,1", "--no-progress"]
+    same = [
+        str(trained_run),
+        "--images",
+        "2",
+        "--methods",
+        "gradcam,ig",
+        "--steps",
+        "2",
+        "--angles",
+        "0,10",
+        "--sigmas",
+        "0,0.05,1",
+        "--no-progress",
+    ]
     assert robustness.main([*same, "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "robustness.csv").read_bytes() == (
-        out / "robustness.csv").read_bytes()
+        out / "robustness.csv"
+    ).read_bytes()
     assert robustness.main([*same, "--seed", "1", "--out", str(tmp_path / "seed1")]) == 0
     with open(tmp_path / "seed1" / "robustness.csv", newline="") as f:
         other = list(csv.DictReader(f))
@@ -463,25 +550,58 @@ def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
 
 def test_robustness_cli_takes_image_files(trained_run, image_files, tmp_path):
     out = tmp_path / "files"
-    assert robustness.main([str(trained_run), str(image_files["square"]),
-                            str(image_files["small"]), "--methods", "gradcam", "--angles",
-                            "5", "--sigmas", "", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        robustness.main(
+            [
+                str(trained_run),
+                str(image_files["square"]),
+                str(image_files["small"]),
+                "--methods",
+                "gradcam",
+                "--angles",
+                "5",
+                "--sigmas",
+                "",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open(out / "robustness.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["image"], r["transform"], r["amount"]) for r in rows] == [
-        ("square", "rotation", "5.0"), ("small", "rotation", "5.0")]
+        ("square", "rotation", "5.0"),
+        ("small", "rotation", "5.0"),
+    ]
     assert robustness.main([str(trained_run), str(image_files["broken"])]) == 2
 
 
 def test_correctness_cli_scores_every_method(trained_run, tmp_path, capsys):
     out = tmp_path / "cor"
-    assert robustness.main([str(trained_run), "--correctness", "--images", "4", "--methods",
-                            "gradcam,guided-backprop", "--out", str(out),
-                            "--no-progress"]) == 0
+    assert (
+        robustness.main(
+            [
+                str(trained_run),
+                "--correctness",
+                "--images",
+                "4",
+                "--methods",
+                "gradcam,guided-backprop",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lines = (out / "correctness.csv").read_text().splitlines()
     assert lines[0] == "method,images,pointing_hits,pointing_rate,mass_mean,mass_defined"
-    assert [line.split(",")[:2] for line in lines[1:]] == [["gradcam", "4"],
-                                                          ["guided-backprop", "4"]]
+    assert [line.split(",")[:2] for line in lines[1:]] == [
+        ["gradcam", "4"],
+        ["guided-backprop", "4"],
+    ]
     assert "pointing game" in capsys.readouterr().out
 
 
@@ -491,12 +611,12 @@ def test_correctness_cli_scores_every_method(trained_run, tmp_path, capsys):
 def test_pointing_game_and_relevance_mass_on_hand_made_maps():
     heat = np.zeros((3, 4, 4), np.float32)
     masks = np.zeros((3, 4, 4), np.uint8)
-    masks[:, :2, :2] = 255                     # the object: top-left 2x2
-    heat[0, 0, 1] = 3.0                        # peak inside; all mass inside
-    heat[0, 3, 3] = -5.0                       # negative relevance does not count
-    heat[1, 3, 3] = 4.0                        # peak outside; 1 of 5 inside
+    masks[:, :2, :2] = 255  # the object: top-left 2x2
+    heat[0, 0, 1] = 3.0  # peak inside; all mass inside
+    heat[0, 3, 3] = -5.0  # negative relevance does not count
+    heat[1, 3, 3] = 4.0  # peak outside; 1 of 5 inside
     heat[1, 1, 1] = 1.0
-    heat[2] = -1.0                             # nothing positive: mass undefined
+    heat[2] = -1.0  # nothing positive: mass undefined
     np.testing.assert_array_equal(metrics.pointing_game(heat, masks), [True, False, True])
     mass = metrics.relevance_mass(heat, masks)
     np.testing.assert_allclose(mass[:2], [1.0, 0.2])

@@ -3,10 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import assert_bitwise_equal
 
 from jaxrepro import fingerprint as fp
-
-from conftest import assert_bitwise_equal
 
 
 def test_same_under_jit_and_order_independent_of_reduction():

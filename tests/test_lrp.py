@@ -5,7 +5,6 @@ zennit tests its rules): weights come from the layer's Jacobian, relevance at th
 output is the output itself (seed 1 in the gradient formulation).
 """
 
-
 import functools
 
 import flax.linen as nn
@@ -13,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_bitwise_equal
 
 from jaxrepro.explain import lrp as L
 from jaxrepro.explain.canonize import fold_batchnorm, fold_pairs, unit_variance
 from jaxrepro.models import ConvNet, MiniXception
-
-from conftest import assert_bitwise_equal
 
 
 def _init(model, x, seed, **kwargs):
@@ -35,10 +33,12 @@ def _init(model, x, seed, **kwargs):
         if name.endswith(("['scale']", "['var']")):
             return jnp.ones(spec.shape, spec.dtype)
         return jnp.zeros(spec.shape, spec.dtype)
+
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 # --- matrix-form references (float64 numpy; weight is [out, in], x is [N, in]) -------
+
 
 def stab(z, eps=1e-6):
     return z + ((z == 0) + np.sign(z)) * eps
@@ -64,8 +64,7 @@ def ref_alphabeta(w, b, x, r, alpha, beta):
     wp, wn = np.maximum(w, 0), np.minimum(w, 0)
     ra = r / stab(xp @ wp.T + xn @ wn.T + np.maximum(b, 0))
     rb = r / stab(xp @ wn.T + xn @ wp.T + np.minimum(b, 0))
-    return (alpha * (xp * (ra @ wp) + xn * (ra @ wn))
-            - beta * (xp * (rb @ wn) + xn * (rb @ wp)))
+    return alpha * (xp * (ra @ wp) + xn * (ra @ wn)) - beta * (xp * (rb @ wn) + xn * (rb @ wp))
 
 
 def ref_zbox(w, b, x, r, low, high):
@@ -80,7 +79,7 @@ def ref_flat(wflat, x, r):
 
 
 def ref_wsquare(w, b, x, r):
-    return (r / stab(np.ones_like(x) @ (w ** 2).T + b ** 2)) @ (w ** 2)
+    return (r / stab(np.ones_like(x) @ (w**2).T + b**2)) @ (w**2)
 
 
 # name -> (rule, reference(w, wflat, b, x, r), input_only)
@@ -91,10 +90,16 @@ RULE_CASES = {
     "gamma": (L.Gamma(0.25), lambda w, wf, b, x, r: ref_gamma(w, b, x, r), False),
     "gamma-1": (L.Gamma(1.0), lambda w, wf, b, x, r: ref_gamma(w, b, x, r, 1.0), False),
     "zplus": (L.ZPlus(), lambda w, wf, b, x, r: ref_alphabeta(w, b, x, r, 1.0, 0.0), False),
-    "alpha2beta1": (L.AlphaBeta(2.0, 1.0),
-                    lambda w, wf, b, x, r: ref_alphabeta(w, b, x, r, 2.0, 1.0), False),
-    "alpha1beta0": (L.AlphaBeta(1.0, 0.0),
-                    lambda w, wf, b, x, r: ref_alphabeta(w, b, x, r, 1.0, 0.0), False),
+    "alpha2beta1": (
+        L.AlphaBeta(2.0, 1.0),
+        lambda w, wf, b, x, r: ref_alphabeta(w, b, x, r, 2.0, 1.0),
+        False,
+    ),
+    "alpha1beta0": (
+        L.AlphaBeta(1.0, 0.0),
+        lambda w, wf, b, x, r: ref_alphabeta(w, b, x, r, 1.0, 0.0),
+        False,
+    ),
     "zb": (L.ZBox(-1.0, 2.0), lambda w, wf, b, x, r: ref_zbox(w, b, x, r, -1.0, 2.0), True),
     "flat": (L.Flat(), lambda w, wf, b, x, r: ref_flat(wf, x, r), True),
     "wsquare": (L.WSquare(), lambda w, wf, b, x, r: ref_wsquare(w, b, x, r), True),
@@ -103,10 +108,18 @@ RULE_CASES = {
 # name -> (layer, input shape)
 LAYERS = {
     "dense": (lambda **kw: nn.Dense(5, bias_init=nn.initializers.normal(0.5), **kw), (3, 7)),
-    "conv": (lambda **kw: nn.Conv(4, (3, 3), strides=(2, 2), padding="SAME",
-                                  bias_init=nn.initializers.normal(0.5), **kw), (2, 5, 5, 3)),
-    "depthwise": (lambda **kw: nn.Conv(3, (3, 3), padding="VALID", feature_group_count=3,
-                                       use_bias=False, **kw), (2, 5, 5, 3)),
+    "conv": (
+        lambda **kw: nn.Conv(
+            4, (3, 3), strides=(2, 2), padding="SAME", bias_init=nn.initializers.normal(0.5), **kw
+        ),
+        (2, 5, 5, 3),
+    ),
+    "depthwise": (
+        lambda **kw: nn.Conv(
+            3, (3, 3), padding="VALID", feature_group_count=3, use_bias=False, **kw
+        ),
+        (2, 5, 5, 3),
+    ),
 }
 
 
@@ -130,9 +143,11 @@ def _lrp_batch(key, apply_fn, variables, x, composites):
     """{name: lrp(...)} for several composites in one jitted program, cached by `key`
     (the test cases of one layer share one compilation)."""
     if key not in _BATCHES:
-        _BATCHES[key] = jax.jit(lambda v, u: {
-            name: L.lrp(apply_fn, v, u, 1.0, composite=c) for name, c in composites.items()
-        })(variables, x)
+        _BATCHES[key] = jax.jit(
+            lambda v, u: {
+                name: L.lrp(apply_fn, v, u, 1.0, composite=c) for name, c in composites.items()
+            }
+        )(variables, x)
     return _BATCHES[key]
 
 
@@ -143,14 +158,17 @@ def _layer_case(name, seed=0):
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)  # negative inputs exercise x-
     params = _init(layer, x, seed + 1)["params"]
     if "bias" in params:
-        params = {**params, "bias": jnp.asarray(0.5 * rng.normal(size=params["bias"].shape),
-                                                jnp.float32)}
+        params = {
+            **params,
+            "bias": jnp.asarray(0.5 * rng.normal(size=params["bias"].shape), jnp.float32),
+        }
     kernel = params["kernel"]
     w = _matrix(layer, kernel, shape)
     wflat = _matrix(layer, jnp.ones_like(kernel), shape)
     y = np.asarray(layer.apply({"params": params}, x), np.float64)
-    b = (np.asarray(y.reshape(shape[0], -1)[0], np.float64)
-         - w @ np.asarray(x[0], np.float64).reshape(-1))
+    b = np.asarray(y.reshape(shape[0], -1)[0], np.float64) - w @ np.asarray(
+        x[0], np.float64
+    ).reshape(-1)
     return layer, params, x, w, wflat, b, y
 
 
@@ -163,14 +181,20 @@ def test_rule_matches_matrix_form_at_the_input_layer(rule_name, layer_name):
         x = jnp.asarray(np.random.default_rng(3).uniform(-1.0, 2.0, x.shape), jnp.float32)
         y = np.asarray(layer.apply({"params": params}, x), np.float64)
     names = ("zb",) if rule_name == "zb" else tuple(k for k in RULE_CASES if k != "zb")
-    out, rel = _lrp_batch(("input", layer_name, names), layer.apply, {"params": params}, x, {
-        k: L.Composite((("input", RULE_CASES[k][0]),)) for k in names})[rule_name]
+    out, rel = _lrp_batch(
+        ("input", layer_name, names),
+        layer.apply,
+        {"params": params},
+        x,
+        {k: L.Composite((("input", RULE_CASES[k][0]),)) for k in names},
+    )[rule_name]
     n = x.shape[0]
     xf = np.asarray(x, np.float64).reshape(n, -1)
     expected = ref(w, wflat, b, xf, y.reshape(n, -1)).reshape(x.shape)
     np.testing.assert_allclose(np.asarray(out), y, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(rel), expected, rtol=2e-4,
-                               atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        np.asarray(rel), expected, rtol=2e-4, atol=2e-5 * np.abs(expected).max()
+    )
 
 
 class _Hidden(nn.Module):
@@ -194,17 +218,23 @@ def test_rule_matches_matrix_form_at_a_hidden_layer(rule_name, layer_name):
     first = jnp.diag(jnp.linspace(0.5, 2.0, x.shape[-1]))
     variables = {"params": {"first": {"kernel": first}, "under_test": params}}
     names = tuple(k for k, v in RULE_CASES.items() if not v[2])
-    out, rel = _lrp_batch(("hidden", layer_name), model.apply, variables, x, {
-        k: L.Composite((("first", L.LRP0()), ("under_test", RULE_CASES[k][0])))
-        for k in names})[rule_name]
+    out, rel = _lrp_batch(
+        ("hidden", layer_name),
+        model.apply,
+        variables,
+        x,
+        {k: L.Composite((("first", L.LRP0()), ("under_test", RULE_CASES[k][0]))) for k in names},
+    )[rule_name]
     h = np.asarray(x * jnp.linspace(0.5, 2.0, x.shape[-1]), np.float64)  # first layer
     n = x.shape[0]
     expected = ref(w, wflat, b, h.reshape(n, -1), np.asarray(out, np.float64).reshape(n, -1))
-    np.testing.assert_allclose(np.asarray(rel), expected.reshape(x.shape), rtol=2e-4,
-                               atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        np.asarray(rel), expected.reshape(x.shape), rtol=2e-4, atol=2e-5 * np.abs(expected).max()
+    )
 
 
 # --- small networks ----------------------------------------------------------------
+
 
 class _TinyNet(nn.Module):
     """A bias-free ReLU CNN with the models' operations: conv, depthwise, pointwise,
@@ -222,7 +252,7 @@ class _TinyNet(nn.Module):
         return nn.Dense(1, use_bias=self.use_bias, name="dense")(x)[:, 0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(use_bias=False):
     model = _TinyNet(use_bias)
     x = jnp.asarray(np.random.default_rng(7).uniform(size=(2, 10, 10, 3)), jnp.float32)
@@ -232,17 +262,23 @@ def _tiny(use_bias=False):
     return model, variables, x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_gradients(model):
     def gradients(variables, x):
-        gv, gx = jax.grad(lambda v, u: jnp.sum(model.apply(v, u, train=False)),
-                          argnums=(0, 1))(variables, x)
+        gv, gx = jax.grad(lambda v, u: jnp.sum(model.apply(v, u, train=False)), argnums=(0, 1))(
+            variables, x
+        )
         # Euler: logits are positively homogeneous in (inputs, biases, BN means), so
         # sum(logits) = sum(x * dx) + sum over bias-like leaves p of p * dp.
-        share = sum(jnp.sum(p * g) for (path, p), g in zip(
-            jax.tree_util.tree_leaves_with_path(variables), jax.tree.leaves(gv))
-            if jax.tree_util.keystr(path).endswith(("['bias']", "['mean']")))
+        share = sum(
+            jnp.sum(p * g)
+            for (path, p), g in zip(
+                jax.tree_util.tree_leaves_with_path(variables), jax.tree.leaves(gv)
+            )
+            if jax.tree_util.keystr(path).endswith(("['bias']", "['mean']"))
+        )
         return x * gx, share
+
     return jax.jit(gradients)
 
 
@@ -255,7 +291,7 @@ def _bias_share(model, variables, x):
     return _jitted_gradients(model)(variables, x)[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_attribute(model, composite):
     return jax.jit(lambda v, x, sign: L.attribute(model, v, x, sign=sign, composite=composite))
 
@@ -280,20 +316,26 @@ def test_lrp0_equals_gradient_times_input(use_bias):
 # z+ and alpha1-beta0 conserve where a layer has positive contributions (z+ > 0): true
 # for convolutions followed by a ReLU on a bias-free net, not for a depthwise conv (its
 # outputs feed the pointwise conv directly and may be negative), hence gamma there.
-CONSERVING = ["lrp0", "epsilon", "epsilon-gamma-box",
-              "input=flat,depthwise=gamma,conv=zplus,dense=epsilon",
-              "depthwise=gamma,conv=alphabeta:1:0,dense=epsilon",
-              "input=wsquare,conv=gamma:0.5,dense=epsilon"]
+CONSERVING = [
+    "lrp0",
+    "epsilon",
+    "epsilon-gamma-box",
+    "input=flat,depthwise=gamma,conv=zplus,dense=epsilon",
+    "depthwise=gamma,conv=alphabeta:1:0,dense=epsilon",
+    "input=wsquare,conv=gamma:0.5,dense=epsilon",
+]
 
 
-CONTROLS = ("conv=alphabeta:2:1,dense=alphabeta:2:1", "conv=epsilon:10,dense=lrp0",
-            "epsilon-plus-flat")
+CONTROLS = (
+    "conv=alphabeta:2:1,dense=alphabeta:2:1",
+    "conv=epsilon:10,dense=lrp0",
+    "epsilon-plus-flat",
+)
 
 
 def _tiny_batch():
     model, variables, x = _tiny()
-    return _lrp_batch("tiny", model.apply, variables, x,
-                      {c: c for c in (*CONSERVING, *CONTROLS)})
+    return _lrp_batch("tiny", model.apply, variables, x, {c: c for c in (*CONSERVING, *CONTROLS)})
 
 
 @pytest.mark.parametrize("composite", CONSERVING)
@@ -335,9 +377,13 @@ def test_residual_add_splits_relevance_in_proportion_to_the_summands():
 
     model = Residual()
     x = jnp.array([[1.0, 2.0, -0.5, 0.3, -1.0, 2.5]])
-    variables = {"params": {"a": {"kernel": jnp.array([[0.5], [1.0], [2.0]])},
-                            "b": {"kernel": jnp.array([[-1.0], [0.25], [0.5]])},
-                            "head": {"kernel": jnp.array([[1.5]])}}}
+    variables = {
+        "params": {
+            "a": {"kernel": jnp.array([[0.5], [1.0], [2.0]])},
+            "b": {"kernel": jnp.array([[-1.0], [0.25], [0.5]])},
+            "head": {"kernel": jnp.array([[1.5]])},
+        }
+    }
     logits, rel = L.lrp(model.apply, variables, x, 1.0, composite="epsilon")
     a, b = 0.5 + 2.0 - 1.0, -0.3 - 0.25 + 1.25  # the two summands
     assert np.isclose(float(logits[0]), 1.5 * (a + b))
@@ -361,6 +407,7 @@ def test_max_pooling_gives_all_relevance_to_the_winner():
 
 # --- the paper's models ------------------------------------------------------------
 
+
 def _perturbed_bn(variables, seed, with_bias=True):
     """Batch-norm statistics and affine parameters (and biases) away from their init."""
     rng = np.random.default_rng(seed)
@@ -376,10 +423,11 @@ def _perturbed_bn(variables, seed, with_bias=True):
         if with_bias and name.endswith("['bias']"):
             return jnp.asarray(0.3 * rng.normal(size=a.shape), a.dtype)
         return a
+
     return jax.tree_util.tree_map_with_path(leaf, variables)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name, small=True, with_bias=True):
     if name == "minixception":
         model = MiniXception(sizes=(8, 16, 16), stem_features=8) if small else MiniXception()
@@ -387,15 +435,19 @@ def _model(name, small=True, with_bias=True):
     else:
         model = ConvNet(filters=(4, 6, 8, 8, 8)) if small else ConvNet()
         size = 80
-    images = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (2, size, size, 3)),
-                         jnp.float32)
+    images = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (2, size, size, 3)), jnp.float32)
     variables = _init(model, images, 2, train=False)
     if name == "minixception":
         variables = _perturbed_bn(variables, 3, with_bias)
     if not with_bias:
         variables = jax.tree_util.tree_map_with_path(
-            lambda p, a: jnp.zeros_like(a) if jax.tree_util.keystr(p).endswith(
-                ("['bias']", "['mean']")) else a, variables)
+            lambda p, a: (
+                jnp.zeros_like(a)
+                if jax.tree_util.keystr(p).endswith(("['bias']", "['mean']"))
+                else a
+            ),
+            variables,
+        )
     return model, variables, images
 
 
@@ -410,12 +462,14 @@ def test_folding_keeps_minixception_output_and_leaves_params_untouched():
     assert sorted(folded.biases) == [f"block{i}/sepconv_a/pointwise" for i in range(1, 6)]
     bn_b = folded.variables["params"]["block3"]["bn_b"]
     assert np.all(np.asarray(bn_b["scale"]) == 1)
-    assert not np.allclose(folded.variables["params"]["block3"]["sepconv_a"]["pointwise"]
-                           ["kernel"], variables["params"]["block3"]["sepconv_a"]["pointwise"]
-                           ["kernel"])
+    assert not np.allclose(
+        folded.variables["params"]["block3"]["sepconv_a"]["pointwise"]["kernel"],
+        variables["params"]["block3"]["sepconv_a"]["pointwise"]["kernel"],
+    )
     # bn_a is not foldable: left exactly as it was
-    assert_bitwise_equal(folded.variables["params"]["block3"]["bn_a"],
-                                variables["params"]["block3"]["bn_a"])
+    assert_bitwise_equal(
+        folded.variables["params"]["block3"]["bn_a"], variables["params"]["block3"]["bn_a"]
+    )
 
 
 def test_unit_variance_makes_rsqrt_exactly_one():
@@ -431,8 +485,9 @@ def test_convnet_has_nothing_to_fold():
     assert_bitwise_equal(fold_batchnorm(model, variables).variables, variables)
 
 
-CONSERVING_MODEL = ("input=zb:0:1,conv[2-3]=gamma:0.25,block[1-2]=gamma:0.25,"
-                    "conv=epsilon:1e-9,dense=lrp0,bn=pass")
+CONSERVING_MODEL = (
+    "input=zb:0:1,conv[2-3]=gamma:0.25,block[1-2]=gamma:0.25,conv=epsilon:1e-9,dense=lrp0,bn=pass"
+)
 
 
 @pytest.mark.parametrize("name", ["minixception", "convnet"])
@@ -453,12 +508,17 @@ def test_minixception_lrp0_conserves_up_to_the_bias_share():
     model, variables, images = _model("minixception")
     logits = _apply(model, variables, images)
     rel = _attribute(model, variables, images, "lrp0")
-    np.testing.assert_allclose(rel, _grad_x_input(model, variables, images), rtol=1e-3,
-                               atol=1e-4 * float(jnp.abs(rel).max()))
+    np.testing.assert_allclose(
+        rel,
+        _grad_x_input(model, variables, images),
+        rtol=1e-3,
+        atol=1e-4 * float(jnp.abs(rel).max()),
+    )
     absorbed = _bias_share(model, variables, images)
     assert abs(float(absorbed)) > 1e-2 * float(jnp.abs(logits).sum())
-    np.testing.assert_allclose(rel.sum() + absorbed, logits.sum(), rtol=1e-3,
-                               atol=1e-4 * float(jnp.abs(logits).max()))
+    np.testing.assert_allclose(
+        rel.sum() + absorbed, logits.sum(), rtol=1e-3, atol=1e-4 * float(jnp.abs(logits).max())
+    )
 
 
 @pytest.mark.parametrize("name, small", [("minixception", True), ("convnet", False)])
@@ -494,6 +554,7 @@ def test_attribute_is_deterministic_under_jit():
 
 # --- errors ------------------------------------------------------------------------
 
+
 def test_alpha_beta_must_differ_by_one():
     with pytest.raises(ValueError, match="alpha - beta"):
         L.AlphaBeta(1.0, 1.0)
@@ -519,8 +580,9 @@ def test_bad_composite_strings_name_the_valid_choices():
 def test_input_only_rules_refuse_hidden_layers():
     model, variables, x = _tiny()
     with pytest.raises(ValueError, match="only to the input layer"):
-        jax.eval_shape(lambda: L.lrp(model.apply, variables, x, 1.0,
-                                     composite="conv=zb,dense=lrp0"))
+        jax.eval_shape(
+            lambda: L.lrp(model.apply, variables, x, 1.0, composite="conv=zb,dense=lrp0")
+        )
 
 
 def test_composite_selectors():

@@ -1,20 +1,18 @@
 """Tests of the paper's two Flax models (jaxrepro.models)."""
 
-
 import functools
 
 import chex
 import flax.linen as nn
-from flax import errors as flax_errors
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_bitwise_equal
+from flax import errors as flax_errors
 
 from jaxrepro import models
 from jaxrepro.models import ConvNet, MiniXception
-
-from conftest import assert_bitwise_equal
 
 # Small inputs that keep the tests fast (near each spec's `min_image_size`).
 SMALL = {"convnet": 80, "minixception": 32}
@@ -25,7 +23,7 @@ def _images(name: str, n: int = 2, seed: int = 0) -> jax.Array:
     return jax.random.uniform(jax.random.key(seed), (n, size, size, 3), maxval=255.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _init(name: str, key: int = 0):
     model = models.get_model(name)
     return model, model.init(jax.random.key(key), _images(name, 1), train=False)
@@ -37,15 +35,20 @@ def _all_different(a, b) -> bool:
 
 # --- structure ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, trainable, total", [
-    ("convnet", 991_041, 991_041),
-    ("minixception", 718_849, 721_857),
-])
+
+@pytest.mark.parametrize(
+    "name, trainable, total",
+    [
+        ("convnet", 991_041, 991_041),
+        ("minixception", 718_849, 721_857),
+    ],
+)
 def test_parameter_counts_at_180_match_the_paper(name, trainable, total):
     model = models.get_model(name)
     shapes = jax.eval_shape(
         lambda k: model.init(k, jnp.zeros((1, 180, 180, 3), jnp.float32), train=False),
-        jax.random.key(0))
+        jax.random.key(0),
+    )
     assert models.count_params(shapes) == {"trainable": trainable, "total": total}
 
 
@@ -54,7 +57,8 @@ def test_convnet_layer_shapes_at_180():
     x = jax.ShapeDtypeStruct((2, 180, 180, 3), jnp.float32)
     variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
     logits, state = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, x)
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, x
+    )
     acts = models.flat_intermediates(state["intermediates"])
     sides = [acts[name].shape[1] for name in ConvNet.INTERMEDIATES]
     assert sides == [178, 89, 87, 43, 41, 20, 18, 9, 7]
@@ -68,11 +72,17 @@ def test_minixception_block_shapes_at_180():
     x = jax.ShapeDtypeStruct((2, 180, 180, 3), jnp.float32)
     variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
     _, state = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, x)
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, x
+    )
     acts = models.flat_intermediates(state["intermediates"])
     assert acts["stem_out"].shape == (2, 176, 176, 32)
     assert [acts[f"block{i}_out"].shape[1:] for i in range(1, 6)] == [
-        (88, 88, 32), (44, 44, 64), (22, 22, 128), (11, 11, 256), (6, 6, 512)]
+        (88, 88, 32),
+        (44, 44, 64),
+        (22, 22, 128),
+        (11, 11, 256),
+        (6, 6, 512),
+    ]
     assert acts[models.SPECS["minixception"].gradcam.activation].shape == (2, 6, 6, 512)
     assert acts["gap_out"].shape == (2, 512)
 
@@ -81,13 +91,24 @@ def test_layer_names_are_stable():
     _, cv = _init("convnet")
     assert sorted(cv["params"]) == ["conv1", "conv2", "conv3", "conv4", "conv5", "dense"]
     _, mx = _init("minixception")
-    paths = {"/".join(str(getattr(k, "key", k)) for k in path)
-             for path, _ in jax.tree_util.tree_leaves_with_path(mx["params"])}
-    block = {"bn_a/scale", "bn_a/bias", "sepconv_a/depthwise/kernel",
-             "sepconv_a/pointwise/kernel", "bn_b/scale", "bn_b/bias",
-             "sepconv_b/depthwise/kernel", "sepconv_b/pointwise/kernel", "residual/kernel"}
+    paths = {
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(mx["params"])
+    }
+    block = {
+        "bn_a/scale",
+        "bn_a/bias",
+        "sepconv_a/depthwise/kernel",
+        "sepconv_a/pointwise/kernel",
+        "bn_b/scale",
+        "bn_b/bias",
+        "sepconv_b/depthwise/kernel",
+        "sepconv_b/pointwise/kernel",
+        "residual/kernel",
+    }
     expected = {"stem/kernel", "dense/kernel", "dense/bias"} | {
-        f"block{i}/{p}" for i in range(1, 6) for p in block}
+        f"block{i}/{p}" for i in range(1, 6) for p in block
+    }
     assert paths == expected
     assert sorted(mx["batch_stats"]) == [f"block{i}" for i in range(1, 6)]
     assert sorted(mx["batch_stats"]["block1"]) == ["bn_a", "bn_b"]
@@ -127,8 +148,9 @@ def test_smallest_image_size_is_the_smallest_with_no_empty_layer(name):
             variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
         except ZeroDivisionError:  # the ConvNet's dense layer initialised with 0 inputs
             return 0
-        _, state = jax.eval_shape(lambda v: model.apply(v, x, train=False,
-                                                        mutable=["intermediates"]), variables)
+        _, state = jax.eval_shape(
+            lambda v: model.apply(v, x, train=False, mutable=["intermediates"]), variables
+        )
         return min(a.size for a in models.flat_intermediates(state["intermediates"]).values())
 
     assert smallest_map(spec.min_image_size) > 0
@@ -181,14 +203,21 @@ def test_get_model_and_registry():
 
 # --- bits -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["convnet", "minixception"])
 def test_init_is_a_function_of_the_key(name):
     _, a = _init(name, key=0)
     _, b = _init(name, key=0)
     _, c = _init(name, key=1)
     assert_bitwise_equal(a, b)
-    kernels = lambda v: [x for path, x in jax.tree_util.tree_leaves_with_path(v["params"])
-                         if "kernel" in str(path[-1])]
+
+    def kernels(v):
+        return [
+            x
+            for path, x in jax.tree_util.tree_leaves_with_path(v["params"])
+            if "kernel" in str(path[-1])
+        ]
+
     assert _all_different(kernels(a), kernels(c))
 
 
@@ -198,9 +227,11 @@ def test_eval_is_deterministic_and_ignores_the_dropout_key(name):
     x = _images(name)
     plain = model.apply(variables, x, train=False)
     assert_bitwise_equal(
-        model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(1)}), plain)
+        model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(1)}), plain
+    )
     assert_bitwise_equal(
-        model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(2)}), plain)
+        model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(2)}), plain
+    )
 
 
 @pytest.mark.parametrize("name", ["convnet", "minixception"])
@@ -209,8 +240,9 @@ def test_train_dropout_is_a_function_of_the_key(name):
     x = _images(name, 4)
 
     def run(key):
-        return model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(key)},
-                           mutable=["batch_stats"])
+        return model.apply(
+            variables, x, train=True, rngs={"dropout": jax.random.key(key)}, mutable=["batch_stats"]
+        )
 
     (a, stats_a), (b, stats_b), (c, _) = run(1), run(1), run(2)
     assert_bitwise_equal(a, b)
@@ -223,8 +255,9 @@ def test_train_dropout_is_a_function_of_the_key(name):
 def test_batchnorm_running_stats_update_in_train_mode_only():
     model, variables = _init("minixception")
     x = _images("minixception", 4)
-    _, updated = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)},
-                             mutable=["batch_stats"])
+    _, updated = model.apply(
+        variables, x, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+    )
     assert _all_different(updated["batch_stats"], variables["batch_stats"])
     # Keras: moving = 0.99 * moving + 0.01 * batch statistic (here from the initial 0 / 1).
     new_mean = np.asarray(updated["batch_stats"]["block1"]["bn_a"]["mean"])
@@ -246,12 +279,14 @@ def test_train_mode_normalises_with_batch_statistics():
     act_a = np.asarray(state["intermediates"]["block1"]["act_a"][0])
     stem = np.asarray(state["intermediates"]["stem_out"][0])
     mean, var = stem.mean(axis=(0, 1, 2)), stem.var(axis=(0, 1, 2))
-    np.testing.assert_allclose(act_a, np.maximum((stem - mean) / np.sqrt(var + 1e-3), 0),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        act_a, np.maximum((stem - mean) / np.sqrt(var + 1e-3), 0), rtol=1e-4, atol=1e-4
+    )
     assert not np.array_equal(train, model.apply(variables, x, train=False))
 
 
 # --- jit and no jit ---------------------------------------------------------------------
+
 
 class JitVariantsTest(chex.TestCase):
     """Same bits with and without jit where XLA:CPU computes them the same way.
@@ -267,30 +302,42 @@ class JitVariantsTest(chex.TestCase):
         x = _images(name, 4)
 
         def forward(variables, x, key):
-            return model.apply(variables, x, train=train, rngs={"dropout": key},
-                               mutable=["batch_stats", "intermediates"])
+            return model.apply(
+                variables,
+                x,
+                train=train,
+                rngs={"dropout": key},
+                mutable=["batch_stats", "intermediates"],
+            )
 
         return self.variant(forward)(variables, x, jax.random.key(3))
 
     def _reference(self, name, train):
         model, variables = _init(name)
-        return model.apply(variables, _images(name, 4), train=train,
-                           rngs={"dropout": jax.random.key(3)},
-                           mutable=["batch_stats", "intermediates"])
+        return model.apply(
+            variables,
+            _images(name, 4),
+            train=train,
+            rngs={"dropout": jax.random.key(3)},
+            mutable=["batch_stats", "intermediates"],
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_convnet_bitwise(self):
         for train in (False, True):
-            assert_bitwise_equal(self._forward("convnet", train),
-                                        self._reference("convnet", train))
+            assert_bitwise_equal(self._forward("convnet", train), self._reference("convnet", train))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_minixception_eval_bitwise(self):
-        assert_bitwise_equal(self._forward("minixception", False),
-                                    self._reference("minixception", False))
+        assert_bitwise_equal(
+            self._forward("minixception", False), self._reference("minixception", False)
+        )
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_minixception_train_close(self):
-        chex.assert_trees_all_close(self._forward("minixception", True),
-                                    self._reference("minixception", True),
-                                    rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_close(
+            self._forward("minixception", True),
+            self._reference("minixception", True),
+            rtol=1e-5,
+            atol=1e-5,
+        )

@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import assert_bitwise_equal
 
 from jaxrepro.train.optim import keras_rmsprop, make_optimizer
-
-from conftest import assert_bitwise_equal
 
 
 def keras_reference(w, grads, lr=1e-3, rho=0.9, eps=1e-7):
@@ -73,7 +72,8 @@ def test_differs_from_optax_rmsprop_bits():
     g = {"w": jnp.linspace(-1, 1, 101)}
     ours = keras_rmsprop().update(g, keras_rmsprop().init(g))[0]["w"]
     theirs = optax.rmsprop(1e-3, decay=0.9, eps=1e-7).update(
-        g, optax.rmsprop(1e-3, decay=0.9, eps=1e-7).init(g))[0]["w"]
+        g, optax.rmsprop(1e-3, decay=0.9, eps=1e-7).init(g)
+    )[0]["w"]
     assert not np.array_equal(np.asarray(ours), np.asarray(theirs))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 

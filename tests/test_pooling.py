@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_bitwise_equal, loss_and_grads
 
 from jaxrepro.models import convnet, minixception
 from jaxrepro.models.ops.pooling import flax_max_pool_2x2 as flax_pool
 from jaxrepro.models.ops.pooling import flax_max_pool_3x3_s2, max_pool_2x2, max_pool_3x3_s2
-
-from conftest import assert_bitwise_equal, loss_and_grads
 
 
 def pool_vjp(pool, x, g):
@@ -67,7 +66,9 @@ def test_a_backward_pass_that_routes_ties_elsewhere_is_caught():
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "no_jit"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 5), (2, 5, 4, 2), (1, 2, 2, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 8, 3), (3, 7, 9, 5), (2, 5, 4, 2), (1, 2, 2, 1), (1, 1, 1, 1)]
+)
 def test_max_pool_3x3_s2_matches_flax_bitwise(shape, kind, jit):
     x = jnp.asarray(inputs(kind, shape))
     g = jnp.asarray(gradients(flax_max_pool_3x3_s2(x).shape))
@@ -98,14 +99,14 @@ def test_an_input_chosen_by_four_windows_sums_their_gradients_in_window_order():
 
 def test_the_convnet_gradient_keeps_its_bits():
     size = 84  # odd maps after the VALID convolutions: 82 -> 41 -> 39 -> 19 -> ...
-    x = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, size, size, 3)),
-                    jnp.float32)
+    x = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, size, size, 3)), jnp.float32)
     y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
     fast = convnet.ConvNet(dropout_rate=0.0)
     plain = fast.clone(pool=flax_pool)
     variables = fast.init(jax.random.key(0), x[:1], train=False)
-    assert_bitwise_equal(loss_and_grads(fast, variables, x, y),
-                         loss_and_grads(plain, variables, x, y))
+    assert_bitwise_equal(
+        loss_and_grads(fast, variables, x, y), loss_and_grads(plain, variables, x, y)
+    )
 
 
 def test_the_mini_xception_gradient_keeps_its_bits():
@@ -114,5 +115,6 @@ def test_the_mini_xception_gradient_keeps_its_bits():
     fast = minixception.MiniXception(dropout_rate=0.0, sizes=(8, 16, 16), stem_features=8)
     plain = fast.clone(pool=flax_max_pool_3x3_s2)
     variables = fast.init(jax.random.key(0), x[:1], train=False)
-    assert_bitwise_equal(loss_and_grads(fast, variables, x, y),
-                         loss_and_grads(plain, variables, x, y))
+    assert_bitwise_equal(
+        loss_and_grads(fast, variables, x, y), loss_and_grads(plain, variables, x, y)
+    )

@@ -28,8 +28,7 @@ from jaxrepro.models import MiniXception
 from jaxrepro.numerics import ulp_distance
 
 # Compiled functions are reused across examples; a slow first example is compilation.
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
@@ -59,10 +58,14 @@ def test_ulp_distance_is_zero_exactly_for_equal_values(a, b):
 
 
 leaf_arrays = st.one_of(
-    hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=6),
-               elements=st.floats(width=32, allow_nan=False)),
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(max_dims=3, max_side=6),
+        elements=st.floats(width=32, allow_nan=False),
+    ),
     hnp.arrays(np.int32, hnp.array_shapes(max_dims=2, max_side=8)),
-    hnp.arrays(np.uint8, hnp.array_shapes(max_dims=2, max_side=8)))
+    hnp.arrays(np.uint8, hnp.array_shapes(max_dims=2, max_side=8)),
+)
 
 
 @jax.jit
@@ -79,7 +82,10 @@ def test_a_fingerprint_changes_when_any_one_bit_flips(leaf, data):
     bit = data.draw(st.integers(0, 7), label="bit")
     raw[byte] ^= np.uint8(1 << bit)
     flipped = {"a": np.frombuffer(raw.tobytes(), leaf.dtype).reshape(leaf.shape), "b": tree["b"]}
-    before, after = fingerprint.to_hex(_fingerprint(tree)), fingerprint.to_hex(_fingerprint(flipped))
+    before, after = (
+        fingerprint.to_hex(_fingerprint(tree)),
+        fingerprint.to_hex(_fingerprint(flipped)),
+    )
     assert before["a"] != after["a"] and before["b"] == after["b"]
     assert fingerprint.sha256_leaves(tree)["a"] != fingerprint.sha256_leaves(flipped)["a"]
 
@@ -104,11 +110,12 @@ class _BiasFree(nn.Module):
         return nn.Dense(1, use_bias=False, name="dense")(jnp.mean(x, axis=(1, 2)))[:, 0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conservation(composite: str):
     model = _BiasFree()
-    return jax.jit(lambda v, x: lrp.lrp(lambda v, u: model.apply(v, u), v, x, 1.0,
-                                        composite=composite))
+    return jax.jit(
+        lambda v, x: lrp.lrp(lambda v, u: model.apply(v, u), v, x, 1.0, composite=composite)
+    )
 
 
 @SETTINGS
@@ -125,7 +132,7 @@ def test_lrp_conserves_relevance_on_drawn_bias_free_nets(seed, composite):
 SMALL_XCEPTION = MiniXception(sizes=(4, 8), stem_features=4, dropout_rate=0.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward():
     return jax.jit(lambda v, x: SMALL_XCEPTION.apply(v, x, train=False))
 
@@ -139,13 +146,21 @@ def test_folding_batch_norms_leaves_the_outputs_unchanged(seed):
     # batch norms off their identity defaults: scales, biases, means and variances drawn
     variables = {
         "params": jax.tree_util.tree_map_with_path(
-            lambda p, a: a + 0.3 * jax.random.normal(keys[2], a.shape)
-            if "bn" in jax.tree_util.keystr(p) else a, variables["params"]),
+            lambda p, a: (
+                a + 0.3 * jax.random.normal(keys[2], a.shape)
+                if "bn" in jax.tree_util.keystr(p)
+                else a
+            ),
+            variables["params"],
+        ),
         "batch_stats": jax.tree_util.tree_map_with_path(
-            lambda p, a: (jax.random.uniform(keys[3], a.shape, minval=0.5, maxval=2.0)
-                          if jax.tree_util.keystr(p).endswith("['var']")
-                          else 0.2 * jax.random.normal(keys[3], a.shape)),
-            variables["batch_stats"]),
+            lambda p, a: (
+                jax.random.uniform(keys[3], a.shape, minval=0.5, maxval=2.0)
+                if jax.tree_util.keystr(p).endswith("['var']")
+                else 0.2 * jax.random.normal(keys[3], a.shape)
+            ),
+            variables["batch_stats"],
+        ),
     }
     folded = fold_batchnorm(SMALL_XCEPTION, variables)
     ref, out = _forward()(variables, x), _forward()(folded.variables, x)

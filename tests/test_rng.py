@@ -2,10 +2,9 @@
 
 import jax
 import pytest
+from conftest import assert_bitwise_equal
 
 from jaxrepro import rng
-
-from conftest import assert_bitwise_equal
 
 
 def _data(key):
@@ -15,8 +14,9 @@ def _data(key):
 def test_streams_are_distinct_and_reproducible():
     keys = rng.stream_keys(1001)
     again = rng.stream_keys(1001)
-    assert_bitwise_equal({k: _data(v) for k, v in keys.items()},
-                                {k: _data(v) for k, v in again.items()})
+    assert_bitwise_equal(
+        {k: _data(v) for k, v in keys.items()}, {k: _data(v) for k, v in again.items()}
+    )
     datas = [tuple(_data(v).tolist()) for v in keys.values()]
     assert len(set(datas)) == len(datas)
 

@@ -12,7 +12,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 PACKAGE = ROOT / "jaxrepro"
@@ -63,8 +62,10 @@ def layer(name: str) -> tuple[str, int]:
     return "core", 0
 
 
-GRAPH = {name: sorted({n for n, _ in imports(path) if internal(n) and n != name})
-         for name, path in MODULES.items()}
+GRAPH = {
+    name: sorted({n for n, _ in imports(path) if internal(n) and n != name})
+    for name, path in MODULES.items()
+}
 
 
 def test_the_import_graph_has_no_cycle():
@@ -76,8 +77,9 @@ def test_the_import_graph_has_no_cycle():
         path.append(node)
         for nxt in GRAPH.get(node, []):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(
-                    path[path.index(nxt):] + [nxt]))
+                raise AssertionError(
+                    "import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt])
+                )
             if nxt not in state:
                 visit(nxt)
         path.pop()
@@ -113,8 +115,7 @@ def test_the_core_imports_no_layer_above_it():
 
 
 def test_no_module_imports_a_main():
-    assert [f"{n} -> {t}" for n, ts in GRAPH.items() for t in ts
-            if t.endswith("__main__")] == []
+    assert [f"{n} -> {t}" for n, ts in GRAPH.items() for t in ts if t.endswith("__main__")] == []
 
 
 def test_imports_are_at_module_level_except_where_a_framework_must_wait():
@@ -133,8 +134,9 @@ def test_imports_are_at_module_level_except_where_a_framework_must_wait():
     assert lazy == []
 
 
-@pytest.mark.parametrize("name", ["jaxrepro.train", "jaxrepro.analysis.diff",
-                                  "jaxrepro.explain.gradcam"])
+@pytest.mark.parametrize(
+    "name", ["jaxrepro.train", "jaxrepro.analysis.diff", "jaxrepro.explain.gradcam"]
+)
 def test_the_checker_sees_real_edges(name):
     """Controls: the graph above is not empty by accident."""
     assert GRAPH[name], name

@@ -10,18 +10,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, assert_bitwise_equal, run_cli, tiny_config
+
 from jaxrepro import config as configlib
-from jaxrepro import models
+from jaxrepro import data as datalib
+from jaxrepro import determinism, models
 from jaxrepro.analysis import export
 from jaxrepro.numerics import ulp_distance
 from jaxrepro.tfref import runtime, transfer, weights
+from jaxrepro.train import load_data
 
 # Each model at its tiny config's size.
 SIZES = {name: tiny_config(name).data.image_size for name in models.SPECS}
@@ -41,9 +42,11 @@ def _perturbed_variables(name: str, size: int) -> dict:
     would make moving and batch statistics hard to tell apart.
     """
     model = models.get_model(name)
-    variables = jax.device_get(model.init({"params": jax.random.key(7)},
-                                          np.zeros((1, size, size, 3), np.float32),
-                                          train=False))
+    variables = jax.device_get(
+        model.init(
+            {"params": jax.random.key(7)}, np.zeros((1, size, size, 3), np.float32), train=False
+        )
+    )
     flat = weights.flatten(variables)
     rng = np.random.default_rng(11)
     for key, value in flat.items():
@@ -74,15 +77,32 @@ def mirrored(request, tmp_path_factory) -> dict:
     images = _images(size)
     export.export_variables(variables, tmp / "flax.npz")
     np.save(tmp / "images.npy", images, allow_pickle=False)
-    r = run_cli("jaxrepro.tfref", "mirror", name, str(tmp / "flax.npz"), str(tmp / "back.npz"),
-                "--image-size", str(size), "--images", str(tmp / "images.npy"),
-                "--logits", str(tmp / "keras_logits.npy"), timeout=300)
+    r = run_cli(
+        "jaxrepro.tfref",
+        "mirror",
+        name,
+        str(tmp / "flax.npz"),
+        str(tmp / "back.npz"),
+        "--image-size",
+        str(size),
+        "--images",
+        str(tmp / "images.npy"),
+        "--logits",
+        str(tmp / "keras_logits.npy"),
+        timeout=300,
+    )
     model = models.get_model(name)
-    return {"name": name, "size": size, "model": model, "variables": variables,
-            "images": images, "report": _json(r),
-            "back": export.import_variables(tmp / "back.npz"),
-            "keras_logits": np.load(tmp / "keras_logits.npy", allow_pickle=False),
-            "jax_logits": np.asarray(model.apply(variables, images, train=False))}
+    return {
+        "name": name,
+        "size": size,
+        "model": model,
+        "variables": variables,
+        "images": images,
+        "report": _json(r),
+        "back": export.import_variables(tmp / "back.npz"),
+        "keras_logits": np.load(tmp / "keras_logits.npy", allow_pickle=False),
+        "jax_logits": np.asarray(model.apply(variables, images, train=False)),
+    }
 
 
 def test_keras_parameter_counts_match_the_paper():
@@ -92,8 +112,12 @@ def test_keras_parameter_counts_match_the_paper():
     assert counts["minixception"]["total"] == 721_857
     # ... and the Flax models count the same.
     for name in ("convnet", "minixception"):
-        abstract = jax.eval_shape(lambda m=models.get_model(name): m.init(
-            {"params": jax.random.key(0)}, np.zeros((1, 180, 180, 3), np.float32), train=False))
+        model = models.get_model(name)
+        abstract = jax.eval_shape(
+            lambda m=model: m.init(
+                {"params": jax.random.key(0)}, np.zeros((1, 180, 180, 3), np.float32), train=False
+            )
+        )
         assert models.count_params(abstract) == {k: counts[name][k] for k in ("trainable", "total")}
 
 
@@ -122,12 +146,17 @@ def test_batchnorm_inference_uses_moving_statistics(mirrored):
         assert "batch_stats" not in mirrored["variables"]
         return
     model = mirrored["model"].clone(dropout_rate=0.0)
-    with_batch_stats, _ = model.apply(mirrored["variables"], mirrored["images"], train=True,
-                                      mutable=["batch_stats"])
+    with_batch_stats, _ = model.apply(
+        mirrored["variables"], mirrored["images"], train=True, mutable=["batch_stats"]
+    )
     gap = np.max(np.abs(np.asarray(with_batch_stats) - mirrored["jax_logits"]))
     assert gap > 100 * RTOL * np.max(np.abs(mirrored["jax_logits"]))
-    np.testing.assert_allclose(mirrored["keras_logits"], mirrored["jax_logits"],
-                               rtol=0, atol=RTOL * np.max(np.abs(mirrored["jax_logits"])))
+    np.testing.assert_allclose(
+        mirrored["keras_logits"],
+        mirrored["jax_logits"],
+        rtol=0,
+        atol=RTOL * np.max(np.abs(mirrored["jax_logits"])),
+    )
 
 
 def test_weight_file_refuses_pickle(tmp_path):
@@ -161,42 +190,65 @@ class _Model:
 
 
 def _fake_sepconv_model(channels=3, features=4):
-    return _Model(_Layer("block1_sepconv_a",
-                         _Var("depthwise_kernel", np.zeros((3, 3, channels, 1), np.float32)),
-                         _Var("pointwise_kernel", np.zeros((1, 1, channels, features), np.float32))),
-                  _Layer("block1_bn_b", *(_Var(n, np.zeros(features, np.float32)) for n in
-                                          ("gamma", "beta", "moving_mean", "moving_variance"))))
+    return _Model(
+        _Layer(
+            "block1_sepconv_a",
+            _Var("depthwise_kernel", np.zeros((3, 3, channels, 1), np.float32)),
+            _Var("pointwise_kernel", np.zeros((1, 1, channels, features), np.float32)),
+        ),
+        _Layer(
+            "block1_bn_b",
+            *(
+                _Var(n, np.zeros(features, np.float32))
+                for n in ("gamma", "beta", "moving_mean", "moving_variance")
+            ),
+        ),
+    )
 
 
 def test_transfer_maps_names_and_depthwise_layout():
     rng = np.random.default_rng(0)
-    flat = {"params/block1/sepconv_a/depthwise/kernel": rng.standard_normal((3, 3, 1, 3), np.float32),
-            "params/block1/sepconv_a/pointwise/kernel": rng.standard_normal((1, 1, 3, 4), np.float32),
-            "params/block1/bn_b/scale": rng.standard_normal(4, np.float32),
-            "params/block1/bn_b/bias": rng.standard_normal(4, np.float32),
-            "batch_stats/block1/bn_b/mean": rng.standard_normal(4, np.float32),
-            "batch_stats/block1/bn_b/var": rng.standard_normal(4, np.float32)}
+    flat = {
+        "params/block1/sepconv_a/depthwise/kernel": rng.standard_normal((3, 3, 1, 3), np.float32),
+        "params/block1/sepconv_a/pointwise/kernel": rng.standard_normal((1, 1, 3, 4), np.float32),
+        "params/block1/bn_b/scale": rng.standard_normal(4, np.float32),
+        "params/block1/bn_b/bias": rng.standard_normal(4, np.float32),
+        "batch_stats/block1/bn_b/mean": rng.standard_normal(4, np.float32),
+        "batch_stats/block1/bn_b/var": rng.standard_normal(4, np.float32),
+    }
     model = _fake_sepconv_model()
     transfer.load_into_keras(model, flat)
     depthwise, bn = model.layers[0].weights[0].value, model.layers[1].weights
-    np.testing.assert_array_equal(depthwise[:, :, 2, 0], flat["params/block1/sepconv_a/depthwise/kernel"][:, :, 0, 2])
+    np.testing.assert_array_equal(
+        depthwise[:, :, 2, 0], flat["params/block1/sepconv_a/depthwise/kernel"][:, :, 0, 2]
+    )
     np.testing.assert_array_equal(bn[0].value, flat["params/block1/bn_b/scale"])
     np.testing.assert_array_equal(bn[3].value, flat["batch_stats/block1/bn_b/var"])
     assert_bitwise_equal(transfer.from_keras(model), flat)
 
 
 def test_transfer_refuses_partial_extra_or_misshapen_weights():
-    flat = {"params/block1/sepconv_a/depthwise/kernel": np.zeros((3, 3, 1, 3), np.float32),
-            "params/block1/sepconv_a/pointwise/kernel": np.zeros((1, 1, 3, 4), np.float32),
-            **{f"{c}/block1/bn_b/{k}": np.zeros(4, np.float32) for c, k in
-               (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"),
-                ("batch_stats", "var"))}}
+    flat = {
+        "params/block1/sepconv_a/depthwise/kernel": np.zeros((3, 3, 1, 3), np.float32),
+        "params/block1/sepconv_a/pointwise/kernel": np.zeros((1, 1, 3, 4), np.float32),
+        **{
+            f"{c}/block1/bn_b/{k}": np.zeros(4, np.float32)
+            for c, k in (
+                ("params", "scale"),
+                ("params", "bias"),
+                ("batch_stats", "mean"),
+                ("batch_stats", "var"),
+            )
+        },
+    }
     transfer.load_into_keras(_fake_sepconv_model(), flat)
     missing = {k: v for k, v in flat.items() if not k.endswith("/var")}
     with pytest.raises(transfer.TransferError, match="no array"):
         transfer.load_into_keras(_fake_sepconv_model(), missing)
     with pytest.raises(transfer.TransferError, match="no variable"):
-        transfer.load_into_keras(_fake_sepconv_model(), {**flat, "params/dense/kernel": np.zeros(1)})
+        transfer.load_into_keras(
+            _fake_sepconv_model(), {**flat, "params/dense/kernel": np.zeros(1)}
+        )
     wrong = {**flat, "params/block1/sepconv_a/depthwise/kernel": np.zeros((3, 3, 3, 1), np.float32)}
     with pytest.raises(transfer.TransferError, match="does not fit"):
         transfer.load_into_keras(_fake_sepconv_model(), wrong)
@@ -205,21 +257,30 @@ def test_transfer_refuses_partial_extra_or_misshapen_weights():
 def test_recipe_environment_is_listing_1():
     on = runtime.child_environment(runtime.Recipe(), base={"PYTHONHASHSEED": "0"})
     assert (on["PYTHONHASHSEED"], on["TF_DETERMINISTIC_OPS"], on["KERAS_BACKEND"]) == (
-        "1", "1", "tensorflow")
-    off = runtime.child_environment(runtime.Recipe(deterministic=False),
-                                    base={"TF_DETERMINISTIC_OPS": "1", "PYTHONHASHSEED": "1"})
+        "1",
+        "1",
+        "tensorflow",
+    )
+    off = runtime.child_environment(
+        runtime.Recipe(deterministic=False),
+        base={"TF_DETERMINISTIC_OPS": "1", "PYTHONHASHSEED": "1"},
+    )
     assert "TF_DETERMINISTIC_OPS" not in off and "PYTHONHASHSEED" not in off
 
 
 def test_a_tf_process_has_no_jax_backend_and_no_jaxrepro_flags():
     # This test process carries jaxrepro's XLA_FLAGS (set on import); the TF command,
     # started plainly, re-executes itself as a clean TF process.
-    from jaxrepro import determinism
-
     own = {*determinism.GPU_FLAGS, *determinism.CPU_FLAGS}
     assert own <= set(os.environ["XLA_FLAGS"].split())
-    r = run_cli("jaxrepro.tfref", "summary", "--image-size", "80", timeout=300,
-                env={"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_dump_to=/nonexistent"})
+    r = run_cli(
+        "jaxrepro.tfref",
+        "summary",
+        "--image-size",
+        "80",
+        timeout=300,
+        env={"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_dump_to=/nonexistent"},
+    )
     described = _json(r)["runtime"]
     assert described["jax_backend_started"] is False
     assert described["xla_flags"] == "--xla_dump_to=/nonexistent"  # the user's own flag stays
@@ -228,20 +289,44 @@ def test_a_tf_process_has_no_jax_backend_and_no_jaxrepro_flags():
     assert not set(determinism.GPU_FLAGS) & set(env.get("XLA_FLAGS", "").split())
 
 
-TF_SIDE = {"models.py", "runtime.py", "__main__.py", "determinism.py", "matched.py",
-           "train.py", "bench.py", "rerun.py", "cli.py"}
+TF_SIDE = {
+    "models.py",
+    "runtime.py",
+    "__main__.py",
+    "determinism.py",
+    "matched.py",
+    "train.py",
+    "bench.py",
+    "rerun.py",
+    "cli.py",
+}
 # What the TF side may import of jaxrepro: the core and the weight exchange.
-TF_SIDE_MAY_IMPORT = {"jaxrepro", "jaxrepro.cli", "jaxrepro.config", "jaxrepro.data",
-                      "jaxrepro.determinism", "jaxrepro.errors", "jaxrepro.timing"}
+TF_SIDE_MAY_IMPORT = {
+    "jaxrepro",
+    "jaxrepro.cli",
+    "jaxrepro.config",
+    "jaxrepro.data",
+    "jaxrepro.determinism",
+    "jaxrepro.errors",
+    "jaxrepro.timing",
+}
 
 
 def test_tensorflow_stays_out_of_the_jax_process():
-    code = ("import sys, jaxrepro, jaxrepro.train, jaxrepro.analysis.diff, "
-            "jaxrepro.analysis.compare, jaxrepro.analysis.export, jaxrepro.explain, "
-            "jaxrepro.tfref.transfer, jaxrepro.tfref.weights\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, check=True)
+    code = (
+        "import sys, jaxrepro, jaxrepro.train, jaxrepro.analysis.diff, "
+        "jaxrepro.analysis.compare, jaxrepro.analysis.export, jaxrepro.explain, "
+        "jaxrepro.tfref.transfer, jaxrepro.tfref.weights\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert r.stdout.strip() == "[]", r.stdout
     assert "tensorflow" not in sys.modules and "keras" not in sys.modules
 
@@ -252,10 +337,18 @@ def test_only_tf_side_modules_import_tensorflow():
         if path.parent.name == "tfref" and path.name in TF_SIDE:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            names += [f"jaxrepro.tfref.{a.name}" for a in getattr(node, "names", [])
-                      if isinstance(node, ast.ImportFrom) and node.module == "jaxrepro.tfref"]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            names += [
+                f"jaxrepro.tfref.{a.name}"
+                for a in getattr(node, "names", [])
+                if isinstance(node, ast.ImportFrom) and node.module == "jaxrepro.tfref"
+            ]
             for name in names:
                 top = name.split(".")[0]
                 tf_side = any(name == f"jaxrepro.tfref.{m[:-3]}" for m in TF_SIDE)
@@ -264,8 +357,13 @@ def test_only_tf_side_modules_import_tensorflow():
     assert offenders == []
 
 
-KERAS_TINY = ["--config.data.image_size=80", "--config.data.num_train=48",
-              "--config.data.num_val=16", "--config.batch_size=16", "--config.num_epochs=1"]
+KERAS_TINY = [
+    "--config.data.image_size=80",
+    "--config.data.num_train=48",
+    "--config.data.num_val=16",
+    "--config.batch_size=16",
+    "--config.num_epochs=1",
+]
 
 
 def test_tfref_imports_only_the_core_and_the_weight_exchange():
@@ -273,15 +371,21 @@ def test_tfref_imports_only_the_core_and_the_weight_exchange():
     for path in sorted((ROOT / "jaxrepro" / "tfref").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxrepro"):
-                names = [node.module] if node.module != "jaxrepro" else [
-                    f"jaxrepro.{a.name}" for a in node.names]
+                names = (
+                    [node.module]
+                    if node.module != "jaxrepro"
+                    else [f"jaxrepro.{a.name}" for a in node.names]
+                )
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names if a.name.startswith("jaxrepro")]
             else:
                 continue
             for name in names:
-                if not (name in TF_SIDE_MAY_IMPORT or name.startswith("jaxrepro.tfref")
-                        or name.startswith("jaxrepro.data.")):
+                if not (
+                    name in TF_SIDE_MAY_IMPORT
+                    or name.startswith("jaxrepro.tfref")
+                    or name.startswith("jaxrepro.data.")
+                ):
                     offenders.append(f"{path.name}: {name}")
     assert offenders == []
 
@@ -293,8 +397,17 @@ def test_keras_training_reads_the_jax_data_set_and_repeats_its_bits(tmp_path):
     results = []
     for i in (1, 2):
         out = tmp_path / f"keras{i}"
-        run_cli("jaxrepro.tfref", "train", "experiments/convnet.py", "--out", str(out),
-                "--quiet", *KERAS_TINY, timeout=600, env=fresh)
+        run_cli(
+            "jaxrepro.tfref",
+            "train",
+            "experiments/convnet.py",
+            "--out",
+            str(out),
+            "--quiet",
+            *KERAS_TINY,
+            timeout=600,
+            env=fresh,
+        )
         results.append(json.loads((out / "result.json").read_text()))
         final = weights.load(out / "final.npz")
         assert weights.sha256(final) == results[-1]["sha256"]
@@ -303,21 +416,30 @@ def test_keras_training_reads_the_jax_data_set_and_repeats_its_bits(tmp_path):
     assert a["runtime"]["recipe"]["deterministic"] and a["runtime"]["pythonhashseed"] == "1"
     assert a["runtime"]["jax_backend_started"] is False
     # The data are those python -m jaxrepro.train reads for this config.
-    from jaxrepro import data as datalib
-    from jaxrepro.train import load_data
-
-    config = configlib.resolve(ROOT / "experiments" / "convnet.py",
-                               [o[len("--config."):] for o in KERAS_TINY]
-                               + [f"data.data_dir={fresh['JAXREPRO_DATA_DIR']}"])
+    config = configlib.resolve(
+        ROOT / "experiments" / "convnet.py",
+        [o[len("--config.") :] for o in KERAS_TINY]
+        + [f"data.data_dir={fresh['JAXREPRO_DATA_DIR']}"],
+    )
     data = load_data(config)
-    assert a["data_fingerprint"] == {"train": datalib.data_fingerprint(data.train),
-                                     "validation": datalib.data_fingerprint(data.validation)}
+    assert a["data_fingerprint"] == {
+        "train": datalib.data_fingerprint(data.train),
+        "validation": datalib.data_fingerprint(data.validation),
+    }
     assert (a["num_train"], a["num_val"]) == (48, 16)
     assert len(a["epochs"]) == 1 and set(a["epochs"][0]) >= {"loss", "val_accuracy"}
 
 
 def test_keras_training_rejects_a_bad_config_key(tmp_path):
-    r = run_cli("jaxrepro.tfref", "train", "experiments/convnet.py", "--out", str(tmp_path),
-                "--config.no_such_key=1", check=False, timeout=300)
+    r = run_cli(
+        "jaxrepro.tfref",
+        "train",
+        "experiments/convnet.py",
+        "--out",
+        str(tmp_path),
+        "--config.no_such_key=1",
+        check=False,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "no_such_key" in r.stderr and "batch_size" in r.stderr

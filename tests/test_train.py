@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +18,23 @@ from pathlib import Path
 from unittest import mock
 
 import chex
-from absl.testing import parameterized
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from absl.testing import parameterized
+from conftest import (
+    MODELS,
+    ROOT,
+    assert_bitwise_equal,
+    final,
+    records,
+    tiny_config,
+    tiny_spec,
+    train_cli,
+    train_tiny,
+)
 
-from conftest import (MODELS, ROOT, assert_bitwise_equal, final, records, tiny_config,
-                      tiny_spec, train_cli, train_tiny)
 from jaxrepro import rng, train
 from jaxrepro.data.order import epoch_order
 from jaxrepro.models.ops import convolutions
@@ -76,8 +86,15 @@ def test_records_are_complete(reference_runs, model):
 
 def _kill_after_checkpoint(model: str, workdir: Path, step: int) -> None:
     """Start a tiny run and SIGKILL it as soon as checkpoint `step` exists."""
-    cmd = [sys.executable, "-m", "jaxrepro.train", tiny_spec(model), "--workdir", str(workdir),
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxrepro.train",
+        tiny_spec(model),
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
@@ -105,8 +122,9 @@ def test_sigkill_and_resume_equals_uninterrupted(reference_runs, tmp_path, model
 
 def _cli(model: str, workdir: Path, *extra: str) -> int:
     """The training CLI on the tiny config, in this process; its exit status."""
-    return train_cli_module.main([tiny_spec(model), "--workdir", str(workdir), "--no-progress",
-                                  *extra])
+    return train_cli_module.main(
+        [tiny_spec(model), "--workdir", str(workdir), "--no-progress", *extra]
+    )
 
 
 def test_existing_run_needs_resume_or_overwrite(reference_runs, capsys):
@@ -115,18 +133,20 @@ def test_existing_run_needs_resume_or_overwrite(reference_runs, capsys):
 
 
 def test_resume_with_other_config_is_refused(reference_runs, capsys):
-    assert _cli("minixception", reference_runs / "minixception", "--resume",
-                "--config.seed=5") == 2
+    assert _cli("minixception", reference_runs / "minixception", "--resume", "--config.seed=5") == 2
     assert "seed: 1001 -> 5" in capsys.readouterr().err
 
 
 def test_damaged_checkpoint_is_reported_not_loaded(reference_runs, tmp_path, capsys):
-    import shutil
+
     run = tmp_path / "damaged"
     shutil.copytree(reference_runs / "minixception", run)
     latest = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    files = [p for p in (run / "checkpoints" / str(latest) / "state").rglob("*")
-             if p.is_file() and p.parent.name == "d"]
+    files = [
+        p
+        for p in (run / "checkpoints" / str(latest) / "state").rglob("*")
+        if p.is_file() and p.parent.name == "d"
+    ]
     for f in files:
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     assert _cli("minixception", run, "--resume") == 2
@@ -139,14 +159,15 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert _cli("convnet", run, "--config.optimizer.learning_rate=1e30") == 3
     err = capsys.readouterr().err
     assert "the loss of step 2 is" in err and "--fork-from" in err
-    steps_logged = [json.loads(line)["step"] for line in
-                    (run / "steps.jsonl").read_text().splitlines()]
+    steps_logged = [
+        json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()
+    ]
     assert steps_logged == [0, 1]  # the non-finite step is not recorded
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()
-                  if p.name.isdigit()) == [0]
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [0]
     assert not (run / "final.json").exists()
-    ckpt.restore(ckpt.manager(run / "checkpoints"), 0,
-                 train.abstract_state(tiny_config("convnet")))  # intact
+    ckpt.restore(
+        ckpt.manager(run / "checkpoints"), 0, train.abstract_state(tiny_config("convnet"))
+    )  # intact
 
 
 # ---------------------------------------------------- in-process, per stream
@@ -193,10 +214,10 @@ def test_each_stream_changes_only_what_it_feeds(tiny_batch, base_step, stream):
     step_same = _equal(base[1].params, other[1].params)
     order_same = np.array_equal(base[2], other[2])
     expected = {
-        "init": (False, False, True),      # other weights, so other trained weights
-        "dropout": (True, False, True),    # same start, other masks
-        "augment": (True, False, True),    # same start, other transforms
-        "shuffle": (True, True, False),    # same step on the same batch, other epoch order
+        "init": (False, False, True),  # other weights, so other trained weights
+        "dropout": (True, False, True),  # same start, other masks
+        "augment": (True, False, True),  # same start, other transforms
+        "shuffle": (True, True, False),  # same step on the same batch, other epoch order
     }[stream]
     assert (init_same, step_same, order_same) == expected
 
@@ -206,8 +227,10 @@ def test_other_seed_gives_other_parameters(tiny_batch, base_step):
     c = _tiny_config()
     c.seed = 1002
     b = _one_step(c, *tiny_batch)
-    assert not any(np.array_equal(x, y) for x, y in
-                   zip(jax.tree.leaves(a[1].params), jax.tree.leaves(b[1].params)))
+    assert not any(
+        np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(a[1].params), jax.tree.leaves(b[1].params))
+    )
 
 
 class TestJitVariants(chex.TestCase):
@@ -234,8 +257,9 @@ class TestJitVariants(chex.TestCase):
     def _two_steps_equal_the_jitted_reference(self, model):
         config = tiny_config(model)
         size = config.data.image_size
-        images = np.asarray(jax.random.randint(jax.random.key(3), (4, size, size, 3), 0, 256),
-                            np.uint8)
+        images = np.asarray(
+            jax.random.randint(jax.random.key(3), (4, size, size, 3), 0, 256), np.uint8
+        )
         labels = np.array([0, 1, 0, 1], np.int32)
         keys = rng.stream_keys(config.seed)
         m, tx = train.build_model(config), train.build_optimizer(config)
@@ -255,11 +279,15 @@ class TestJitVariants(chex.TestCase):
                 result = two_steps(step)
         else:
             result = two_steps(step)
-        assert_bitwise_equal((result.step, result.params, result.opt_state),
-                                    (reference.step, reference.params, reference.opt_state))
+        assert_bitwise_equal(
+            (result.step, result.params, result.opt_state),
+            (reference.step, reference.params, reference.opt_state),
+        )
         # Running means near zero come out of a cancelling sum: a few ulps of the
         # summands' scale, so the tolerance is relative to each leaf's largest value.
-        for got, want in zip(jax.tree.leaves(result.batch_stats),
-                             jax.tree.leaves(reference.batch_stats)):
-            np.testing.assert_allclose(got, want, rtol=1e-6,
-                                       atol=1e-6 * float(np.max(np.abs(want))))
+        for got, want in zip(
+            jax.tree.leaves(result.batch_stats), jax.tree.leaves(reference.batch_stats)
+        ):
+            np.testing.assert_allclose(
+                got, want, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(want)))
+            )

@@ -13,14 +13,19 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from jaxrepro.analysis import variance
 
 CONFIG = str(ROOT / "experiments" / "minixception.py")
 
-TINY = ["--config.data.image_size=64", "--config.data.num_train=48",
-        "--config.data.num_val=16", "--config.batch_size=16", "--config.eval_batch_size=16"]
+TINY = [
+    "--config.data.image_size=64",
+    "--config.data.num_train=48",
+    "--config.data.num_val=16",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +33,40 @@ def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("variance")
     buffer = io.StringIO()  # the CLI's stdout (capsys is per test, this fixture per module)
     with contextlib.redirect_stdout(buffer):
-        code = variance.main([CONFIG, "--k", "2", "--steps", "3", "--probe", "4", "--variants",
-                              "one-core", "--out", str(out), "--no-progress", *TINY])
+        code = variance.main(
+            [
+                CONFIG,
+                "--k",
+                "2",
+                "--steps",
+                "3",
+                "--probe",
+                "4",
+                "--variants",
+                "one-core",
+                "--out",
+                str(out),
+                "--no-progress",
+                *TINY,
+            ]
+        )
     assert code == 0
-    return {"out": out, "stdout": buffer.getvalue(),
-            "json": json.loads((out / "variance.json").read_text())}
+    return {
+        "out": out,
+        "stdout": buffer.getvalue(),
+        "json": json.loads((out / "variance.json").read_text()),
+    }
 
 
 def test_every_factor_has_its_pairs(report):
     factors = report["json"]["factors"]
     assert {k: v["pairs"] for k, v in factors.items()} == {
-        "seed": 1, "framework": 2, "code path": 1, "rerun JAX": 1, "rerun TF": 1}
+        "seed": 1,
+        "framework": 2,
+        "code path": 1,
+        "rerun JAX": 1,
+        "rerun TF": 1,
+    }
     assert "| rerun JAX | 1 | 1/1 |" in report["stdout"]
     png = (report["out"] / "variance.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,8 +77,9 @@ def test_a_jax_rerun_is_bitwise_identical_and_measures_zero(report):
     assert pair["bitwise"]
     assert (pair["param_rel_diff"], pair["accuracy_diff"], pair["gradcam_rmse"]) == (0, 0, 0)
     runs = report["out"] / "runs"
-    assert (runs / pair["a"] / "final.npz").read_bytes() == \
-        (runs / pair["b"] / "final.npz").read_bytes()
+    assert (runs / pair["a"] / "final.npz").read_bytes() == (
+        runs / pair["b"] / "final.npz"
+    ).read_bytes()
 
 
 def test_the_seed_moves_the_weights_more_than_the_framework(report):
@@ -76,12 +105,21 @@ def test_pair_measures_on_known_values():
     twos = {"params/w": 2 * np.ones((2, 2), np.float32), "batch_stats/m": np.zeros(2, np.float32)}
     maps = np.zeros((1, 2, 2))
     same = variance.pair_measures(_result(ones, 0.5, maps), _result(dict(ones), 0.5, maps))
-    assert same == {"bitwise": True, "param_rel_diff": 0.0, "accuracy_diff": 0.0,
-                    "gradcam_rmse": 0.0}
-    other = variance.pair_measures(_result(ones, 0.5, maps),
-                                   _result(twos, 0.75, np.full((1, 2, 2), 0.5)))
-    assert other == {"bitwise": False, "param_rel_diff": 1.0, "accuracy_diff": 0.25,
-                     "gradcam_rmse": 0.5}
+    assert same == {
+        "bitwise": True,
+        "param_rel_diff": 0.0,
+        "accuracy_diff": 0.0,
+        "gradcam_rmse": 0.0,
+    }
+    other = variance.pair_measures(
+        _result(ones, 0.5, maps), _result(twos, 0.75, np.full((1, 2, 2), 0.5))
+    )
+    assert other == {
+        "bitwise": False,
+        "param_rel_diff": 1.0,
+        "accuracy_diff": 0.25,
+        "gradcam_rmse": 0.5,
+    }
     # Batch statistics count for bitwise, not for the parameter difference.
     stats_only = dict(ones, **{"batch_stats/m": np.ones(2, np.float32)})
     m = variance.pair_measures(_result(ones, 0.5, maps), _result(stats_only, 0.5, maps))
@@ -101,11 +139,14 @@ def test_plan_pairs_runs_that_exist():
     assert all(a in names and b in names for p in pairs.values() for a, b in p)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--k", "1"], "--k must be at least 2"),
-    (["--variants", "warp-drive"], "valid: ['ynn'"),
-    (["--config.no_such_key=1"], "no_such_key"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--k", "1"], "--k must be at least 2"),
+        (["--variants", "warp-drive"], "valid: ['ynn'"),
+        (["--config.no_such_key=1"], "no_such_key"),
+    ],
+)
 def test_bad_input_exits_2_and_says_why(tmp_path, args, message, capsys):
     assert variance.main([CONFIG, "--out", str(tmp_path / "v"), *args]) == 2
     assert message in capsys.readouterr().err

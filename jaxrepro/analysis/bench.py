@@ -45,8 +45,8 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -54,8 +54,8 @@ from jaxrepro import cli, models
 from jaxrepro import config as configlib
 from jaxrepro.analysis import variants
 from jaxrepro.errors import UserError
-from jaxrepro.timing import machine
 from jaxrepro.tfref import process
+from jaxrepro.timing import machine
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,8 +73,11 @@ SYSTEMS = {
     "tf-single": "Keras/TF, recipe, single thread",
 }
 # The child's switch for each "before" system that runs jaxrepro's own code another way.
-CHILD_SWITCHES = {"jax-flax-pool": "--flax-pool", "jax-xla-convs": "--xla-convs",
-                  "jax-one-chunk": "--one-chunk"}
+CHILD_SWITCHES = {
+    "jax-flax-pool": "--flax-pool",
+    "jax-xla-convs": "--xla-convs",
+    "jax-one-chunk": "--one-chunk",
+}
 # Systems that change the `fast_convs` convolutions only (a model spec's config option).
 FAST_CONVS_ONLY = ("jax-xla-convs", "jax-one-chunk")
 # The `jaxrepro.analysis.variants` variant each JAX system runs under.
@@ -90,24 +93,41 @@ class BenchError(UserError, ValueError):
 
 def data_overrides(image_size: int, batch_size: int, steps: int) -> list[str]:
     """Config overrides both sides load: enough training images for `steps` batches."""
-    return [f"data.image_size={image_size}", f"data.num_train={max(steps, 1) * batch_size}",
-            f"data.num_val={batch_size}", f"batch_size={batch_size}",
-            f"eval_batch_size={batch_size}"]
+    return [
+        f"data.image_size={image_size}",
+        f"data.num_train={max(steps, 1) * batch_size}",
+        f"data.num_val={batch_size}",
+        f"batch_size={batch_size}",
+        f"eval_batch_size={batch_size}",
+    ]
 
 
 # --------------------------------------------------------------------- parent
 
 
-def child_command(system: str, config_file: str, model: str, args: argparse.Namespace,
-                  out: Path) -> tuple[str, list[str]]:
+def child_command(
+    system: str, config_file: str, model: str, args: argparse.Namespace, out: Path
+) -> tuple[str, list[str]]:
     """(module, arguments) of the process that measures `system` on `config_file` (a
     config of `model`) into `out`."""
-    common = [config_file, "--steps", str(args.steps), "--repeats", str(args.repeats),
-              "--json", str(out),
-              *cli.as_arguments(data_overrides(args.image_size, args.batch_size, args.steps))]
+    common = [
+        config_file,
+        "--steps",
+        str(args.steps),
+        "--repeats",
+        str(args.repeats),
+        "--json",
+        str(out),
+        *cli.as_arguments(data_overrides(args.image_size, args.batch_size, args.steps)),
+    ]
     if system in TF_MODES:
-        return "jaxrepro.tfref.bench", [*common, "--mode", TF_MODES[system], "--gradcam-layer",
-                                        models.get_spec(model).keras_gradcam_layer]
+        return "jaxrepro.tfref.bench", [
+            *common,
+            "--mode",
+            TF_MODES[system],
+            "--gradcam-layer",
+            models.get_spec(model).keras_gradcam_layer,
+        ]
     switch = CHILD_SWITCHES.get(system)
     return "jaxrepro.analysis.bench_jax", [*common, *([switch] if switch else [])]
 
@@ -120,12 +140,12 @@ def child_environment(system: str) -> dict[str, str]:
     return variants.variant_env(variant, os.environ)
 
 
-def run_system(system: str, config_file: str, model: str, args: argparse.Namespace,
-               out: Path) -> dict:
+def run_system(
+    system: str, config_file: str, model: str, args: argparse.Namespace, out: Path
+) -> dict:
     """Measure one system on one config in its own process; its JSON result."""
     module, child_args = child_command(system, config_file, model, args, out)
-    cli.run_child(module, child_args, env=child_environment(system),
-                  what=f"{system} on {model}")
+    cli.run_child(module, child_args, env=child_environment(system), what=f"{system} on {model}")
     return {"system": system, "model": model, **json.loads(out.read_text())}
 
 
@@ -149,7 +169,8 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         for before in (*CHILD_SWITCHES, "jax-ynn-convs"):
             if (model, "jax") in by and (model, before) in by:
                 out.setdefault(model, {})[f"jaxrepro/{before}"] = (
-                    by[model, "jax"] / by[model, before])
+                    by[model, "jax"] / by[model, before]
+                )
     return out
 
 
@@ -162,17 +183,21 @@ def _cell(values: list[float] | None, spec: str = ".1f") -> str:
 
 def table(rows: list[dict], machine: str) -> str:
     """Markdown: one row per (model, system), then the ratios."""
-    lines = [f"Measured on: {machine}", "",
-             "| model | system | train img/s | compile s | inference img/s | Grad-CAM /s | "
-             "LRP /s | peak MiB | repeats bitwise |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured on: {machine}",
+        "",
+        "| model | system | train img/s | compile s | inference img/s | Grad-CAM /s | "
+        "LRP /s | peak MiB | repeats bitwise |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         bitwise = {True: "yes", False: "NO", None: "-"}[r.get("repeats_bitwise")]
         lines.append(
             f"| {r['model']} | {r['system']} | {_cell(r['train_images_per_s'])} | "
             f"{r['compile_s']:.1f} | {_cell(r['infer_images_per_s'])} | "
             f"{_cell(r.get('gradcam_per_s'))} | {_cell(r.get('lrp_per_s'))} | "
-            f"{r['peak_memory_mib']:.0f} | {bitwise} |")
+            f"{r['peak_memory_mib']:.0f} | {bitwise} |"
+        )
     lines += ["", "| model | ratio (median train images/s) | value |", "|---|---|---|"]
     for model, values in ratios(rows).items():
         lines += [f"| {model} | {name} | {v:.2f}x |" for name, v in values.items()]
@@ -187,7 +212,10 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["model"] == model]
         stats = [summary(r["train_images_per_s"]) for r in mine]
         med = [s["median"] for s in stats]
-        err = [[m - s["min"] for m, s in zip(med, stats)], [s["max"] - m for m, s in zip(med, stats)]]
+        err = [
+            [m - s["min"] for m, s in zip(med, stats)],
+            [s["max"] - m for m, s in zip(med, stats)],
+        ]
         colors = ["tab:blue" if r["system"].startswith("jax") else "tab:orange" for r in mine]
         ax.bar([r["system"] for r in mine], med, yerr=err, color=colors, capsize=3)
         ax.set_title(f"{model}: training throughput")
@@ -199,13 +227,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.analysis.bench",
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="*", metavar="CONFIG_FILE",
-                        default=list(DEFAULT_CONFIGS),
-                        help="experiment configs (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.analysis.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "configs",
+        nargs="*",
+        metavar="CONFIG_FILE",
+        default=list(DEFAULT_CONFIGS),
+        help="experiment configs (default: %(default)s)",
+    )
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--image-size", type=int, default=180)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -226,10 +260,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         config = configlib.resolve(config_file)
         spec = models.get_spec(config.model)
         if args.image_size < spec.min_image_size:
-            raise BenchError(f"{config_file}: the {config.model} needs --image-size of at "
-                             f"least {spec.min_image_size}")
-        systems = [s for s in args.systems
-                   if s not in FAST_CONVS_ONLY or "fast_convs" in spec.config_options]
+            raise BenchError(
+                f"{config_file}: the {config.model} needs --image-size of at "
+                f"least {spec.min_image_size}"
+            )
+        systems = [
+            s
+            for s in args.systems
+            if s not in FAST_CONVS_ONLY or "fast_convs" in spec.config_options
+        ]
         out.append((config_file, config.model, systems))
     return out
 
@@ -245,23 +284,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     for config_file, model, systems in todo:
         skipped = [s for s in args.systems if s not in systems]
         if skipped:
-            print(f"skipping {', '.join(skipped)} on {model}: they change the fast_convs "
-                  "convolutions only", file=sys.stderr, flush=True)
+            print(
+                f"skipping {', '.join(skipped)} on {model}: they change the fast_convs "
+                "convolutions only",
+                file=sys.stderr,
+                flush=True,
+            )
         for system in systems:
             print(f"measuring {system} on {model} ...", file=sys.stderr, flush=True)
             try:
-                rows.append(run_system(system, config_file, model, args,
-                                       out / f"{model}_{system}.json"))
+                rows.append(
+                    run_system(system, config_file, model, args, out / f"{model}_{system}.json")
+                )
             except cli.ChildError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             r = rows[-1]
-            print(f"  {summary(r['train_images_per_s'])['median']:.1f} train images/s, "
-                  f"compile {r['compile_s']:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"  {summary(r['train_images_per_s'])['median']:.1f} train images/s, "
+                f"compile {r['compile_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     text = table(rows, machine())
     settings = {k: getattr(args, k) for k in ("image_size", "batch_size", "steps", "repeats")}
-    (out / "bench.json").write_text(json.dumps({"machine": machine(), **settings, "rows": rows,
-                                                "ratios": ratios(rows)}, indent=1) + "\n")
+    (out / "bench.json").write_text(
+        json.dumps(
+            {"machine": machine(), **settings, "rows": rows, "ratios": ratios(rows)}, indent=1
+        )
+        + "\n"
+    )
     (out / "bench.md").write_text(text + "\n")
     plot(rows, out / "bench.png")
     print(text)

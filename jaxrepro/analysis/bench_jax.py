@@ -19,8 +19,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -37,13 +37,21 @@ from jaxrepro.train.loop import load_data
 SWITCHES = ("flax_pool", "xla_convs", "one_chunk")
 
 
-def measure(config_file: str, overrides: Sequence[str], steps_per_repeat: int, repeats: int,
-            flax_pool: bool = False, xla_convs: bool = False, one_chunk: bool = False) -> dict:
+def measure(
+    config_file: str,
+    overrides: Sequence[str],
+    steps_per_repeat: int,
+    repeats: int,
+    flax_pool: bool = False,
+    xla_convs: bool = False,
+    one_chunk: bool = False,
+) -> dict:
     """Measure jaxrepro's training, inference and explanations in this process."""
     if one_chunk:
         convolutions.CHUNK_BYTES = sys.maxsize  # every batch fits: one chunk
-    config = configlib.resolve(config_file, [*overrides, *(["fast_convs=False"] if xla_convs
-                                                           else [])])
+    config = configlib.resolve(
+        config_file, [*overrides, *(["fast_convs=False"] if xla_convs else [])]
+    )
     data = load_data(config)
     model, tx = setup.build_model(config), setup.build_optimizer(config)
     if flax_pool:
@@ -52,9 +60,13 @@ def measure(config_file: str, overrides: Sequence[str], steps_per_repeat: int, r
     initial = jax.device_get(setup.init_state(model, tx, keys["init"], config.data.image_size))
     batch_size = config.batch_size
     n_train = len(data.train.labels)
-    batches = [(data.train.images[i], data.train.labels[i]) for i in
-               (datalib.batch_at(keys["shuffle"], 0, b, batch_size, n_train)
-                for b in range(steps_per_repeat))]
+    batches = [
+        (data.train.images[i], data.train.labels[i])
+        for i in (
+            datalib.batch_at(keys["shuffle"], 0, b, batch_size, n_train)
+            for b in range(steps_per_repeat)
+        )
+    ]
 
     step_fn = steps.make_train_step(model, tx, config.augment)
     start = time.perf_counter()
@@ -98,17 +110,22 @@ def measure(config_file: str, overrides: Sequence[str], steps_per_repeat: int, r
         "repeats_bitwise": len(set(finals)) == 1,
         "final_sha256": finals[0],
         "peak_memory_mib": peak_memory_mib(),
-        "runtime": {"jax": jax.__version__, "backend": jax.default_backend(),
-                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpus": usable_cpus(),
-                    "packages": determinism.fingerprint().get("packages")},
+        "runtime": {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "cpus": usable_cpus(),
+            "packages": determinism.fingerprint().get("packages"),
+        },
     }
 
 
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.analysis.bench_jax",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.analysis.bench_jax", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("config_file")
     parser.add_argument("--json", required=True, help="where to write the result")
     parser.add_argument("--steps", type=int, default=6)
@@ -116,8 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for switch in SWITCHES:
         parser.add_argument(f"--{switch.replace('_', '-')}", action="store_true")
     args = parser.parse_args(rest)
-    result = measure(args.config_file, overrides, args.steps, args.repeats,
-                     **{s: getattr(args, s) for s in SWITCHES})
+    result = measure(
+        args.config_file,
+        overrides,
+        args.steps,
+        args.repeats,
+        **{s: getattr(args, s) for s in SWITCHES},
+    )
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

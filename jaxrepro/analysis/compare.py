@@ -33,8 +33,9 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,25 +66,34 @@ class CompareError(UserError, RuntimeError):
 def stats(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """How far two arrays of one shape are apart, as float32 (an `ArrayDiff`'s brief)."""
     try:
-        return {"shape": list(np.shape(a)),
-                **array_diff(np.asarray(a, np.float32), np.asarray(b, np.float32)).brief()}
+        return {
+            "shape": list(np.shape(a)),
+            **array_diff(np.asarray(a, np.float32), np.asarray(b, np.float32)).brief(),
+        }
     except ValueError as e:
         raise CompareError(str(e)) from None
 
 
 def heatmap_agreement(jax_maps: np.ndarray, keras_maps: np.ndarray) -> dict[str, Any]:
     """RMSE, Spearman and top-10% overlap per image, averaged (maps [P, H, W])."""
-    rmse = [float(np.sqrt(np.mean((np.float64(a) - np.float64(b)) ** 2)))
-            for a, b in zip(jax_maps, keras_maps)]
+    rmse = [
+        float(np.sqrt(np.mean((np.float64(a) - np.float64(b)) ** 2)))
+        for a, b in zip(jax_maps, keras_maps)
+    ]
     rho = [spearman(a, b) for a, b in zip(jax_maps, keras_maps)]
     defined = [r for r in rho if r is not None]
     top = [top_overlap(a, b) for a, b in zip(jax_maps, keras_maps)]
-    return {"images": len(rmse), "rmse_mean": float(np.mean(rmse)), "rmse_max": max(rmse),
-            "spearman_mean": float(np.mean(defined)) if defined else None,
-            "spearman_min": min(defined) if defined else None,
-            "spearman_undefined": len(rho) - len(defined),
-            "top10_overlap_mean": float(np.mean(top)), "top10_overlap_min": min(top),
-            "max_abs": float(np.max(np.abs(np.float64(jax_maps) - np.float64(keras_maps))))}
+    return {
+        "images": len(rmse),
+        "rmse_mean": float(np.mean(rmse)),
+        "rmse_max": max(rmse),
+        "spearman_mean": float(np.mean(defined)) if defined else None,
+        "spearman_min": min(defined) if defined else None,
+        "spearman_undefined": len(rho) - len(defined),
+        "top10_overlap_mean": float(np.mean(top)),
+        "top10_overlap_min": min(top),
+        "max_abs": float(np.max(np.abs(np.float64(jax_maps) - np.float64(keras_maps)))),
+    }
 
 
 # ---------------------------------------------------------------- JAX side
@@ -122,9 +132,13 @@ def run_jax(inputs: matched.MatchedInputs, tx: optax.GradientTransformation) -> 
         out["weights"].append(weights.flatten(jax.device_get(state.variables)))
     out["losses"] = losses
     out["gradcam"]["end_lowres"], out["gradcam"]["end"] = gradcam(state.variables)
-    out["val_accuracy"] = (steps.evaluate(steps.make_eval_step(model), state.variables,
-                                          inputs.val_images, inputs.val_labels, 100).accuracy
-                           if len(inputs.val_labels) else None)
+    out["val_accuracy"] = (
+        steps.evaluate(
+            steps.make_eval_step(model), state.variables, inputs.val_images, inputs.val_labels, 100
+        ).accuracy
+        if len(inputs.val_labels)
+        else None
+    )
     return out
 
 
@@ -138,10 +152,20 @@ def tf_environment() -> dict[str, str]:
 
 def run_keras(model_name: str, exchange: Path, out: Path, timeout: int | None = None) -> dict:
     """Run `python -m jaxrepro.tfref matched` on the exchange into `out`; its JSON result."""
-    r = cli.run_child("jaxrepro.tfref", ["matched", model_name, str(exchange / "init.npz"),
-                                         str(exchange / "inputs.npz"),
-                                         str(exchange / "layers.json"), str(out)],
-                      env=tf_environment(), timeout=timeout, what="the Keras process")
+    r = cli.run_child(
+        "jaxrepro.tfref",
+        [
+            "matched",
+            model_name,
+            str(exchange / "init.npz"),
+            str(exchange / "inputs.npz"),
+            str(exchange / "layers.json"),
+            str(out),
+        ],
+        env=tf_environment(),
+        timeout=timeout,
+        what="the Keras process",
+    )
     return json.loads(r.stdout)
 
 
@@ -156,15 +180,15 @@ def build_report(config, num_steps: int, jx: dict, keras_dir: Path, keras_result
     """compare.json's content from both halves' outputs."""
     kf = weights.load(keras_dir / "forward.npz")
     if set(kf) != set(jx["forward"]):
-        raise RuntimeError("activations of one side only: "
-                           f"{sorted(set(kf) ^ set(jx['forward']))}")
+        raise RuntimeError(f"activations of one side only: {sorted(set(kf) ^ set(jx['forward']))}")
     forward = [{"layer": name, **stats(value, kf[name])} for name, value in jx["forward"].items()]
 
     kg = weights.load(keras_dir / "gradients.npz")
     if set(kg) != set(jx["gradients"]):
         raise RuntimeError(f"gradient names differ: {sorted(set(kg) ^ set(jx['gradients']))}")
-    backward = [{"param": name, **stats(jx["gradients"][name], kg[name])}
-                for name in jx["gradients"]]
+    backward = [
+        {"param": name, **stats(jx["gradients"][name], kg[name])} for name in jx["gradients"]
+    ]
 
     with np.load(keras_dir / "trajectory.npz", allow_pickle=False) as t:
         keras_losses = [float(v) for v in t["loss"]]
@@ -177,36 +201,52 @@ def build_report(config, num_steps: int, jx: dict, keras_dir: Path, keras_result
         leaves = {name: stats(jw[name], kw[name]) for name in jw}
         params = [v for n, v in leaves.items() if n.startswith("params/")]
         bstats = [v for n, v in leaves.items() if n.startswith("batch_stats/")]
-        trajectory.append({
-            "step": k,
-            "loss_jax": jx["losses"][k - 1] if k else None,
-            "loss_keras": keras_losses[k - 1] if k else None,
-            "all_bitwise": all(v["equal"] for v in leaves.values()),
-            "params_bitwise": all(v["equal"] for v in params),
-            "params_max_ulp": max((v["max_ulp"] for v in params), default=0),
-            "params_max_rel": _max_over(params, "max_rel"),
-            "params_rel_to_max": _max_over(params, "rel_to_max"),
-            "worst_leaf": max((n for n in leaves if n.startswith("params/")),
-                              key=lambda n: leaves[n]["rel_to_max"]),
-            "batch_stats_rel_to_max": _max_over(bstats, "rel_to_max") if bstats else None,
-        })
+        trajectory.append(
+            {
+                "step": k,
+                "loss_jax": jx["losses"][k - 1] if k else None,
+                "loss_keras": keras_losses[k - 1] if k else None,
+                "all_bitwise": all(v["equal"] for v in leaves.values()),
+                "params_bitwise": all(v["equal"] for v in params),
+                "params_max_ulp": max((v["max_ulp"] for v in params), default=0),
+                "params_max_rel": _max_over(params, "max_rel"),
+                "params_rel_to_max": _max_over(params, "rel_to_max"),
+                "worst_leaf": max(
+                    (n for n in leaves if n.startswith("params/")),
+                    key=lambda n: leaves[n]["rel_to_max"],
+                ),
+                "batch_stats_rel_to_max": _max_over(bstats, "rel_to_max") if bstats else None,
+            }
+        )
 
     kc = weights.load(keras_dir / "gradcam.npz")
     gradcam = {}
     for when in ("start", "end"):
         gradcam[when] = heatmap_agreement(jx["gradcam"][when], kc[when])
-        gradcam[when]["lowres_max_abs"] = float(np.max(np.abs(
-            np.float64(jx["gradcam"][f"{when}_lowres"]) - np.float64(kc[f"{when}_lowres"]))))
+        gradcam[when]["lowres_max_abs"] = float(
+            np.max(
+                np.abs(
+                    np.float64(jx["gradcam"][f"{when}_lowres"]) - np.float64(kc[f"{when}_lowres"])
+                )
+            )
+        )
         gradcam[when]["lowres_shape"] = list(kc[f"{when}_lowres"].shape[1:])
 
     return {
-        "model": config.model, "experiment": config.experiment, "seed": config.seed,
-        "image_size": config.data.image_size, "batch_size": config.batch_size, "steps": num_steps,
+        "model": config.model,
+        "experiment": config.experiment,
+        "seed": config.seed,
+        "image_size": config.data.image_size,
+        "batch_size": config.batch_size,
+        "steps": num_steps,
         "probe_images": int(jx["forward"]["logits"].shape[0]),
-        "against": "tensorflow", "dropout": "off on both sides (Flax dropout_rate=0, "
-                                            "Keras Dropout rate set to 0)",
+        "against": "tensorflow",
+        "dropout": "off on both sides (Flax dropout_rate=0, Keras Dropout rate set to 0)",
         "initial_weights_bitwise": trajectory[0]["all_bitwise"],
-        "forward": forward, "backward": backward, "trajectory": trajectory, "gradcam": gradcam,
+        "forward": forward,
+        "backward": backward,
+        "trajectory": trajectory,
+        "gradcam": gradcam,
         "val_accuracy": {"jax": jx["val_accuracy"], "keras": keras_result.get("val_accuracy")},
         "keras_runtime": keras_result.get("runtime"),
         "jax": {"jax": jax.__version__, "backend": jax.default_backend()},
@@ -223,36 +263,53 @@ def _l(x: float | None) -> str:
 
 def format_text(report: dict) -> str:
     """The readable table printed on stdout."""
-    lines = [f"JAX vs Keras: {report['model']} at {report['image_size']} px, seed "
-             f"{report['seed']}, batch {report['batch_size']}, {report['steps']} steps; "
-             f"dropout off; initial weights bitwise equal: {report['initial_weights_bitwise']}",
-             "", f"forward (inference, {report['probe_images']} validation images, step 0)",
-             f"  {'activation':24s} {'max ULP':>12s} {'max rel':>10s} {'|d|/max|a|':>10s}"]
+    lines = [
+        f"JAX vs Keras: {report['model']} at {report['image_size']} px, seed "
+        f"{report['seed']}, batch {report['batch_size']}, {report['steps']} steps; "
+        f"dropout off; initial weights bitwise equal: {report['initial_weights_bitwise']}",
+        "",
+        f"forward (inference, {report['probe_images']} validation images, step 0)",
+        f"  {'activation':24s} {'max ULP':>12s} {'max rel':>10s} {'|d|/max|a|':>10s}",
+    ]
     for r in report["forward"]:
-        lines.append(f"  {r['layer']:24s} {r['max_ulp']:12d} {r['max_rel']:10.3g} "
-                     f"{r['rel_to_max']:10.3g}")
-    lines += ["", "backward (gradient of step 1's mean loss, batch norm in training mode)",
-              f"  {'parameter':34s} {'max ULP':>12s} {'max rel':>10s} {'|d|/max|a|':>10s}"]
+        lines.append(
+            f"  {r['layer']:24s} {r['max_ulp']:12d} {r['max_rel']:10.3g} {r['rel_to_max']:10.3g}"
+        )
+    lines += [
+        "",
+        "backward (gradient of step 1's mean loss, batch norm in training mode)",
+        f"  {'parameter':34s} {'max ULP':>12s} {'max rel':>10s} {'|d|/max|a|':>10s}",
+    ]
     for r in report["backward"]:
-        lines.append(f"  {r['param']:34s} {r['max_ulp']:12d} {r['max_rel']:10.3g} "
-                     f"{r['rel_to_max']:10.3g}")
-    lines += ["", "trajectory (Keras RMSprop defaults on both sides; parameters after the step)",
-              f"  {'step':>4s} {'loss JAX':>12s} {'loss Keras':>12s} {'max ULP':>12s} "
-              f"{'max rel':>10s} {'|d|/max|a|':>10s}"]
+        lines.append(
+            f"  {r['param']:34s} {r['max_ulp']:12d} {r['max_rel']:10.3g} {r['rel_to_max']:10.3g}"
+        )
+    lines += [
+        "",
+        "trajectory (Keras RMSprop defaults on both sides; parameters after the step)",
+        f"  {'step':>4s} {'loss JAX':>12s} {'loss Keras':>12s} {'max ULP':>12s} "
+        f"{'max rel':>10s} {'|d|/max|a|':>10s}",
+    ]
     for r in report["trajectory"]:
-        lines.append(f"  {r['step']:4d} {_l(r['loss_jax']):>12s} {_l(r['loss_keras']):>12s} "
-                     f"{r['params_max_ulp']:12d} {r['params_max_rel']:10.3g} "
-                     f"{r['params_rel_to_max']:10.3g}")
+        lines.append(
+            f"  {r['step']:4d} {_l(r['loss_jax']):>12s} {_l(r['loss_keras']):>12s} "
+            f"{r['params_max_ulp']:12d} {r['params_max_rel']:10.3g} "
+            f"{r['params_rel_to_max']:10.3g}"
+        )
     va = report["val_accuracy"]
-    lines += [f"  validation accuracy after {report['steps']} steps: JAX {_g(va['jax'])}, "
-              f"Keras {_g(va['keras'])}", "",
-              "Grad-CAM (explaining the logit; each framework's own weights)",
-              f"  {'when':6s} {'RMSE':>10s} {'Spearman':>10s} {'top-10%':>8s} "
-              f"{'max |d|':>10s}  A's size"]
+    lines += [
+        f"  validation accuracy after {report['steps']} steps: JAX {_g(va['jax'])}, "
+        f"Keras {_g(va['keras'])}",
+        "",
+        "Grad-CAM (explaining the logit; each framework's own weights)",
+        f"  {'when':6s} {'RMSE':>10s} {'Spearman':>10s} {'top-10%':>8s} {'max |d|':>10s}  A's size",
+    ]
     for when, g in report["gradcam"].items():
-        lines.append(f"  {when:6s} {g['rmse_mean']:10.3g} {_g(g['spearman_mean']):>10s} "
-                     f"{g['top10_overlap_mean']:8.3f} {g['max_abs']:10.3g}  "
-                     f"{'x'.join(map(str, g['lowres_shape']))}")
+        lines.append(
+            f"  {when:6s} {g['rmse_mean']:10.3g} {_g(g['spearman_mean']):>10s} "
+            f"{g['top10_overlap_mean']:8.3f} {g['max_abs']:10.3g}  "
+            f"{'x'.join(map(str, g['lowres_shape']))}"
+        )
     return "\n".join(lines)
 
 
@@ -266,22 +323,24 @@ def plot(report: dict, path: Path) -> None:
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (before the step's update)")
     ax1.legend()
-    for key, label in (("params_rel_to_max", "max |d| / max |w| (per leaf)"),
-                       ("params_max_rel", "max elementwise relative")):
+    for key, label in (
+        ("params_rel_to_max", "max |d| / max |w| (per leaf)"),
+        ("params_max_rel", "max elementwise relative"),
+    ):
         ax2.plot([r["step"] for r in t], [max(r[key], 1e-12) for r in t], "o-", label=label)
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
     ax2.set_ylabel("parameter difference JAX vs Keras (0 shown as 1e-12)")
     ax2.legend()
-    fig.suptitle(f"{report['model']} {report['image_size']} px: JAX vs Keras, same init "
-                 "and batches")
+    fig.suptitle(
+        f"{report['model']} {report['image_size']} px: JAX vs Keras, same init and batches"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def compare(config, num_steps: int, out: Path, probe: int = 8,
-            keep_exchange: bool = False) -> dict:
+def compare(config, num_steps: int, out: Path, probe: int = 8, keep_exchange: bool = False) -> dict:
     """Run both halves, write compare.json and trajectory.png into `out`; the report."""
     if num_steps < 1:
         raise CompareError("--steps must be at least 1")
@@ -312,17 +371,21 @@ def compare(config, num_steps: int, out: Path, probe: int = 8,
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 done, 2 a user error, 1 if the Keras process fails."""
     rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.analysis.compare",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.analysis.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config_file")
     parser.add_argument("--against", required=True, help="the other framework: tensorflow")
     parser.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
     parser.add_argument("--out", default="compare_out", help="output directory")
-    parser.add_argument("--probe", type=int, default=8,
-                        help="validation images for the forward probe and Grad-CAM")
-    parser.add_argument("--keep-exchange", action="store_true",
-                        help="keep the exchanged .npz files in OUT/exchange")
+    parser.add_argument(
+        "--probe", type=int, default=8, help="validation images for the forward probe and Grad-CAM"
+    )
+    parser.add_argument(
+        "--keep-exchange", action="store_true", help="keep the exchanged .npz files in OUT/exchange"
+    )
     args = parser.parse_args(rest)
     if args.against not in AGAINST:
         raise CompareError(f"--against {args.against!r}: only {AGAINST} is supported")

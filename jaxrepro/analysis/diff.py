@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import matplotlib
@@ -114,15 +115,26 @@ def first_divergent_step(steps_a: list[dict], steps_b: list[dict]) -> dict:
             per_step = []
             for sa, sb in zip(steps_a[i:common], steps_b[i:common]):
                 la, lb = sa.get("leaves", {}), sb.get("leaves", {})
-                per_step.append({"step": sa["step"], "leaves_different": sum(
-                    la.get(k) != lb.get(k) for k in set(la) | set(lb)),
-                    "loss_a": sa.get("loss"), "loss_b": sb.get("loss")})
-            return {"step": ra["step"],
-                    "leaves": sorted(k for k in set(leaves_a) | set(leaves_b)
-                                     if leaves_a.get(k) != leaves_b.get(k)),
-                    "growth": per_step}
-    return {"step": None, "compared_steps": common,
-            "reason": "no logged step differs" if common else "no step records"}
+                per_step.append(
+                    {
+                        "step": sa["step"],
+                        "leaves_different": sum(la.get(k) != lb.get(k) for k in set(la) | set(lb)),
+                        "loss_a": sa.get("loss"),
+                        "loss_b": sb.get("loss"),
+                    }
+                )
+            return {
+                "step": ra["step"],
+                "leaves": sorted(
+                    k for k in set(leaves_a) | set(leaves_b) if leaves_a.get(k) != leaves_b.get(k)
+                ),
+                "growth": per_step,
+            }
+    return {
+        "step": None,
+        "compared_steps": common,
+        "reason": "no logged step differs" if common else "no step records",
+    }
 
 
 def _brief(a: np.ndarray, b: np.ndarray) -> dict:
@@ -152,8 +164,9 @@ def compare_probes(pa: dict, order: dict, pb: dict) -> dict:
             forward[name] = {"equal": False, "note": "missing on one side or other shape"}
         else:
             forward[name] = _brief(a, b)
-    grad_names = gradient_order(list(order.get("layers") or []),
-                                sorted(set(pa["gradients"]) | set(pb["gradients"])))
+    grad_names = gradient_order(
+        list(order.get("layers") or []), sorted(set(pa["gradients"]) | set(pb["gradients"]))
+    )
     gradients: dict[str, dict] = {}
     for name in grad_names:
         a, b = pa["gradients"].get(name), pb["gradients"].get(name)
@@ -161,13 +174,17 @@ def compare_probes(pa: dict, order: dict, pb: dict) -> dict:
             gradients[name] = {"equal": False, "note": "missing on one side or other shape"}
         else:
             gradients[name] = _brief(a, b)
-    return {"first_forward": next((k for k, r in forward.items() if not r["equal"]), None),
-            "first_gradient": next((k for k, r in gradients.items() if not r["equal"]), None),
-            "forward": forward, "gradients": gradients}
+    return {
+        "first_forward": next((k for k, r in forward.items() if not r["equal"]), None),
+        "first_gradient": next((k for k, r in gradients.items() if not r["equal"]), None),
+        "forward": forward,
+        "gradients": gradients,
+    }
 
 
-def layer_localisation(a: Path, b: Path, steps: list[int], steps_a: list[dict],
-                       steps_b: list[dict]) -> dict:
+def layer_localisation(
+    a: Path, b: Path, steps: list[int], steps_a: list[dict], steps_b: list[dict]
+) -> dict:
     """Probe comparison at each common checkpoint step; the earliest that differs leads.
 
     `state_equal` (from the step fingerprints) tells how to read it: with equal states,
@@ -180,23 +197,31 @@ def layer_localisation(a: Path, b: Path, steps: list[int], steps_a: list[dict],
         if got_a is None or got_b is None:
             continue
         cmp = compare_probes(got_a[0], got_a[1], got_b[0])
-        per_step.append({"step": step,
-                         "state_equal": _state_record_equal(steps_a, steps_b, step), **cmp})
+        per_step.append(
+            {"step": step, "state_equal": _state_record_equal(steps_a, steps_b, step), **cmp}
+        )
     if not per_step:
         return {"step": None, "reason": "no common checkpoint holds a probe on both sides"}
     lead = next((r for r in per_step if r["first_forward"] or r["first_gradient"]), None)
-    summary = [{k: r[k] for k in ("step", "state_equal", "first_forward", "first_gradient")}
-               for r in per_step]
+    summary = [
+        {k: r[k] for k in ("step", "state_equal", "first_forward", "first_gradient")}
+        for r in per_step
+    ]
     if lead is None:
-        return {"step": None, "probed_steps": summary,
-                "reason": "the probes of all common checkpoints are identical"}
+        return {
+            "step": None,
+            "probed_steps": summary,
+            "reason": "the probes of all common checkpoints are identical",
+        }
     quiet = [r["step"] for r in per_step if r["step"] < lead["step"] and r["state_equal"]]
     note = None
     if quiet and lead["state_equal"] is False:
-        note = (f"at checkpoint {quiet[-1]} the states and probes are identical, yet the states "
-                "part later: the difference arises outside the forward and backward pass of "
-                "the probe (e.g. the optimizer update, batch-norm running statistics, "
-                "augmentation, data order)")
+        note = (
+            f"at checkpoint {quiet[-1]} the states and probes are identical, yet the states "
+            "part later: the difference arises outside the forward and backward pass of "
+            "the probe (e.g. the optimizer update, batch-norm running statistics, "
+            "augmentation, data order)"
+        )
     return {**lead, "probed_steps": summary, "note": note}
 
 
@@ -211,8 +236,14 @@ def checkpoint_growth(a: Side, b: Side, steps: list[int]) -> list[dict]:
         rs = [compare_leaf(la[k], lb[k]) for k in sorted(la)]
         ulps = [r["max_ulp"] for r in rs if r.get("max_ulp") is not None]
         rels = [r["max_rel"] for r in rs if r.get("max_rel") is not None]
-        growth.append({"step": step, "leaves_different": sum(not r["equal"] for r in rs),
-                       "max_ulp": max(ulps, default=0), "max_rel_diff": max(rels, default=0.0)})
+        growth.append(
+            {
+                "step": step,
+                "leaves_different": sum(not r["equal"] for r in rs),
+                "max_ulp": max(ulps, default=0),
+                "max_rel_diff": max(rels, default=0.0),
+            }
+        )
     return growth
 
 
@@ -232,16 +263,21 @@ def predictions_diff(a: Side, b: Side) -> dict:
     step_a = steps.make_eval_step(ma.model)
     for m in (ma, mb):  # one compiled program when both runs use the same model
         step = step_a if m.model == ma.model else steps.make_eval_step(m.model)
-        logits.append(steps.evaluate(step, m.variables, val.images, val.labels,
-                                     int(ma.config.eval_batch_size)).logits)
+        logits.append(
+            steps.evaluate(
+                step, m.variables, val.images, val.labels, int(ma.config.eval_batch_size)
+            ).logits
+        )
     la, lb = logits
     pred_a, pred_b = la > 0, lb > 0
     labels = np.asarray(val.labels) > 0
-    return {"num_images": int(len(labels)),
-            "accuracy_a": float(np.mean(pred_a == labels)),
-            "accuracy_b": float(np.mean(pred_b == labels)),
-            "predictions_changed": int(np.sum(pred_a != pred_b)),
-            "logits": _brief(la.astype(np.float32), lb.astype(np.float32))}
+    return {
+        "num_images": int(len(labels)),
+        "accuracy_a": float(np.mean(pred_a == labels)),
+        "accuracy_b": float(np.mean(pred_b == labels)),
+        "predictions_changed": int(np.sum(pred_a != pred_b)),
+        "logits": _brief(la.astype(np.float32), lb.astype(np.float32)),
+    }
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -287,17 +323,31 @@ def diff(a: str | Path, b: str | Path, *, predictions: bool = True) -> dict:
     step_a, leaves_a = load_state(side_a)
     step_b, leaves_b = load_state(side_b)
     side_a.step, side_b.step = step_a, step_b
-    report: dict[str, Any] = {"a": side_a.label, "b": side_b.label,
-                              "step_a": step_a, "step_b": step_b}
+    report: dict[str, Any] = {
+        "a": side_a.label,
+        "b": side_b.label,
+        "step_a": step_a,
+        "step_b": step_b,
+    }
     only_a, only_b = sorted(set(leaves_a) - set(leaves_b)), sorted(set(leaves_b) - set(leaves_a))
-    mismatched = sorted(k for k in set(leaves_a) & set(leaves_b)
-                        if (leaves_a[k].shape, leaves_a[k].dtype) !=
-                        (leaves_b[k].shape, leaves_b[k].dtype))
+    mismatched = sorted(
+        k
+        for k in set(leaves_a) & set(leaves_b)
+        if (leaves_a[k].shape, leaves_a[k].dtype) != (leaves_b[k].shape, leaves_b[k].dtype)
+    )
     if only_a or only_b or mismatched:
-        report.update(verdict="not comparable", only_in_a=only_a, only_in_b=only_b,
-                      shape_or_dtype_differs={k: [f"{leaves_a[k].dtype}{list(leaves_a[k].shape)}",
-                                                  f"{leaves_b[k].dtype}{list(leaves_b[k].shape)}"]
-                                              for k in mismatched})
+        report.update(
+            verdict="not comparable",
+            only_in_a=only_a,
+            only_in_b=only_b,
+            shape_or_dtype_differs={
+                k: [
+                    f"{leaves_a[k].dtype}{list(leaves_a[k].shape)}",
+                    f"{leaves_b[k].dtype}{list(leaves_b[k].shape)}",
+                ]
+                for k in mismatched
+            },
+        )
         return report
     report["leaves"] = {k: compare_leaf(leaves_a[k], leaves_b[k]) for k in sorted(leaves_a)}
     identical = all(r["equal"] for r in report["leaves"].values())
@@ -323,8 +373,10 @@ def _describe_change(a: Any, b: Any) -> str:
         only_b = [t for t in tb if t not in ta] or ["nothing"]
         return f"only in A: {' '.join(only_a)}; only in B: {' '.join(only_b)}"
     if isinstance(a, list) and isinstance(b, list):
-        return (f"only in A: {[v for v in a if v not in b][:8]}; "
-                f"only in B: {[v for v in b if v not in a][:8]}")
+        return (
+            f"only in A: {[v for v in a if v not in b][:8]}; "
+            f"only in B: {[v for v in b if v not in a][:8]}"
+        )
     return f"{json.dumps(a)[:60]} vs {json.dumps(b)[:60]}"
 
 
@@ -332,15 +384,20 @@ def format_text(report: dict) -> str:
     """A readable rendering of `diff()`'s report."""
     lines = [f"A: {report['a']}", f"B: {report['b']}", f"verdict: {report['verdict']}"]
     if report["step_a"] != report["step_b"]:
-        lines.append(f"note: comparing checkpoints of different steps "
-                     f"({report['step_a']} vs {report['step_b']})")
+        lines.append(
+            f"note: comparing checkpoints of different steps "
+            f"({report['step_a']} vs {report['step_b']})"
+        )
     if report["verdict"] == "not comparable":
         for key in ("only_in_a", "only_in_b"):
             names = report[key]
             if names:
-                more = f" ... and {len(names) - 12} more (--json lists all)" if len(names) > 12 else ""
-                lines.append(f"{len(names)} leaves {key.replace('_', ' ')}: "
-                             f"{', '.join(names[:12])}{more}")
+                more = (
+                    f" ... and {len(names) - 12} more (--json lists all)" if len(names) > 12 else ""
+                )
+                lines.append(
+                    f"{len(names)} leaves {key.replace('_', ' ')}: {', '.join(names[:12])}{more}"
+                )
         for k, (sa, sb) in report["shape_or_dtype_differs"].items():
             lines.append(f"shape/dtype differs: {k}: {sa} vs {sb}")
         return "\n".join(lines)
@@ -348,43 +405,60 @@ def format_text(report: dict) -> str:
     n_diff = sum(not r["equal"] for r in leaves.values())
     lines.append(f"leaves: {len(leaves)} compared, {n_diff} differ")
     if n_diff:
-        lines.append(f"{'leaf':44s} {'differ':>9s} {'frac':>7s} {'max abs':>10s} "
-                     f"{'max rel':>10s} {'max ulp':>9s}")
+        lines.append(
+            f"{'leaf':44s} {'differ':>9s} {'frac':>7s} {'max abs':>10s} "
+            f"{'max rel':>10s} {'max ulp':>9s}"
+        )
         for k, r in leaves.items():
             if r["equal"]:
                 continue
-            lines.append(f"{k:44s} {r['num_different']:9d} {r['fraction_different']:7.3f} "
-                         f"{r.get('max_abs') or 0:10.3e} {r.get('max_rel') or 0:10.3e} "
-                         f"{r.get('max_ulp') if r.get('max_ulp') is not None else '-':>9}")
+            lines.append(
+                f"{k:44s} {r['num_different']:9d} {r['fraction_different']:7.3f} "
+                f"{r.get('max_abs') or 0:10.3e} {r.get('max_rel') or 0:10.3e} "
+                f"{r.get('max_ulp') if r.get('max_ulp') is not None else '-':>9}"
+            )
     fd = report["first_divergence"]
     if fd.get("step") is not None:
-        lines.append(f"first divergent step: {fd['step']} (the states after step {fd['step'] - 1} "
-                     f"are identical; the update of step {fd['step']} differs in "
-                     f"{len(fd['leaves'])} leaves: {', '.join(fd['leaves'][:4])}"
-                     f"{' ...' if len(fd['leaves']) > 4 else ''})" if fd["step"] > 0 else
-                     f"first divergent step: 0 (the initial states differ: "
-                     f"{len(fd['leaves'])} leaves)")
+        lines.append(
+            f"first divergent step: {fd['step']} (the states after step {fd['step'] - 1} "
+            f"are identical; the update of step {fd['step']} differs in "
+            f"{len(fd['leaves'])} leaves: {', '.join(fd['leaves'][:4])}"
+            f"{' ...' if len(fd['leaves']) > 4 else ''})"
+            if fd["step"] > 0
+            else f"first divergent step: 0 (the initial states differ: {len(fd['leaves'])} leaves)"
+        )
     else:
         lines.append(f"first divergent step: none ({fd.get('reason')})")
     fork = report.get("fork")
     if fork:
-        lines.append(f"{fork['child']} was forked from the other run at step {fork['step']}"
-                     f" (config changes: {', '.join(fork['config_changes']) or 'none'})")
+        lines.append(
+            f"{fork['child']} was forked from the other run at step {fork['step']}"
+            f" (config changes: {', '.join(fork['config_changes']) or 'none'})"
+        )
     lines += _format_layers(report.get("layers") or {})
     growth = report.get("checkpoint_growth") or []
     if any(g["leaves_different"] for g in growth):
-        lines.append("common checkpoints (step: leaves differing, max ulp, max rel): " + "; ".join(
-            f"{g['step']}: {g['leaves_different']}, {g['max_ulp']}, {g['max_rel_diff']:.1e}"
-            for g in growth))
+        lines.append(
+            "common checkpoints (step: leaves differing, max ulp, max rel): "
+            + "; ".join(
+                f"{g['step']}: {g['leaves_different']}, {g['max_ulp']}, {g['max_rel_diff']:.1e}"
+                for g in growth
+            )
+        )
     pred = report.get("predictions")
     if pred and "skipped" in pred:
         lines.append(f"predictions: not compared ({pred['skipped']})")
     elif pred:
-        lines.append(f"validation ({pred['num_images']} images, evaluated here): accuracy "
-                     f"A {pred['accuracy_a']:.4f}, B {pred['accuracy_b']:.4f}; "
-                     f"{pred['predictions_changed']} predictions change; logits "
-                     + ("bitwise equal" if pred["logits"]["equal"] else
-                        f"differ (max {pred['logits']['max_ulp']} ulp)"))
+        lines.append(
+            f"validation ({pred['num_images']} images, evaluated here): accuracy "
+            f"A {pred['accuracy_a']:.4f}, B {pred['accuracy_b']:.4f}; "
+            f"{pred['predictions_changed']} predictions change; logits "
+            + (
+                "bitwise equal"
+                if pred["logits"]["equal"]
+                else f"differ (max {pred['logits']['max_ulp']} ulp)"
+            )
+        )
     env = report["environment_diff"]
     if env:
         lines.append("environment differs in:")
@@ -401,21 +475,27 @@ def _format_layers(layers: dict) -> list[str]:
     step, ff, fg = layers["step"], layers["first_forward"], layers["first_gradient"]
     lines = [f"layers, probed at checkpoint {step}:"]
     if layers.get("state_equal"):
-        lines.append("  the two states are identical here, so a differing layer is computed "
-                     "differently by the two environments")
+        lines.append(
+            "  the two states are identical here, so a differing layer is computed "
+            "differently by the two environments"
+        )
     elif layers.get("state_equal") is False:
         lines.append("  the states already differ here, so the layers differ with the parameters")
     if layers.get("note"):
         lines.append(f"  note: {layers['note']}")
-    for kind, first, table in (("forward", ff, layers["forward"]),
-                               ("gradient", fg, layers["gradients"])):
+    for kind, first, table in (
+        ("forward", ff, layers["forward"]),
+        ("gradient", fg, layers["gradients"]),
+    ):
         if first is None:
             lines.append(f"  {kind}: all layers identical")
             continue
         r = table[first]
         n_diff = sum(not v["equal"] for v in table.values())
-        lines.append(f"  first {kind} layer that differs: {first} (max {r.get('max_ulp')} ulp, "
-                     f"max rel {r.get('max_rel') or 0:.1e}); {n_diff} of {len(table)} differ")
+        lines.append(
+            f"  first {kind} layer that differs: {first} (max {r.get('max_ulp')} ulp, "
+            f"max rel {r.get('max_rel') or 0:.1e}); {n_diff} of {len(table)} differ"
+        )
     return lines
 
 
@@ -435,13 +515,17 @@ def plot_growth(report: dict, path: Path) -> None:
     ckpts = report.get("checkpoint_growth") or []
     cs = [g["step"] for g in ckpts]
     ax3.semilogy(cs, [max(g["max_ulp"], 0.5) for g in ckpts], "o-", label="max ULP distance")
-    ax3.semilogy(cs, [max(g["max_rel_diff"], 1e-12) for g in ckpts], "s--",
-                 label="max relative difference")
+    ax3.semilogy(
+        cs, [max(g["max_rel_diff"], 1e-12) for g in ckpts], "s--", label="max relative difference"
+    )
     ax3.set_xlabel("checkpoint step")
     ax3.set_title("parameters at common checkpoints (floored: 0.5 ulp, 1e-12)", fontsize=9)
     ax3.legend()
-    fig.suptitle(f"A: {report['a']}   B: {report['b']}   first divergent step "
-                 f"{report.get('first_divergence', {}).get('step')}", fontsize=9)
+    fig.suptitle(
+        f"A: {report['a']}   B: {report['b']}   first divergent step "
+        f"{report.get('first_divergence', {}).get('step')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -451,16 +535,21 @@ def plot_growth(report: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 identical, 1 different, 2 not comparable or error."""
     parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.analysis.diff", description=__doc__.split("\n\n")[0],
+        prog="python -m jaxrepro.analysis.diff",
+        description=__doc__.split("\n\n")[0],
         epilog="A and B: run directories or <run>/checkpoints/<step>. "
-               "Exit status 0 identical, 1 different, 2 not comparable or error.")
+        "Exit status 0 identical, 1 different, 2 not comparable or error.",
+    )
     parser.add_argument("a", help="run directory, or <run>/checkpoints/<step>")
     parser.add_argument("b", help="the other run or checkpoint (this machine's or another's)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG of the divergence per step")
-    parser.add_argument("--no-predictions", action="store_true",
-                        help="skip evaluating both models on A's validation split (it needs "
-                             "the data set on this machine)")
+    parser.add_argument(
+        "--no-predictions",
+        action="store_true",
+        help="skip evaluating both models on A's validation split (it needs "
+        "the data set on this machine)",
+    )
     args = parser.parse_args(argv)
     report = diff(args.a, args.b, predictions=not args.no_predictions)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_text(report))

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 
@@ -40,15 +41,23 @@ def export_run(path: str | Path, out: str | Path) -> dict[str, Any]:
     """Export the variables of a run or checkpoint directory; what was written."""
     trained = rundir.load(path)
     hashes = export_variables(trained.variables, out)
-    return {"run": str(trained.run), "step": trained.step, "model": trained.config.model,
-            "image_size": trained.image_size, "out": str(out), "sha256": hashes}
+    return {
+        "run": str(trained.run),
+        "step": trained.step,
+        "model": trained.config.model,
+        "image_size": trained.image_size,
+        "out": str(out),
+        "sha256": hashes,
+    }
 
 
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.analysis.export",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.analysis.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run", help="run directory or <run>/checkpoints/<step>")
     parser.add_argument("out", help="the .npz to write")
     args = parser.parse_args(argv)

@@ -26,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,17 +55,16 @@ class MatchedError(UserError, ValueError):
 class MatchedInputs:
     """What both frameworks start from and train on."""
 
-    model: nn.Module            # the config's model with dropout off
-    state: TrainState           # the initial state
-    train_images: np.ndarray    # float32 [N, B, S, S, 3], augmented
-    train_labels: np.ndarray    # float32 [N, B]
-    probe_images: np.ndarray    # float32 [P, S, S, 3], validation, not augmented
-    val_images: np.ndarray      # uint8 [V, S, S, 3]
-    val_labels: np.ndarray      # int [V]
+    model: nn.Module  # the config's model with dropout off
+    state: TrainState  # the initial state
+    train_images: np.ndarray  # float32 [N, B, S, S, 3], augmented
+    train_labels: np.ndarray  # float32 [N, B]
+    probe_images: np.ndarray  # float32 [P, S, S, 3], validation, not augmented
+    val_images: np.ndarray  # uint8 [V, S, S, 3]
+    val_labels: np.ndarray  # int [V]
 
 
-def matched_inputs(config: ml_collections.ConfigDict, num_steps: int,
-                   probe: int) -> MatchedInputs:
+def matched_inputs(config: ml_collections.ConfigDict, num_steps: int, probe: int) -> MatchedInputs:
     """Initial state, N augmented batches, probe and validation images of `config`."""
     data = load_data(config)
     n_train, bs = len(data.train.labels), config.batch_size
@@ -81,14 +81,19 @@ def matched_inputs(config: ml_collections.ConfigDict, num_steps: int,
         xs.append(np.asarray(jax.device_get(x), np.float32))
         ys.append(np.asarray(data.train.labels[idx], np.float32))
     model = setup.build_model(config, dropout_rate=0.0)
-    state = setup.init_state(model, setup.build_optimizer(config), keys["init"],
-                             config.data.image_size)
+    state = setup.init_state(
+        model, setup.build_optimizer(config), keys["init"], config.data.image_size
+    )
     n_probe = min(probe, len(data.validation.labels))
-    return MatchedInputs(model=model, state=state, train_images=np.stack(xs),
-                         train_labels=np.stack(ys),
-                         probe_images=data.validation.images[:n_probe].astype(np.float32),
-                         val_images=np.asarray(data.validation.images, np.uint8),
-                         val_labels=np.asarray(data.validation.labels))
+    return MatchedInputs(
+        model=model,
+        state=state,
+        train_images=np.stack(xs),
+        train_labels=np.stack(ys),
+        probe_images=data.validation.images[:n_probe].astype(np.float32),
+        val_images=np.asarray(data.validation.images, np.uint8),
+        val_labels=np.asarray(data.validation.labels),
+    )
 
 
 def matched_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
@@ -114,10 +119,12 @@ def keras_layers(model: nn.Module) -> dict[str, Any]:
 def write_exchange(inputs: MatchedInputs, directory: Path, *, validation: bool = True) -> None:
     """init.npz, inputs.npz and layers.json in `directory` (created)."""
     directory.mkdir(parents=True, exist_ok=True)
-    weights.save(directory / "init.npz",
-                 weights.flatten(jax.device_get(inputs.state.variables)))
-    arrays = {"train_images": inputs.train_images, "train_labels": inputs.train_labels,
-              "probe_images": inputs.probe_images}
+    weights.save(directory / "init.npz", weights.flatten(jax.device_get(inputs.state.variables)))
+    arrays = {
+        "train_images": inputs.train_images,
+        "train_labels": inputs.train_labels,
+        "probe_images": inputs.probe_images,
+    }
     if validation:
         arrays.update(val_images=inputs.val_images, val_labels=inputs.val_labels)
     with open(directory / "inputs.npz", "wb") as f:
@@ -130,8 +137,12 @@ def train_matched(config: ml_collections.ConfigDict, exchange: Path, out: Path) 
     model, tx = setup.build_model(config, dropout_rate=0.0), setup.build_optimizer(config)
     variables = weights.unflatten(weights.load(exchange / "init.npz"))
     params = variables["params"]
-    state = TrainState(step=jnp.int32(0), params=params,
-                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+    state = TrainState(
+        step=jnp.int32(0),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
     step = matched_step(model, tx)
     with np.load(exchange / "inputs.npz", allow_pickle=False) as data:
         xs, ys = data["train_images"], data["train_labels"]
@@ -150,8 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The JAX trainer child: EXCHANGE_DIR OUT_DIR CONFIG_FILE [--config.KEY=VALUE ...]."""
     rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
     if len(rest) != 3:
-        raise MatchedError("usage: python -m jaxrepro.analysis.matched EXCHANGE_DIR OUT_DIR "
-                           "CONFIG_FILE [--config.KEY=VALUE ...]")
+        raise MatchedError(
+            "usage: python -m jaxrepro.analysis.matched EXCHANGE_DIR OUT_DIR "
+            "CONFIG_FILE [--config.KEY=VALUE ...]"
+        )
     exchange, out, config_file = rest
     train_matched(configlib.resolve(config_file, overrides), Path(exchange), Path(out))
     return 0

@@ -9,9 +9,10 @@ process builds the initial weights (`init` stream) and N training batches (`shuf
 order, `augment` keys, augmented once) of a seed; a trainer in a fresh process of its
 own (`python -m jaxrepro.analysis.matched` or `python -m jaxrepro.tfref matched`) takes
 those weights and batches, runs N steps of Keras RMSprop with dropout off (so that two
-frameworks can see exactly the same inputs), and writes its final weights. Then this process evaluates every set of final
-weights the same way (JAX, inference mode): validation accuracy and Grad-CAM heatmaps
-of P validation images. Only training differs between runs, never evaluation.
+frameworks can see exactly the same inputs), and writes its final weights. Then this
+process evaluates every set of final weights the same way (JAX, inference mode):
+validation accuracy and Grad-CAM heatmaps of P validation images. Only training
+differs between runs, never evaluation.
 
 Runs, seeds s0 = config.seed, s1 = s0 + 1, ...:
 
@@ -38,9 +39,10 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import matplotlib
@@ -74,7 +76,7 @@ class Run:
     """One training: which trainer, on which seed's inputs, in which process variant."""
 
     name: str
-    trainer: str          # "jax" | "keras"
+    trainer: str  # "jax" | "keras"
     seed: int
     variant: str = "default"
 
@@ -88,7 +90,7 @@ def plan(seed: int, k: int, variant_names: Sequence[str]) -> tuple[list[Run], di
     runs += [Run(f"keras-s{seed}-rerun{j}", "keras", seed) for j in range(1, k)]
     runs += [Run(f"jax-s{seed}-{v}", "jax", seed, v) for v in variant_names]
     pairs = {
-        "seed": [(f"jax-s{a}", f"jax-s{b}") for i, a in enumerate(seeds) for b in seeds[i + 1:]],
+        "seed": [(f"jax-s{a}", f"jax-s{b}") for i, a in enumerate(seeds) for b in seeds[i + 1 :]],
         "framework": [(f"jax-s{s}", f"keras-s{s}") for s in seeds],
         "code path": [(f"jax-s{seed}", f"jax-s{seed}-{v}") for v in variant_names],
         "rerun JAX": [(f"jax-s{seed}", f"jax-s{seed}-rerun{j}") for j in range(1, k)],
@@ -102,12 +104,14 @@ def plan(seed: int, k: int, variant_names: Sequence[str]) -> tuple[list[Run], di
 
 def write_inputs(config, num_steps: int, probe: int, directory: Path) -> None:
     """A seed's initial weights and batches, as the trainers read them."""
-    matched.write_exchange(matched.matched_inputs(config, num_steps, probe), directory,
-                           validation=False)
+    matched.write_exchange(
+        matched.matched_inputs(config, num_steps, probe), directory, validation=False
+    )
 
 
-def train_run(run: Run, config_file: str, overrides: Sequence[str], exchange: Path,
-              out: Path) -> None:
+def train_run(
+    run: Run, config_file: str, overrides: Sequence[str], exchange: Path, out: Path
+) -> None:
     """Train `run` in a fresh process; its final weights end up in `out/final.npz`."""
     seed_dir = exchange / f"s{run.seed}"
     if out.exists():
@@ -115,31 +119,59 @@ def train_run(run: Run, config_file: str, overrides: Sequence[str], exchange: Pa
     out.mkdir(parents=True)
     if run.trainer == "keras":
         model = configlib.resolve(config_file, overrides).model
-        cli.run_child("jaxrepro.tfref", ["matched", model, str(seed_dir / "init.npz"),
-                                         str(seed_dir / "inputs.npz"),
-                                         str(seed_dir / "layers.json"), str(out / "keras")],
-                      env=tf_environment(), what=f"Keras run {run.name}")
+        cli.run_child(
+            "jaxrepro.tfref",
+            [
+                "matched",
+                model,
+                str(seed_dir / "init.npz"),
+                str(seed_dir / "inputs.npz"),
+                str(seed_dir / "layers.json"),
+                str(out / "keras"),
+            ],
+            env=tf_environment(),
+            what=f"Keras run {run.name}",
+        )
         last = sorted((out / "keras").glob("weights_*.npz"))[-1]
         shutil.copyfile(last, out / "final.npz")
         return
     variant = variantslib.VARIANTS[run.variant]
-    cli.run_child("jaxrepro.analysis.matched",
-                  [str(seed_dir), str(out), config_file, *cli.as_arguments(overrides),
-                   f"--config.seed={run.seed}"],
-                  env=variantslib.variant_env(variant, os.environ), cpus=variant.cpus,
-                  what=f"JAX run {run.name}")
+    cli.run_child(
+        "jaxrepro.analysis.matched",
+        [
+            str(seed_dir),
+            str(out),
+            config_file,
+            *cli.as_arguments(overrides),
+            f"--config.seed={run.seed}",
+        ],
+        env=variantslib.variant_env(variant, os.environ),
+        cpus=variant.cpus,
+        what=f"JAX run {run.name}",
+    )
 
 
 # ----------------------------------------------------------------- measures
 
 
-def evaluate(model, final: dict, probe: np.ndarray, val_images: np.ndarray,
-             val_labels: np.ndarray, batch_size: int) -> dict:
+def evaluate(
+    model,
+    final: dict,
+    probe: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    batch_size: int,
+) -> dict:
     """Validation accuracy and Grad-CAM heatmaps of one run's final weights."""
     variables = weights.unflatten(final)
     variables.setdefault("batch_stats", {})
-    accuracy = (steps.evaluate(steps.make_eval_step(model), variables, val_images, val_labels,
-                               batch_size).accuracy if len(val_labels) else None)
+    accuracy = (
+        steps.evaluate(
+            steps.make_eval_step(model), variables, val_images, val_labels, batch_size
+        ).accuracy
+        if len(val_labels)
+        else None
+    )
     maps = gradcamlib.gradcam(model, variables, jnp.asarray(probe))
     return {"val_accuracy": accuracy, "gradcam": np.asarray(maps, np.float64)}
 
@@ -155,35 +187,42 @@ def pair_measures(a: dict, b: dict) -> dict[str, Any]:
     norm = np.sqrt(sum(np.sum(np.float64(wa[n]) ** 2) for n in names))
     rmse = np.sqrt(np.mean((a["gradcam"] - b["gradcam"]) ** 2, axis=(1, 2)))
     acc_a, acc_b = a["val_accuracy"], b["val_accuracy"]
-    return {"bitwise": bool(bitwise),
-            "param_rel_diff": float(diff / norm) if norm > 0 else float(diff),
-            "accuracy_diff": None if acc_a is None else abs(acc_a - acc_b),
-            "gradcam_rmse": float(np.mean(rmse))}
+    return {
+        "bitwise": bool(bitwise),
+        "param_rel_diff": float(diff / norm) if norm > 0 else float(diff),
+        "accuracy_diff": None if acc_a is None else abs(acc_a - acc_b),
+        "gradcam_rmse": float(np.mean(rmse)),
+    }
 
 
 def summarize(pairs: list[dict]) -> dict[str, Any]:
     """Median and maximum of each measure over a factor's pairs."""
-    out: dict[str, Any] = {"pairs": len(pairs),
-                           "bitwise_pairs": sum(p["bitwise"] for p in pairs)}
+    out: dict[str, Any] = {"pairs": len(pairs), "bitwise_pairs": sum(p["bitwise"] for p in pairs)}
     for key in ("param_rel_diff", "accuracy_diff", "gradcam_rmse"):
         values = [p[key] for p in pairs if p[key] is not None]
-        out[key] = ({"median": float(np.median(values)), "max": float(np.max(values))}
-                    if values else None)
+        out[key] = (
+            {"median": float(np.median(values)), "max": float(np.max(values))} if values else None
+        )
     return out
 
 
 def table(factors: dict[str, dict]) -> str:
     """The Markdown table of `summarize` per factor."""
+
     def cell(m):
         return "-" if m is None else f"{m['median']:.3g} / {m['max']:.3g}"
 
-    lines = ["| factor that changes | pairs | bitwise equal | parameters, rel. diff | "
-             "val accuracy, abs. diff | Grad-CAM RMSE |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| factor that changes | pairs | bitwise equal | parameters, rel. diff | "
+        "val accuracy, abs. diff | Grad-CAM RMSE |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, f in factors.items():
-        lines.append(f"| {name} | {f['pairs']} | {f['bitwise_pairs']}/{f['pairs']} | "
-                     f"{cell(f['param_rel_diff'])} | {cell(f['accuracy_diff'])} | "
-                     f"{cell(f['gradcam_rmse'])} |")
+        lines.append(
+            f"| {name} | {f['pairs']} | {f['bitwise_pairs']}/{f['pairs']} | "
+            f"{cell(f['param_rel_diff'])} | {cell(f['accuracy_diff'])} | "
+            f"{cell(f['gradcam_rmse'])} |"
+        )
     lines.append("\n(median / max over the pairs)")
     return "\n".join(lines)
 
@@ -191,8 +230,11 @@ def table(factors: dict[str, dict]) -> str:
 def plot(report: dict, path: Path) -> None:
     """One panel per measure, one column of points per factor (log scale, 0 drawn low)."""
     names = list(report["factors"])
-    keys = (("param_rel_diff", "parameters: ||a-b|| / ||a||"),
-            ("gradcam_rmse", "Grad-CAM RMSE"), ("accuracy_diff", "|val accuracy a - b|"))
+    keys = (
+        ("param_rel_diff", "parameters: ||a-b|| / ||a||"),
+        ("gradcam_rmse", "Grad-CAM RMSE"),
+        ("accuracy_diff", "|val accuracy a - b|"),
+    )
     floor = 1e-12
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, (key, label) in zip(axes, keys):
@@ -207,8 +249,10 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_title(label)
         ax.axhline(floor, color="grey", lw=0.5)
-    fig.suptitle(f"{report['model']} {report['image_size']} px, {report['steps']} steps, "
-                 f"K={report['k']}: what changes the result (0 drawn at {floor:g})")
+    fig.suptitle(
+        f"{report['model']} {report['image_size']} px, {report['steps']} steps, "
+        f"K={report['k']}: what changes the result (0 drawn at {floor:g})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -217,8 +261,16 @@ def plot(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------- main
 
 
-def decompose(config_file: str, overrides: Sequence[str], k: int, num_steps: int, probe: int,
-              variant_names: Sequence[str], out: Path, progress: bool = True) -> dict:
+def decompose(
+    config_file: str,
+    overrides: Sequence[str],
+    k: int,
+    num_steps: int,
+    probe: int,
+    variant_names: Sequence[str],
+    out: Path,
+    progress: bool = True,
+) -> dict:
     """Train every run of `plan`, measure every pair; write variance.{json,md,png}."""
     if k < 2:
         raise VarianceError("--k must be at least 2 (a factor needs two runs)")
@@ -226,16 +278,22 @@ def decompose(config_file: str, overrides: Sequence[str], k: int, num_steps: int
         raise VarianceError("--steps must be at least 1")
     unknown = [v for v in variant_names if v not in variantslib.VARIANTS or v == "default"]
     if unknown:
-        raise VarianceError(f"unknown variant(s) {unknown}; valid: "
-                            f"{[v for v in variantslib.VARIANTS if v != 'default']}")
+        raise VarianceError(
+            f"unknown variant(s) {unknown}; valid: "
+            f"{[v for v in variantslib.VARIANTS if v != 'default']}"
+        )
     config = configlib.resolve(config_file, overrides)
     runs, pair_names = plan(config.seed, k, variant_names)
     out.mkdir(parents=True, exist_ok=True)
     exchange = out / "inputs"
     seeds = sorted({r.seed for r in runs})
     for s in seeds:
-        write_inputs(configlib.resolve(config_file, [*overrides, f"seed={s}"]), num_steps,
-                     probe, exchange / f"s{s}")
+        write_inputs(
+            configlib.resolve(config_file, [*overrides, f"seed={s}"]),
+            num_steps,
+            probe,
+            exchange / f"s{s}",
+        )
     for i, run in enumerate(runs, 1):
         if progress:
             print(f"[{i}/{len(runs)}] training {run.name}", file=sys.stderr, flush=True)
@@ -248,19 +306,35 @@ def decompose(config_file: str, overrides: Sequence[str], k: int, num_steps: int
     results = {}
     for run in runs:
         final = weights.load(out / "runs" / run.name / "final.npz")
-        results[run.name] = {"weights": final, **evaluate(
-            model, final, probe_images, np.asarray(split.images), np.asarray(split.labels),
-            config.eval_batch_size)}
-    pairs = {factor: [{"a": a, "b": b, **pair_measures(results[a], results[b])}
-                      for a, b in names] for factor, names in pair_names.items()}
+        results[run.name] = {
+            "weights": final,
+            **evaluate(
+                model,
+                final,
+                probe_images,
+                np.asarray(split.images),
+                np.asarray(split.labels),
+                config.eval_batch_size,
+            ),
+        }
+    pairs = {
+        factor: [{"a": a, "b": b, **pair_measures(results[a], results[b])} for a, b in names]
+        for factor, names in pair_names.items()
+    }
     pairs = {f: p for f, p in pairs.items() if p}
     report = {
-        "model": config.model, "experiment": config.experiment, "seed": config.seed,
-        "image_size": config.data.image_size, "batch_size": config.batch_size,
-        "steps": num_steps, "k": k, "probe_images": int(probe_images.shape[0]),
-        "variants": list(variant_names), "overrides": list(overrides),
+        "model": config.model,
+        "experiment": config.experiment,
+        "seed": config.seed,
+        "image_size": config.data.image_size,
+        "batch_size": config.batch_size,
+        "steps": num_steps,
+        "k": k,
+        "probe_images": int(probe_images.shape[0]),
+        "variants": list(variant_names),
+        "overrides": list(overrides),
         "protocol": "matched: dropout off, batches augmented once by JAX, Keras RMSprop "
-                    "defaults; every run evaluated by JAX",
+        "defaults; every run evaluated by JAX",
         "accuracy": {name: r["val_accuracy"] for name, r in results.items()},
         "factors": {f: summarize(p) for f, p in pairs.items()},
         "pairs": pairs,
@@ -276,34 +350,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 done, 2 a user error, 1 if a trainer process fails."""
     rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.analysis.variance", description=__doc__,
+        prog="python -m jaxrepro.analysis.variance",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Variants:\n" + "\n".join(f"  {k:20s} {v.description}"
-                                          for k, v in variantslib.VARIANTS.items()
-                                          if k != "default"))
-    parser.add_argument("config_file", help="experiment config, e.g. experiments/convnet.py "
-                        "(Python; it is executed)")
+        epilog="Variants:\n"
+        + "\n".join(
+            f"  {k:20s} {v.description}" for k, v in variantslib.VARIANTS.items() if k != "default"
+        ),
+    )
+    parser.add_argument(
+        "config_file",
+        help="experiment config, e.g. experiments/convnet.py (Python; it is executed)",
+    )
     parser.add_argument("--k", type=int, default=3, help="runs per factor (default 3)")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run")
-    parser.add_argument("--probe", type=int, default=8,
-                        help="validation images whose Grad-CAM heatmaps are compared")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help="code-path variants for the 'code path' factor, comma-separated "
-                        "(default: %(default)s; '' for none)")
-    parser.add_argument("--out", type=Path, default=Path("checkpoints/variance"),
-                        help="output directory (default: %(default)s)")
+    parser.add_argument(
+        "--probe",
+        type=int,
+        default=8,
+        help="validation images whose Grad-CAM heatmaps are compared",
+    )
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="code-path variants for the 'code path' factor, comma-separated "
+        "(default: %(default)s; '' for none)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("checkpoints/variance"),
+        help="output directory (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress lines")
     args = parser.parse_args(rest)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
-        report = decompose(args.config_file, overrides, args.k, args.steps, args.probe, names,
-                           args.out, progress=not args.no_progress)
+        report = decompose(
+            args.config_file,
+            overrides,
+            args.k,
+            args.steps,
+            args.probe,
+            names,
+            args.out,
+            progress=not args.no_progress,
+        )
     except cli.ChildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(table(report["factors"]))
-    print(f"\nwritten: {args.out / 'variance.json'}, {args.out / 'variance.md'}, "
-          f"{args.out / 'variance.png'}")
+    print(
+        f"\nwritten: {args.out / 'variance.json'}, {args.out / 'variance.md'}, "
+        f"{args.out / 'variance.png'}"
+    )
     return 0
 
 

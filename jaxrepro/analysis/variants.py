@@ -17,9 +17,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from jaxrepro import cli
 from jaxrepro import config as configlib
@@ -32,28 +32,38 @@ class Variant:
     """How one variant's training process differs from a plain run."""
 
     description: str
-    xla_flags: str = ""                       # appended to XLA_FLAGS
+    xla_flags: str = ""  # appended to XLA_FLAGS
     env: Mapping[str, str] = field(default_factory=dict)
-    cpus: int | None = None                   # restrict the process to its first N CPUs
+    cpus: int | None = None  # restrict the process to its first N CPUs
 
 
 VARIANTS: dict[str, Variant] = {
     "default": Variant("jaxrepro's defaults"),
-    "ynn": Variant("XLA:CPU YNNPACK fusions for elementwise ops too (jaxrepro's default "
-                   "is dots and reductions)",
-                   xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+    "ynn": Variant(
+        "XLA:CPU YNNPACK fusions for elementwise ops too (jaxrepro's default "
+        "is dots and reductions)",
+        xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+    ),
     # A sign-prefixed list keeps XLA's own default list, convolutions in YNNPACK (the
     # `+dot` entry leaves both models' steps' bits as with no flag at all, measured).
-    "ynn-convs": Variant("XLA:CPU's default YNNPACK use, convolutions included",
-                         xla_flags="--xla_cpu_experimental_ynn_fusion_type=+dot"),
-    "avx2": Variant("XLA:CPU code generated for AVX2 (with FMA) instead of AVX",
-                    xla_flags="--xla_cpu_max_isa=AVX2"),
-    "eigen-single-thread": Variant("Eigen kernels single-threaded",
-                                   xla_flags="--xla_cpu_multi_thread_eigen=false"),
-    "one-core": Variant("the process may use one CPU core (affinity), so XLA's intra-op "
-                        "thread pool has one thread", cpus=1),
-    "no-jit": Variant("op-by-op execution (JAX_DISABLE_JIT=1): no fusion across ops",
-                      env={"JAX_DISABLE_JIT": "1"}),
+    "ynn-convs": Variant(
+        "XLA:CPU's default YNNPACK use, convolutions included",
+        xla_flags="--xla_cpu_experimental_ynn_fusion_type=+dot",
+    ),
+    "avx2": Variant(
+        "XLA:CPU code generated for AVX2 (with FMA) instead of AVX",
+        xla_flags="--xla_cpu_max_isa=AVX2",
+    ),
+    "eigen-single-thread": Variant(
+        "Eigen kernels single-threaded", xla_flags="--xla_cpu_multi_thread_eigen=false"
+    ),
+    "one-core": Variant(
+        "the process may use one CPU core (affinity), so XLA's intra-op thread pool has one thread",
+        cpus=1,
+    ),
+    "no-jit": Variant(
+        "op-by-op execution (JAX_DISABLE_JIT=1): no fusion across ops", env={"JAX_DISABLE_JIT": "1"}
+    ),
 }
 
 
@@ -70,14 +80,27 @@ def variant_env(variant: Variant, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def run_variant(name: str, config_file: str, overrides: Sequence[str], workdir: Path,
-                progress: bool) -> None:
+def run_variant(
+    name: str, config_file: str, overrides: Sequence[str], workdir: Path, progress: bool
+) -> None:
     """Train `config_file` under variant `name` into `workdir` (a new run)."""
     variant = VARIANTS[name]
-    args = [config_file, *cli.as_arguments(overrides), "--workdir", str(workdir), "--overwrite",
-            *([] if progress else ["--no-progress"])]
-    cli.run_child("jaxrepro.train", args, env=variant_env(variant, os.environ),
-                  cpus=variant.cpus, capture=False, what=f"variant {name}")
+    args = [
+        config_file,
+        *cli.as_arguments(overrides),
+        "--workdir",
+        str(workdir),
+        "--overwrite",
+        *([] if progress else ["--no-progress"]),
+    ]
+    cli.run_child(
+        "jaxrepro.train",
+        args,
+        env=variant_env(variant, os.environ),
+        cpus=variant.cpus,
+        capture=False,
+        what=f"variant {name}",
+    )
 
 
 def summarize(name: str, report: dict) -> dict:
@@ -86,7 +109,8 @@ def summarize(name: str, report: dict) -> dict:
     pred = report.get("predictions") or {}
     growth = report.get("checkpoint_growth") or []
     return {
-        "variant": name, "description": VARIANTS[name].description,
+        "variant": name,
+        "description": VARIANTS[name].description,
         "verdict": report["verdict"],
         "first_divergent_step": (report.get("first_divergence") or {}).get("step"),
         "first_divergent_leaves": (report.get("first_divergence") or {}).get("leaves"),
@@ -107,22 +131,28 @@ def _cell(value, spec: str = "") -> str:
 
 def table(rows: list[dict], baseline: str) -> str:
     """A Markdown table of `summarize` rows."""
-    lines = [f"| variant | bits vs {baseline} | first divergent step | first layer that differs "
-             "(forward / gradient @ checkpoint) | final max ULP | val acc | predictions changed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| variant | bits vs {baseline} | first divergent step | first layer that differs "
+        "(forward / gradient @ checkpoint) | final max ULP | val acc | predictions changed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         where = "-"
         if r["probe_step"] is not None:
-            where = (f"{r['first_forward_layer'] or 'none'} / "
-                     f"{r['first_gradient_layer'] or 'none'} @ {r['probe_step']}"
-                     + (" (states already differ)" if r["state_equal_at_probe"] is False else ""))
+            where = (
+                f"{r['first_forward_layer'] or 'none'} / "
+                f"{r['first_gradient_layer'] or 'none'} @ {r['probe_step']}"
+                + (" (states already differ)" if r["state_equal_at_probe"] is False else "")
+            )
         step = _cell(r["first_divergent_step"])
         if r.get("first_divergent_leaves"):
             leaves = r["first_divergent_leaves"]
             step += f" ({len(leaves)} leaves, e.g. {leaves[0]})"
-        lines.append(f"| {r['variant']} | {r['verdict']} | {step} | "
-                     f"{where} | {_cell(r['final_max_ulp'])} | {_cell(r['val_accuracy'], '.4f')} | "
-                     f"{_cell(r['predictions_changed'])} |")
+        lines.append(
+            f"| {r['variant']} | {r['verdict']} | {step} | "
+            f"{where} | {_cell(r['final_max_ulp'])} | {_cell(r['val_accuracy'], '.4f')} | "
+            f"{_cell(r['predictions_changed'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -138,8 +168,13 @@ def check_names(names: Sequence[str]) -> None:
         raise VariantError(f"{problem}; valid variants: {', '.join(VARIANTS)}")
 
 
-def compare_variants(config_file: str, overrides: Sequence[str], names: Sequence[str],
-                     out: Path, progress: bool = True) -> list[dict]:
+def compare_variants(
+    config_file: str,
+    overrides: Sequence[str],
+    names: Sequence[str],
+    out: Path,
+    progress: bool = True,
+) -> list[dict]:
     """Train every variant into `out/<name>`, diff each against the first; write
     variants.md and variants.json into `out`; the table's rows."""
     check_names(names)
@@ -148,9 +183,18 @@ def compare_variants(config_file: str, overrides: Sequence[str], names: Sequence
         run_variant(name, config_file, overrides, out / name, progress)
     rows = [summarize(name, difflib.diff(out / names[0], out / name)) for name in names[1:]]
     (out / "variants.md").write_text(table(rows, names[0]) + "\n")
-    (out / "variants.json").write_text(json.dumps(
-        {"baseline": names[0], "config_file": config_file, "overrides": list(overrides),
-         "rows": rows}, indent=2) + "\n")
+    (out / "variants.json").write_text(
+        json.dumps(
+            {
+                "baseline": names[0],
+                "config_file": config_file,
+                "overrides": list(overrides),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return rows
 
 
@@ -159,20 +203,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI; exit 0 when every variant ran (whatever their bits), 2 on errors."""
     rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.analysis.variants", description=__doc__.split("\n\n")[0],
+        prog="python -m jaxrepro.analysis.variants",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Variants:\n" + "\n".join(f"  {k:20s} {v.description}"
-                                          for k, v in VARIANTS.items())
+        epilog="Variants:\n"
+        + "\n".join(f"  {k:20s} {v.description}" for k, v in VARIANTS.items())
         + "\n\n--config.KEY=VALUE overrides go to every run. Each variant trains the whole "
-          "config (no-jit is many times slower), so a short run is usually what you want:\n"
-          "  python -m jaxrepro.analysis.variants experiments/minixception.py:tiny "
-          "--out /tmp/variants")
-    parser.add_argument("config_file", help="experiment config, e.g. experiments/convnet.py "
-                        "(Python; it is executed)")
-    parser.add_argument("--variants", default="default,ynn,one-core,no-jit",
-                        help="comma-separated; the first is the baseline (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("checkpoints/variants"),
-                        help="directory for the runs and the table (default: %(default)s)")
+        "config (no-jit is many times slower), so a short run is usually what you want:\n"
+        "  python -m jaxrepro.analysis.variants experiments/minixception.py:tiny "
+        "--out /tmp/variants",
+    )
+    parser.add_argument(
+        "config_file",
+        help="experiment config, e.g. experiments/convnet.py (Python; it is executed)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="default,ynn,one-core,no-jit",
+        help="comma-separated; the first is the baseline (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("checkpoints/variants"),
+        help="directory for the runs and the table (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(rest)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]

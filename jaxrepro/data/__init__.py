@@ -28,7 +28,8 @@ Sizes: the shapes set is drawn at the size asked. `builder_config=None` picks th
 config of that size ("default" 180 px x 3,000; "tiny" 32 px x 96) if it holds
 num_train + num_val examples, else a custom config `s<size>_n<count>` whose count is
 that of the smallest named config that suffices, so it holds the same scenes (same ids,
-same split) as "tiny" or "default", drawn at that size. Other sources are resized to `image_size` by one rule
+same split) as "tiny" or "default", drawn at that size. Other sources are resized to
+`image_size` by one rule
 (`images.decode_rgb`: Pillow, RGB, bilinear, whole image).
 
 Order of training: `epoch_order(shuffle_key, epoch, n)` is a permutation of the
@@ -47,13 +48,36 @@ Adding a source: `@register_source("name")` on a function that returns an `Opene
 from jaxrepro.data.errors import DataError
 from jaxrepro.data.fingerprint import data_fingerprint, order_fingerprint
 from jaxrepro.data.order import batch_at, batch_indices, epoch_order, num_batches
-from jaxrepro.data.sources import (SOURCES, DataSplit, Opened, default_data_dir, load,
-                                   load_config_splits, load_splits, register_source)
+from jaxrepro.data.sources import (
+    SOURCES,
+    DataSplit,
+    Opened,
+    default_data_dir,
+    load,
+    load_config_splits,
+    load_splits,
+    register_source,
+)
 from jaxrepro.data.split import SPLITS, SplitError, partition, split_key
 
 __all__ = [
-    "DataError", "DataSplit", "Opened", "SOURCES", "SPLITS", "SplitError", "batch_at",
-    "batch_indices", "data_fingerprint", "default_data_dir", "epoch_order", "load",
-    "load_config_splits", "load_splits", "num_batches", "order_fingerprint", "partition",
-    "register_source", "split_key",
+    "DataError",
+    "DataSplit",
+    "Opened",
+    "SOURCES",
+    "SPLITS",
+    "SplitError",
+    "batch_at",
+    "batch_indices",
+    "data_fingerprint",
+    "default_data_dir",
+    "epoch_order",
+    "load",
+    "load_config_splits",
+    "load_splits",
+    "num_batches",
+    "order_fingerprint",
+    "partition",
+    "register_source",
+    "split_key",
 ]

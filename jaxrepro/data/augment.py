@@ -36,7 +36,6 @@ or on which other parts are switched on.
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +47,9 @@ ROTATE_STREAM = 1
 ZOOM_STREAM = 2
 
 # Zoom factors are drawn on this grid (exact in float32; see `sample_zoom`).
-ZOOM_GRID = 2.0 ** -15
+ZOOM_GRID = 2.0**-15
 
-Factor = Union[float, tuple[float, float]]
+Factor = float | tuple[float, float]
 
 
 def _factor_range(factor: Factor, name: str) -> tuple[float, float]:
@@ -99,6 +98,7 @@ def _snap(value: jax.Array, step: float) -> jax.Array:
 
 # --- random parameters ----------------------------------------------------------------
 
+
 def sample_flip(key: jax.Array) -> jax.Array:
     """Whether to flip (bool scalar): `uniform() <= 0.5`, as Keras RandomFlip."""
     return jax.random.uniform(key, (), jnp.float32) <= 0.5
@@ -108,8 +108,13 @@ def sample_angle(key: jax.Array, factor: Factor) -> jax.Array:
     """Rotation angle in radians, uniform in [lower, upper] * 2*pi (Keras RandomRotation)."""
     lower, upper = _factor_range(factor, "rotation")
     pi = np.float32(math.pi)
-    return jax.random.uniform(key, (), jnp.float32, minval=np.float32(lower * 2.0) * pi,
-                              maxval=np.float32(upper * 2.0) * pi)
+    return jax.random.uniform(
+        key,
+        (),
+        jnp.float32,
+        minval=np.float32(lower * 2.0) * pi,
+        maxval=np.float32(upper * 2.0) * pi,
+    )
 
 
 def sample_zoom(key: jax.Array, factor: Factor) -> jax.Array:
@@ -127,6 +132,7 @@ def sample_zoom(key: jax.Array, factor: Factor) -> jax.Array:
 
 
 # --- transforms (Keras's 8-number projective form, output -> input coordinates) ------
+
 
 def rotation_transform(angle: jax.Array, height: int, width: int) -> jax.Array:
     """Keras RandomRotation's transform [a0, a1, a2, b0, b1, b2, c0, c1] for `angle`.
@@ -174,8 +180,9 @@ def affine_transform(image: jax.Array, transform: jax.Array) -> jax.Array:
     step = _coefficient_step(height, width)
     a0, a1, b0, b1 = (_snap(transform[i], step) for i in (0, 1, 3, 4))
     a2, b2 = transform[2], transform[5]
-    y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                        jnp.arange(width, dtype=jnp.float32), indexing="ij")
+    y, x = jnp.meshgrid(
+        jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+    )
     x_in = a0 * x + a1 * y + a2
     y_in = b0 * x + b1 * y + b2
 
@@ -184,22 +191,28 @@ def affine_transform(image: jax.Array, transform: jax.Array) -> jax.Array:
         upper_weight = coordinate - lower
         lower_weight = 1 - upper_weight
         index = lower.astype(jnp.int32)
-        return ((_reflect_index(index, size), lower_weight),
-                (_reflect_index(index + 1, size), upper_weight))
+        return (
+            (_reflect_index(index, size), lower_weight),
+            (_reflect_index(index + 1, size), upper_weight),
+        )
 
     flat = image.reshape(height * width, -1)
     out = None
     for iy, wy in nodes(y_in, height):
         for ix, wx in nodes(x_in, width):
             # Indices are in range by construction (reflected), so no clamping.
-            pixels = flat.at[(iy * width + ix).reshape(-1)].get(
-                mode="promise_in_bounds", wrap_negative_indices=False).reshape(image.shape)
+            pixels = (
+                flat.at[(iy * width + ix).reshape(-1)]
+                .get(mode="promise_in_bounds", wrap_negative_indices=False)
+                .reshape(image.shape)
+            )
             term = (wy * wx)[..., None] * pixels
             out = term if out is None else out + term
     return out.astype(image.dtype)
 
 
 # --- the pipeline ---------------------------------------------------------------------
+
 
 def flip_horizontal(image: jax.Array) -> jax.Array:
     """Left-right flip of one image [H, W, C]."""
@@ -218,8 +231,9 @@ def zoom_image(image: jax.Array, factor: jax.Array) -> jax.Array:
     return affine_transform(image, zoom_transform(factor, height, width))
 
 
-def augment_params(key: jax.Array, *, flip: bool = True, rotation: Factor = 0.1,
-                   zoom: Factor = 0.2) -> dict[str, jax.Array]:
+def augment_params(
+    key: jax.Array, *, flip: bool = True, rotation: Factor = 0.1, zoom: Factor = 0.2
+) -> dict[str, jax.Array]:
     """The random draws of one example: {'flip': bool, 'angle': radians, 'zoom': factor}.
 
     Parts switched off get their neutral value (False, 0, 1) and are skipped by
@@ -227,17 +241,24 @@ def augment_params(key: jax.Array, *, flip: bool = True, rotation: Factor = 0.1,
     """
     rotation_range, zoom_range = _factor_range(rotation, "rotation"), _factor_range(zoom, "zoom")
     return {
-        "flip": sample_flip(jax.random.fold_in(key, FLIP_STREAM)) if flip
-        else jnp.zeros((), bool),
+        "flip": sample_flip(jax.random.fold_in(key, FLIP_STREAM)) if flip else jnp.zeros((), bool),
         "angle": sample_angle(jax.random.fold_in(key, ROTATE_STREAM), rotation_range)
-        if not _is_off(rotation_range) else jnp.zeros((), jnp.float32),
+        if not _is_off(rotation_range)
+        else jnp.zeros((), jnp.float32),
         "zoom": sample_zoom(jax.random.fold_in(key, ZOOM_STREAM), zoom_range)
-        if not _is_off(zoom_range) else jnp.ones((), jnp.float32),
+        if not _is_off(zoom_range)
+        else jnp.ones((), jnp.float32),
     }
 
 
-def augment_example(key: jax.Array, image: jax.Array, *, flip: bool = True,
-                    rotation: Factor = 0.1, zoom: Factor = 0.2) -> jax.Array:
+def augment_example(
+    key: jax.Array,
+    image: jax.Array,
+    *,
+    flip: bool = True,
+    rotation: Factor = 0.1,
+    zoom: Factor = 0.2,
+) -> jax.Array:
     """Flip, rotate, zoom one float image [H, W, C] (0..255) with the example's key.
 
     `rotation` and `zoom` are Keras factors (a number f means [-f, f]; or a
@@ -259,9 +280,15 @@ def example_keys(key: jax.Array, positions: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(positions, jnp.uint32))
 
 
-def augment_batch(key: jax.Array, images: jax.Array, *, flip: bool = True,
-                  rotation: Factor = 0.1, zoom: Factor = 0.2,
-                  positions: jax.Array | None = None) -> jax.Array:
+def augment_batch(
+    key: jax.Array,
+    images: jax.Array,
+    *,
+    flip: bool = True,
+    rotation: Factor = 0.1,
+    zoom: Factor = 0.2,
+    positions: jax.Array | None = None,
+) -> jax.Array:
     """Augment a batch [N, H, W, C] of float pixels (0..255) with the batch's key.
 
     The example at batch position i (`positions`, default 0..N-1: a part of a batch
@@ -273,5 +300,6 @@ def augment_batch(key: jax.Array, images: jax.Array, *, flip: bool = True,
     if positions is None:
         positions = jnp.arange(images.shape[0], dtype=jnp.uint32)
     keys = example_keys(key, positions)
-    return jax.vmap(lambda k, im: augment_example(k, im, flip=flip, rotation=rotation,
-                                                  zoom=zoom))(keys, images)
+    return jax.vmap(lambda k, im: augment_example(k, im, flip=flip, rotation=rotation, zoom=zoom))(
+        keys, images
+    )

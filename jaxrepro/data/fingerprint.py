@@ -8,7 +8,8 @@ differ" apart from "the computation differs".
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,9 +20,12 @@ _DATA_TAG = b"jaxrepro.data_fingerprint.v1"
 _ORDER_TAG = b"jaxrepro.order_fingerprint.v1"
 
 
-def data_fingerprint(images: Any, labels: Sequence[int] | np.ndarray | None = None,
-                     ids: Sequence[str] | None = None,
-                     masks: np.ndarray | None = None) -> str:
+def data_fingerprint(
+    images: Any,
+    labels: Sequence[int] | np.ndarray | None = None,
+    ids: Sequence[str] | None = None,
+    masks: np.ndarray | None = None,
+) -> str:
     """Hex SHA-256 over the examples in split order: image bytes, label, id (and mask).
 
     Accepts the arrays, or a loaded split (anything with .images/.labels/.ids/.masks).
@@ -37,8 +41,11 @@ def data_fingerprint(images: Any, labels: Sequence[int] | np.ndarray | None = No
         raise ValueError("labels are required")
     labels = np.asarray(labels)
     n = len(images)
-    if len(labels) != n or (ids is not None and len(ids) != n) or (
-            masks is not None and len(masks) != n):
+    if (
+        len(labels) != n
+        or (ids is not None and len(ids) != n)
+        or (masks is not None and len(masks) != n)
+    ):
         raise ValueError("images, labels, ids and masks must have the same length")
     h = hashlib.sha256(_DATA_TAG)
     h.update(repr((images.shape, masks is not None and np.shape(masks))).encode())

@@ -30,14 +30,13 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import tensorflow_datasets as tfds
 
 from jaxrepro.data.errors import DataError
-from jaxrepro.data.images import (DECODE_ERRORS, IMAGE_SUFFIXES, decode_rgb, encode_png,
-                                  map_ordered)
+from jaxrepro.data.images import DECODE_ERRORS, IMAGE_SUFFIXES, decode_rgb, encode_png, map_ordered
 from jaxrepro.data.shapes import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class Listing:
     """The labelled image files of a folder, in sorted order, and a digest of them."""
 
     root: Path
-    examples: tuple[tuple[str, int], ...]   # (relative posix path, label)
+    examples: tuple[tuple[str, int], ...]  # (relative posix path, label)
     unlabeled: tuple[str, ...]
     digest: str
 
@@ -105,14 +104,17 @@ class FolderConfig(tfds.core.BuilderConfig):
 def folder_config(listing: Listing, image_size: int) -> FolderConfig:
     """The builder config of this folder listing at this image size."""
     return FolderConfig(
-        name=f"{int(image_size)}px_{listing.digest[:16]}", image_size=int(image_size),
+        name=f"{int(image_size)}px_{listing.digest[:16]}",
+        image_size=int(image_size),
         listing_sha256=listing.digest,
         description=f"{len(listing.examples)} labelled images from {listing.root}, resized "
-                    f"to {image_size}x{image_size}.")
+        f"to {image_size}x{image_size}.",
+    )
 
 
-def _prepare_one(root: Path, image_size: int, entry: tuple[str, int]
-                 ) -> tuple[str, int, bytes | None, str | None]:
+def _prepare_one(
+    root: Path, image_size: int, entry: tuple[str, int]
+) -> tuple[str, int, bytes | None, str | None]:
     rel, label = entry
     try:
         pixels = decode_rgb((root / rel).read_bytes(), image_size)
@@ -130,18 +132,21 @@ class JaxreproFolder(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Pass the folder that holds the images as manual_dir: Kaggle dogs-vs-cats "
         "(train/cat.0.jpg, train/dog.0.jpg, ...) or Microsoft PetImages (Cat/0.jpg, "
-        "Dog/0.jpg, ...). jaxrepro.data.load(source='folder', folder=...) does this.")
+        "Dog/0.jpg, ...). jaxrepro.data.load(source='folder', folder=...) does this."
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.image_size
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                "id": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                    "id": tfds.features.Text(),
+                }
+            ),
             supervised_keys=("image", "label"),
             metadata=tfds.core.MetadataDict(),
         )
@@ -153,8 +158,10 @@ class JaxreproFolder(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         listing = scan_folder(folder)
         if listing.digest != cfg.listing_sha256:
-            raise DataError(f"the folder {listing.root} changed since its config was made "
-                            "(or another folder was passed as manual_dir); load it again")
+            raise DataError(
+                f"the folder {listing.root} changed since its config was made "
+                "(or another folder was passed as manual_dir); load it again"
+            )
         skipped = []
         work = lambda entry: _prepare_one(listing.root, cfg.image_size, entry)  # noqa: E731
         for rel, label, png, error in map_ordered(work, listing.examples):
@@ -162,12 +169,21 @@ class JaxreproFolder(tfds.core.GeneratorBasedBuilder):
                 skipped.append({"path": rel, "error": error})
                 continue
             yield rel, {"image": png, "label": label, "id": rel}
-        self.info.metadata.update({
-            "folder": str(listing.root), "listing_sha256": listing.digest,
-            "num_files": len(listing.examples) + len(listing.unlabeled),
-            "num_unlabeled": len(listing.unlabeled), "skipped": skipped})
+        self.info.metadata.update(
+            {
+                "folder": str(listing.root),
+                "listing_sha256": listing.digest,
+                "num_files": len(listing.examples) + len(listing.unlabeled),
+                "num_unlabeled": len(listing.unlabeled),
+                "skipped": skipped,
+            }
+        )
         if skipped:
-            log.warning("%d of %d images in %s could not be decoded and were skipped: %s%s",
-                        len(skipped), len(listing.examples), listing.root,
-                        ", ".join(s["path"] for s in skipped[:5]),
-                        " ..." if len(skipped) > 5 else "")
+            log.warning(
+                "%d of %d images in %s could not be decoded and were skipped: %s%s",
+                len(skipped),
+                len(listing.examples),
+                listing.root,
+                ", ".join(s["path"] for s in skipped[:5]),
+                " ..." if len(skipped) > 5 else "",
+            )

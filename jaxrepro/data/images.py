@@ -18,20 +18,25 @@ import collections
 import concurrent.futures
 import io
 import os
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
 # Errors Pillow raises on unreadable, truncated or hostile files.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
-                            ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 def decode_rgb(data: bytes, image_size: int | None = None) -> np.ndarray:
@@ -70,8 +75,9 @@ def stack(images: Iterable[np.ndarray], count: int, shape: tuple[int, ...]) -> n
     return out
 
 
-def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
-                window: int = 64) -> Iterator[R]:
+def map_ordered(
+    fn: Callable[[T], R], items: Iterable[T], workers: int | None = None, window: int = 64
+) -> Iterator[R]:
     """fn over items on a few threads, results in input order, at most `window` ahead.
 
     For Pillow work (decode, resize, encode release the GIL). Each item is computed

@@ -15,7 +15,7 @@ step serves the whole run.
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -32,8 +32,7 @@ def _key_parts(key: jax.Array) -> tuple[bytes, str | None]:
 def _cached_order(key_bytes: bytes, impl: str | None, epoch: int, n: int) -> np.ndarray:
     data = np.frombuffer(key_bytes, dtype=np.uint32)
     key = jax.random.wrap_key_data(data, impl=impl) if impl else jax.numpy.asarray(data)
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n),
-                       dtype=np.int32)
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n), dtype=np.int32)
     order.flags.writeable = False
     return order
 
@@ -61,15 +60,18 @@ def num_batches(num_examples: int, batch_size: int) -> int:
 def batch_indices(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """The full batches of an epoch order, in turn; the last `len % batch_size` are dropped."""
     for b in range(num_batches(len(order), batch_size)):
-        yield order[b * batch_size:(b + 1) * batch_size]
+        yield order[b * batch_size : (b + 1) * batch_size]
 
 
-def batch_at(shuffle_key: jax.Array, epoch: int, batch: int, batch_size: int,
-             num_examples: int) -> np.ndarray:
+def batch_at(
+    shuffle_key: jax.Array, epoch: int, batch: int, batch_size: int, num_examples: int
+) -> np.ndarray:
     """Example positions (int32 [batch_size]) of batch `batch` of epoch `epoch`."""
     count = num_batches(num_examples, batch_size)
     if not 0 <= batch < count:
-        raise IndexError(f"batch {batch} out of range: an epoch of {num_examples} examples "
-                         f"has {count} full batches of {batch_size}")
+        raise IndexError(
+            f"batch {batch} out of range: an epoch of {num_examples} examples "
+            f"has {count} full batches of {batch_size}"
+        )
     order = epoch_order(shuffle_key, epoch, num_examples)
-    return order[batch * batch_size:(batch + 1) * batch_size]
+    return order[batch * batch_size : (batch + 1) * batch_size]

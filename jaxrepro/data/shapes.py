@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -68,8 +68,8 @@ class Shape:
     angle: float = 0.0
     points: tuple[tuple[float, float], ...] = ()
     color: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    shade: float = 0.0          # linear shading strength across the shape
-    shade_angle: float = 0.0    # direction of the shading
+    shade: float = 0.0  # linear shading strength across the shape
+    shade_angle: float = 0.0  # direction of the shading
 
     def extent(self) -> float:
         """Radius of a circle around (cx, cy) that holds the whole shape."""
@@ -85,8 +85,8 @@ class Scene:
     label: int
     background: dict
     clutter: tuple[Shape, ...]
-    object_parts: tuple[Shape, ...]   # drawn in order; their union is the mask
-    details: tuple[Shape, ...]        # eyes and nose, drawn on top, inside the mask
+    object_parts: tuple[Shape, ...]  # drawn in order; their union is the mask
+    details: tuple[Shape, ...]  # eyes and nose, drawn on top, inside the mask
     noise: float
 
 
@@ -119,17 +119,45 @@ def _clutter_shape(rng: np.random.Generator) -> Shape:
     color = _color(rng)
     shade = _u(rng, 0.0, 0.3)
     if kind == "ellipse":
-        return Shape("ellipse", cx, cy, a=size, b=size * _u(rng, 0.4, 1.0), angle=angle,
-                     color=color, shade=shade)
+        return Shape(
+            "ellipse",
+            cx,
+            cy,
+            a=size,
+            b=size * _u(rng, 0.4, 1.0),
+            angle=angle,
+            color=color,
+            shade=shade,
+        )
     if kind == "box":
         a, b = size, size * _u(rng, 0.4, 1.0)
-        return Shape("box", cx, cy, a=a, b=b, r=min(a, b) * _u(rng, 0.0, 0.6), angle=angle,
-                     color=color, shade=shade)
+        return Shape(
+            "box",
+            cx,
+            cy,
+            a=a,
+            b=b,
+            r=min(a, b) * _u(rng, 0.0, 0.6),
+            angle=angle,
+            color=color,
+            shade=shade,
+        )
     if kind == "bar":
-        return Shape("box", cx, cy, a=size * 1.8, b=size * _u(rng, 0.12, 0.25), r=0.0,
-                     angle=angle, color=color, shade=shade)
-    pts = tuple((size * math.cos(t), size * math.sin(t))
-                for t in (_u(rng, 0.0, 2.1), _u(rng, 2.1, 4.2), _u(rng, 4.2, 2 * math.pi)))
+        return Shape(
+            "box",
+            cx,
+            cy,
+            a=size * 1.8,
+            b=size * _u(rng, 0.12, 0.25),
+            r=0.0,
+            angle=angle,
+            color=color,
+            shade=shade,
+        )
+    pts = tuple(
+        (size * math.cos(t), size * math.sin(t))
+        for t in (_u(rng, 0.0, 2.1), _u(rng, 2.1, 4.2), _u(rng, 4.2, 2 * math.pi))
+    )
     return Shape("triangle", cx, cy, points=pts, angle=angle, color=color, shade=shade)
 
 
@@ -140,10 +168,16 @@ def sample_scene(seed: int, index: int) -> Scene:
 
     c0, c1 = _color(rng), _color(rng)
     background = dict(
-        c0=c0, c1=c1, angle=_u(rng, 0.0, 2 * math.pi), spread=_u(rng, 0.5, 1.2),
-        blotch_grid=int(rng.integers(3, 8)), blotch_amp=_u(rng, 0.02, 0.15),
-        texture=int(rng.integers(0, 3)), texture_amp=_u(rng, 0.02, 0.08),
-        texture_period=_u(rng, 0.04, 0.15), texture_angle=_u(rng, 0.0, math.pi),
+        c0=c0,
+        c1=c1,
+        angle=_u(rng, 0.0, 2 * math.pi),
+        spread=_u(rng, 0.5, 1.2),
+        blotch_grid=int(rng.integers(3, 8)),
+        blotch_amp=_u(rng, 0.02, 0.15),
+        texture=int(rng.integers(0, 3)),
+        texture_amp=_u(rng, 0.02, 0.08),
+        texture_period=_u(rng, 0.04, 0.15),
+        texture_angle=_u(rng, 0.0, math.pi),
     )
     background["blotches"] = tuple(float(v) for v in rng.random(background["blotch_grid"] ** 2))
     background["tint"] = _color(rng)
@@ -161,8 +195,11 @@ def sample_scene(seed: int, index: int) -> Scene:
     t = _gradient_t(background, cx, cy)
     bg_center = tuple(c0[k] + (c1[k] - c0[k]) * t for k in range(3))
     if abs(_luma(body) - _luma(bg_center)) < 0.2:
-        body = (tuple(0.45 * v for v in body) if _luma(bg_center) > 0.5
-                else tuple(0.55 + 0.45 * v for v in body))
+        body = (
+            tuple(0.45 * v for v in body)
+            if _luma(bg_center) > 0.5
+            else tuple(0.55 + 0.45 * v for v in body)
+        )
     ear_factor = _u(rng, 0.55, 1.0)
     ear_color = tuple(v * ear_factor for v in body)
     shade, shade_angle = _u(rng, 0.0, 0.35), _u(rng, 0.0, 2 * math.pi)
@@ -181,10 +218,30 @@ def sample_scene(seed: int, index: int) -> Scene:
             tip = (side * _u(rng, 0.45, 0.8), -b - _u(rng, 0.45, 0.8))
             ex, ey = place(0.0, 0.0)
             pts = tuple(_rot(px * scale, py * scale, ct, st) for px, py in (inner, outer, tip))
-            parts.append(Shape("triangle", ex, ey, points=pts, color=ear_color,
-                               shade=shade, shade_angle=shade_angle))
-        parts.append(Shape("ellipse", cx, cy, a=a * scale, b=b * scale, angle=theta,
-                           color=body, shade=shade, shade_angle=shade_angle))
+            parts.append(
+                Shape(
+                    "triangle",
+                    ex,
+                    ey,
+                    points=pts,
+                    color=ear_color,
+                    shade=shade,
+                    shade_angle=shade_angle,
+                )
+            )
+        parts.append(
+            Shape(
+                "ellipse",
+                cx,
+                cy,
+                a=a * scale,
+                b=b * scale,
+                angle=theta,
+                color=body,
+                shade=shade,
+                shade_angle=shade_angle,
+            )
+        )
     else:  # dog: rounded-box head, two long drooping ears at the sides
         hx, hy = 0.85, 0.85 * _u(rng, 0.85, 1.1)
         radius = _u(rng, 0.2, 0.55)
@@ -195,11 +252,33 @@ def sample_scene(seed: int, index: int) -> Scene:
             # Hang the ear's long axis from the anchor, swung outwards by `tilt`.
             lx, ly = ax + math.sin(tilt) * eb, ay + math.cos(tilt) * eb
             ex, ey = place(lx, ly)
-            parts.append(Shape("ellipse", ex, ey, a=ea * scale, b=eb * scale,
-                               angle=theta - tilt, color=ear_color, shade=shade,
-                               shade_angle=shade_angle))
-        parts.append(Shape("box", cx, cy, a=hx * scale, b=hy * scale, r=radius * scale,
-                           angle=theta, color=body, shade=shade, shade_angle=shade_angle))
+            parts.append(
+                Shape(
+                    "ellipse",
+                    ex,
+                    ey,
+                    a=ea * scale,
+                    b=eb * scale,
+                    angle=theta - tilt,
+                    color=ear_color,
+                    shade=shade,
+                    shade_angle=shade_angle,
+                )
+            )
+        parts.append(
+            Shape(
+                "box",
+                cx,
+                cy,
+                a=hx * scale,
+                b=hy * scale,
+                r=radius * scale,
+                angle=theta,
+                color=body,
+                shade=shade,
+                shade_angle=shade_angle,
+            )
+        )
 
     dark = _u(rng, 0.02, 0.25)
     eye_color = (dark, dark * _u(rng, 0.8, 1.2), dark * _u(rng, 0.8, 1.2))
@@ -207,14 +286,30 @@ def sample_scene(seed: int, index: int) -> Scene:
     details = []
     for side in (-1.0, 1.0):
         ex, ey = place(side * eye_dx, eye_dy)
-        details.append(Shape("ellipse", ex, ey, a=eye_r * scale, b=eye_r * scale * 1.2,
-                             angle=theta, color=eye_color))
+        details.append(
+            Shape(
+                "ellipse",
+                ex,
+                ey,
+                a=eye_r * scale,
+                b=eye_r * scale * 1.2,
+                angle=theta,
+                color=eye_color,
+            )
+        )
     nx, ny = place(0.0, _u(rng, 0.25, 0.45))
-    details.append(Shape("ellipse", nx, ny, a=0.12 * scale, b=0.08 * scale, angle=theta,
-                         color=eye_color))
+    details.append(
+        Shape("ellipse", nx, ny, a=0.12 * scale, b=0.08 * scale, angle=theta, color=eye_color)
+    )
 
-    return Scene(label=label, background=background, clutter=clutter,
-                 object_parts=tuple(parts), details=tuple(details), noise=_u(rng, 0.0, 0.06))
+    return Scene(
+        label=label,
+        background=background,
+        clutter=clutter,
+        object_parts=tuple(parts),
+        details=tuple(details),
+        noise=_u(rng, 0.0, 0.06),
+    )
 
 
 # ---------------------------------------------------------------------------- render
@@ -230,7 +325,7 @@ def _gradient_t(bg: dict, x, y):
 def _bilinear_grid(values: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Bilinear interpolation of a g x g grid spanning [0, 1]^2 at the given coordinates."""
     g = values.shape[0]
-    u, v = xs * (g - 1), ys * (g - 1)          # (1, W), (H, 1)
+    u, v = xs * (g - 1), ys * (g - 1)  # (1, W), (H, 1)
     j0 = np.minimum(np.floor(u).astype(np.int64), g - 2)
     i0 = np.minimum(np.floor(v).astype(np.int64), g - 2)
     fu, fv = u - j0, v - i0
@@ -240,7 +335,7 @@ def _bilinear_grid(values: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.nda
 
 
 def _background(bg: dict, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    t = _gradient_t(bg, xs, ys)[..., None]                      # (H, W, 1)
+    t = _gradient_t(bg, xs, ys)[..., None]  # (H, W, 1)
     c0, c1 = np.asarray(bg["c0"]), np.asarray(bg["c1"])
     img = c0 + (c1 - c0) * t
     g = bg["blotch_grid"]
@@ -251,9 +346,9 @@ def _background(bg: dict, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         if bg["texture"] == 1:  # stripes
             c, s = math.cos(bg["texture_angle"]), math.sin(bg["texture_angle"])
             cell = np.floor((xs * c + ys * s) / p)
-        else:                   # checks
+        else:  # checks
             cell = np.floor(xs / p) + np.floor(ys / p)
-        parity = cell - 2.0 * np.floor(cell / 2.0)               # 0 or 1
+        parity = cell - 2.0 * np.floor(cell / 2.0)  # 0 or 1
         img = img + ((parity - 0.5) * bg["texture_amp"])[..., None]
     return img
 
@@ -262,7 +357,7 @@ def _signed_distance(shape: Shape, xs: np.ndarray, ys: np.ndarray):
     """Signed distance (unit coordinates, < 0 inside) and local coordinates of a shape."""
     c, s = math.cos(shape.angle), math.sin(shape.angle)
     dx, dy = xs - shape.cx, ys - shape.cy
-    u, v = dx * c + dy * s, dy * c - dx * s                      # rotate by -angle
+    u, v = dx * c + dy * s, dy * c - dx * s  # rotate by -angle
     if shape.kind == "ellipse":
         a2, b2 = shape.a * shape.a, shape.b * shape.b
         f = u * u / a2 + v * v / b2 - 1.0
@@ -275,8 +370,9 @@ def _signed_distance(shape: Shape, xs: np.ndarray, ys: np.ndarray):
         return np.sqrt(ox * ox + oy * oy) + np.minimum(np.maximum(qx, qy), 0.0) - shape.r, u, v
     if shape.kind == "triangle":
         pts = shape.points
-        area2 = ((pts[1][0] - pts[0][0]) * (pts[2][1] - pts[0][1])
-                 - (pts[1][1] - pts[0][1]) * (pts[2][0] - pts[0][0]))
+        area2 = (pts[1][0] - pts[0][0]) * (pts[2][1] - pts[0][1]) - (pts[1][1] - pts[0][1]) * (
+            pts[2][0] - pts[0][0]
+        )
         if area2 < 0:
             pts = (pts[0], pts[2], pts[1])
         d = None
@@ -301,8 +397,9 @@ def _window(shape: Shape, size: int) -> tuple[int, int, int, int]:
     return i0, i1, j0, j1
 
 
-def _paint(img: np.ndarray, shape: Shape, coords: np.ndarray, size: int,
-           mask: np.ndarray | None = None) -> None:
+def _paint(
+    img: np.ndarray, shape: Shape, coords: np.ndarray, size: int, mask: np.ndarray | None = None
+) -> None:
     """Composite a shape onto img in place (1-pixel anti-aliased edge); update mask."""
     i0, i1, j0, j1 = _window(shape, size)
     if i0 >= i1 or j0 >= j1:
@@ -322,11 +419,12 @@ def _paint(img: np.ndarray, shape: Shape, coords: np.ndarray, size: int,
         mask[i0:i1, j0:j1] |= alpha >= 0.5
 
 
-def render(scene: Scene, image_size: int, noise_rng: np.random.Generator
-           ) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    scene: Scene, image_size: int, noise_rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw a scene: uint8 image [S, S, 3] and uint8 object mask [S, S]."""
     size = int(image_size)
-    coords = (np.arange(size, dtype=np.float64) + 0.5) / size   # pixel centres
+    coords = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres
     img = _background(scene.background, coords[None, :], coords[:, None])
     for shape in scene.clutter:
         _paint(img, shape, coords, size)
@@ -366,11 +464,15 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 BUILDER_CONFIGS = (
-    ShapesConfig(name="default", image_size=180, num_examples=3000,
-                 description="3,000 images at 180x180 (the paper's 2,000 train + 1,000 "
-                             "validation)."),
-    ShapesConfig(name="tiny", image_size=32, num_examples=96,
-                 description="96 images at 32x32, for tests."),
+    ShapesConfig(
+        name="default",
+        image_size=180,
+        num_examples=3000,
+        description="3,000 images at 180x180 (the paper's 2,000 train + 1,000 validation).",
+    ),
+    ShapesConfig(
+        name="tiny", image_size=32, num_examples=96, description="96 images at 32x32, for tests."
+    ),
 )
 
 
@@ -387,15 +489,22 @@ def config_for(image_size: int, num_examples: int) -> ShapesConfig:
             return config
     counts = sorted(c.num_examples for c in BUILDER_CONFIGS)
     count = next((c for c in counts if c >= num_examples), int(num_examples) + num_examples % 2)
-    return ShapesConfig(name=f"s{image_size}_n{count}", image_size=int(image_size),
-                        num_examples=count,
-                        description=f"{count} images at {image_size}x{image_size}.")
+    return ShapesConfig(
+        name=f"s{image_size}_n{count}",
+        image_size=int(image_size),
+        num_examples=count,
+        description=f"{count} images at {image_size}x{image_size}.",
+    )
 
 
 def _encoded_example(seed: int, index: int, image_size: int) -> tuple[str, dict]:
     ex = render_example(seed, index, image_size)
-    return ex["id"], {"image": encode_png(ex["image"]), "mask": ex["mask"],
-                      "label": ex["label"], "id": ex["id"]}
+    return ex["id"], {
+        "image": encode_png(ex["image"]),
+        "mask": ex["mask"],
+        "label": ex["label"],
+        "id": ex["id"],
+    }
 
 
 class JaxreproShapes(tfds.core.GeneratorBasedBuilder):
@@ -414,12 +523,14 @@ class JaxreproShapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                "mask": tfds.features.Tensor(shape=(s, s), dtype=np.uint8, encoding="zlib"),
-                "id": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                    "mask": tfds.features.Tensor(shape=(s, s), dtype=np.uint8, encoding="zlib"),
+                    "id": tfds.features.Text(),
+                }
+            ),
             supervised_keys=("image", "label"),
         )
 

@@ -15,7 +15,7 @@ fingerprints and epoch orders refer to positions in it.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,8 +37,13 @@ def _hash_order(ids: Sequence[str], indices) -> list[int]:
     return sorted((int(i) for i in indices), key=lambda i: (split_key(ids[i]), ids[i]))
 
 
-def partition(ids: Sequence[str], labels: Sequence[int] | np.ndarray, num_train: int,
-              num_val: int, num_classes: int = 2) -> dict[str, np.ndarray]:
+def partition(
+    ids: Sequence[str],
+    labels: Sequence[int] | np.ndarray,
+    num_train: int,
+    num_val: int,
+    num_classes: int = 2,
+) -> dict[str, np.ndarray]:
     """Indices (into `ids`) of the train and validation examples, each in canonical order.
 
     Raises SplitError if a count does not divide among the classes or a class has too
@@ -51,8 +56,10 @@ def partition(ids: Sequence[str], labels: Sequence[int] | np.ndarray, num_train:
         raise SplitError("example ids are not unique, so the hash split is not defined")
     for name, count in (("num_train", num_train), ("num_val", num_val)):
         if count < 0 or count % num_classes:
-            raise SplitError(f"{name}={count} must be a non-negative multiple of "
-                             f"{num_classes} (the split is balanced over the classes)")
+            raise SplitError(
+                f"{name}={count} must be a non-negative multiple of "
+                f"{num_classes} (the split is balanced over the classes)"
+            )
     per_train, per_val = num_train // num_classes, num_val // num_classes
     chosen: dict[str, list[int]] = {"train": [], "validation": []}
     for c in range(num_classes):
@@ -60,8 +67,8 @@ def partition(ids: Sequence[str], labels: Sequence[int] | np.ndarray, num_train:
         if len(members) < per_train + per_val:
             raise SplitError(
                 f"class {c} has {len(members)} examples, but num_train={num_train} and "
-                f"num_val={num_val} need {per_train + per_val} of each class")
+                f"num_val={num_val} need {per_train + per_val} of each class"
+            )
         chosen["train"] += members[:per_train]
-        chosen["validation"] += members[per_train:per_train + per_val]
-    return {name: np.asarray(_hash_order(ids, idx), dtype=np.int64)
-            for name, idx in chosen.items()}
+        chosen["validation"] += members[per_train : per_train + per_val]
+    return {name: np.asarray(_hash_order(ids, idx), dtype=np.int64) for name, idx in chosen.items()}

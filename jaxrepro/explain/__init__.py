@@ -9,13 +9,15 @@ return one logit per image (> 0: class 1, "dog"); a method explains `sign * logi
 with `sign` a number or an [N] array of +-1: `+1` explains "dog", `-1` explains
 "cat". Methods:
 
-| name | module | heatmap | options |
-|---|---|---|---|
-| `gradcam` | `gradcam.py` | Grad-CAM at the last conv, ReLU, max-normalised, bilinear upsampled: [0, 1] | |
-| `guided-backprop` | `gradcam.py` | guided gradient w.r.t. the pixels, summed over channels (signed) | |
-| `guided-gradcam` | `gradcam.py` | guided backprop x Grad-CAM (signed) | |
-| `ig` | `ig.py` | Integrated Gradients summed over channels (signed; sums to the logit difference) | `baseline`, `steps`, `rule`, `chunk` |
-| `lrp` | `lrp.py` | Layer-wise Relevance Propagation summed over channels (signed) | `composite` |
+  gradcam          gradcam.py  Grad-CAM at the last conv, ReLU, max-normalised, bilinear
+                               upsampled: [0, 1]
+  guided-backprop  gradcam.py  guided gradient w.r.t. the pixels, summed over channels
+                               (signed)
+  guided-gradcam   gradcam.py  guided backprop x Grad-CAM (signed)
+  ig               ig.py       Integrated Gradients summed over channels (signed; sums to
+                               the logit difference); options baseline, steps, rule, chunk
+  lrp              lrp.py      Layer-wise Relevance Propagation summed over channels
+                               (signed); option composite
 
 Other modules: `canonize.py` (batch-norm folding for LRP), `render.py` (colour-map
 overlays as PNG), `metrics.py` (pointing game, relevance mass in the object mask),
@@ -30,7 +32,8 @@ per call, so an image's heatmap does not depend on the other images given with i
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -43,8 +46,9 @@ from jaxrepro.explain import lrp as _lrp
 Method = Callable[..., jax.Array]
 
 
-def lrp_heatmap(model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0,
-                composite: str = "thesis") -> jax.Array:
+def lrp_heatmap(
+    model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0, composite: str = "thesis"
+) -> jax.Array:
     """LRP heatmap [N, H, W] (`jaxrepro.explain.lrp`) summed over the colour channels."""
     relevance = _lrp.attribute(model, variables, images, sign=sign, composite=composite)
     return _lrp.heatmap(relevance)
@@ -60,7 +64,9 @@ METHODS: dict[str, Method] = {
 
 # Options each method accepts (the CLIs pass only these).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "gradcam": (), "guided-backprop": (), "guided-gradcam": (),
+    "gradcam": (),
+    "guided-backprop": (),
+    "guided-gradcam": (),
     "ig": ("baseline", "steps", "rule", "chunk"),
     "lrp": ("composite",),
 }
@@ -77,8 +83,9 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}") from None
 
 
-def explain(name: str, model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0,
-            **options: Any) -> jax.Array:
+def explain(
+    name: str, model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0, **options: Any
+) -> jax.Array:
     """Heatmaps [N, H, W] of method `name`; options it does not take are dropped."""
     method = get_method(name)
     accepted = {k: v for k, v in options.items() if k in OPTIONS[name] and v is not None}

@@ -32,7 +32,8 @@ nothing to restore afterwards.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -73,8 +74,9 @@ def unit_variance(epsilon: float) -> np.float32:
         total = v + eps
         if total == np.float32(1):
             return v
-        v = np.nextafter(v, np.float32(-np.inf) if total > 1 else np.float32(np.inf),
-                         dtype=np.float32)
+        v = np.nextafter(
+            v, np.float32(-np.inf) if total > 1 else np.float32(np.inf), dtype=np.float32
+        )
     raise ValueError(f"no float32 variance makes var + {epsilon} exactly 1")
 
 
@@ -112,5 +114,4 @@ def fold_batchnorm(model: nn.Module, variables: Mapping[str, Any]) -> Folded:
         flat[("batch_stats", *bn, "mean")] = jnp.zeros_like(mean)
         flat[("batch_stats", *bn, "var")] = jnp.full_like(var, unit_variance(pair.epsilon))
         biases[pair.conv] = bias
-    return Folded(traverse_util.unflatten_dict(flat), biases,
-                  frozenset(pair.bn for pair in pairs))
+    return Folded(traverse_util.unflatten_dict(flat), biases, frozenset(pair.bn for pair in pairs))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -29,8 +29,9 @@ from jaxrepro.explain.prediction import CLASS_CHOICES, class_sign, predict
 from jaxrepro.train import rundir
 
 
-def save_heatmap(out: Path, stem: str, method: str, image: np.ndarray,
-                 heatmap: np.ndarray) -> tuple[Path, Path]:
+def save_heatmap(
+    out: Path, stem: str, method: str, image: np.ndarray, heatmap: np.ndarray
+) -> tuple[Path, Path]:
     """Write `<stem>.<method>.npy` (raw float32) and `.png` (overlay); returns the paths."""
     npy, png = out / f"{stem}.{method}.npy", out / f"{stem}.{method}.png"
     np.save(npy, np.asarray(heatmap, np.float32), allow_pickle=False)
@@ -43,31 +44,50 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m jaxrepro.explain",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Explain a trained model's prediction for image files: for each image, "
-                    "print the prediction and write <stem>.<method>.png (overlay) and "
-                    "<stem>.<method>.npy (raw float32 heatmap).",
+        "print the prediction and write <stem>.<method>.png (overlay) and "
+        "<stem>.<method>.npy (raw float32 heatmap).",
         epilog="Methods: gradcam (Grad-CAM at the last conv, [0, 1]); guided-backprop; "
-               "guided-gradcam; ig (Integrated Gradients, black baseline, trapezoid rule); "
-               "lrp (Layer-wise Relevance Propagation, --composite).\n"
-               "Images of another size are resized as in training data preparation "
-               "(Pillow, RGB, bilinear, whole image, aspect ratio not kept).\n"
-               "Exit status: 0 done, 2 bad run path, damaged checkpoint or unreadable image.\n"
-               "Example:\n  python -m jaxrepro.explain checkpoints/convnet/seed1001 "
-               "cat.jpg dog.png --method gradcam --class predicted --out heatmaps")
-    parser.add_argument("run", help="run directory (latest checkpoint) or checkpoint "
-                        "directory <run>/checkpoints/<step>")
+        "guided-gradcam; ig (Integrated Gradients, black baseline, trapezoid rule); "
+        "lrp (Layer-wise Relevance Propagation, --composite).\n"
+        "Images of another size are resized as in training data preparation "
+        "(Pillow, RGB, bilinear, whole image, aspect ratio not kept).\n"
+        "Exit status: 0 done, 2 bad run path, damaged checkpoint or unreadable image.\n"
+        "Example:\n  python -m jaxrepro.explain checkpoints/convnet/seed1001 "
+        "cat.jpg dog.png --method gradcam --class predicted --out heatmaps",
+    )
+    parser.add_argument(
+        "run",
+        help="run directory (latest checkpoint) or checkpoint directory <run>/checkpoints/<step>",
+    )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size)")
-    parser.add_argument("--method", default="gradcam", choices=sorted(METHODS),
-                        help="attribution method (default gradcam)")
-    parser.add_argument("--class", dest="target", default="predicted", choices=CLASS_CHOICES,
-                        help="class to explain: the predicted one (default), cat or dog")
-    parser.add_argument("--steps", type=int, default=32,
-                        help="ig: number of path intervals (default 32)")
-    parser.add_argument("--rule", default="trapezoid", choices=("trapezoid", "midpoint"),
-                        help="ig: quadrature rule (default trapezoid)")
-    parser.add_argument("--composite", default="thesis",
-                        help="lrp: rule composite (default thesis)")
-    parser.add_argument("--out", default="explanations",
-                        help="output directory (default ./explanations)")
+    parser.add_argument(
+        "--method",
+        default="gradcam",
+        choices=sorted(METHODS),
+        help="attribution method (default gradcam)",
+    )
+    parser.add_argument(
+        "--class",
+        dest="target",
+        default="predicted",
+        choices=CLASS_CHOICES,
+        help="class to explain: the predicted one (default), cat or dog",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=32, help="ig: number of path intervals (default 32)"
+    )
+    parser.add_argument(
+        "--rule",
+        default="trapezoid",
+        choices=("trapezoid", "midpoint"),
+        help="ig: quadrature rule (default trapezoid)",
+    )
+    parser.add_argument(
+        "--composite", default="thesis", help="lrp: rule composite (default thesis)"
+    )
+    parser.add_argument(
+        "--out", default="explanations", help="output directory (default ./explanations)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -79,30 +99,40 @@ def run(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.images]
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
-        raise InputError("two images have the same file name stem; their outputs would "
-                         "overwrite each other: " + ", ".join(sorted(
-                             {s for s in stems if stems.count(s) > 1})))
+        raise InputError(
+            "two images have the same file name stem; their outputs would "
+            "overwrite each other: " + ", ".join(sorted({s for s in stems if stems.count(s) > 1}))
+        )
     if args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
     pictures = [read_image(p, image_size) for p in paths]  # all readable before any work
     trained = rundir.load(args.run)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"run {trained.run} step {trained.step} ({trained.config.model}, "
-          f"{image_size}x{image_size}); method {args.method}")
+    print(
+        f"run {trained.run} step {trained.step} ({trained.config.model}, "
+        f"{image_size}x{image_size}); method {args.method}"
+    )
     options = {"steps": args.steps, "rule": args.rule, "composite": args.composite}
     for path, (pixels, (width, height)) in zip(
-            tqdm(paths, disable=args.no_progress, unit="image", file=sys.stderr), pictures):
+        tqdm(paths, disable=args.no_progress, unit="image", file=sys.stderr), pictures
+    ):
         batch = pixels[None].astype(np.float32)
         prediction = predict(trained.model, trained.variables, batch)[0]
         sign = class_sign(args.target, prediction)
-        heatmap = np.asarray(explain(args.method, trained.model, trained.variables, batch,
-                                     sign=sign, **options))[0]
+        heatmap = np.asarray(
+            explain(args.method, trained.model, trained.variables, batch, sign=sign, **options)
+        )[0]
         png, npy = save_heatmap(out, path.stem, args.method, pixels, heatmap)
-        resized = ("" if (width, height) == (image_size, image_size)
-                   else f" [resized {width}x{height} -> {image_size}x{image_size}]")
-        print(f"{path}: predicted {prediction}; explained "
-              f"{'dog' if sign > 0 else 'cat'}{resized} -> {png}, {npy.name}")
+        resized = (
+            ""
+            if (width, height) == (image_size, image_size)
+            else f" [resized {width}x{height} -> {image_size}x{image_size}]"
+        )
+        print(
+            f"{path}: predicted {prediction}; explained "
+            f"{'dog' if sign > 0 else 'cat'}{resized} -> {png}, {npy.name}"
+        )
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Grad-CAM (Selvaraju et al.; the keras.io example; Heggen's thesis, section 3.2.2):
 the gradient of the explained score w.r.t. the last convolutional activation A (the
-model spec's `gradcam` layer, `jaxrepro.models.spec`), averaged over space, weights the channels of A; the weighted sum,
+model spec's `gradcam` layer, `jaxrepro.models.spec`), averaged over space, weights the
+channels of A; the weighted sum,
 through a ReLU, normalised by its maximum (an all-zero map stays zero) and upsampled
 bilinearly to the input size, is the heatmap, in [0, 1].
 
@@ -44,8 +45,10 @@ def gradcam_layer(model: nn.Module) -> GradcamLayer:
     """Where `model`'s Grad-CAM activation flows on (a ValueError for an unregistered model)."""
     spec = models.spec_of(model)
     if spec is None:
-        raise ValueError(f"Grad-CAM does not know {type(model).__name__}'s last conv "
-                         f"activation; registered models: {sorted(models.SPECS)}")
+        raise ValueError(
+            f"Grad-CAM does not know {type(model).__name__}'s last conv "
+            f"activation; registered models: {sorted(models.SPECS)}"
+        )
     return spec.gradcam
 
 
@@ -68,16 +71,21 @@ def signs_first(jitted):
     return call
 
 
-def _apply_perturbed(model: nn.Module, variables: Any, images: jax.Array,
-                     delta: jax.Array | None) -> tuple[jax.Array, dict]:
+def _apply_perturbed(
+    model: nn.Module, variables: Any, images: jax.Array, delta: jax.Array | None
+) -> tuple[jax.Array, dict]:
     """Logits and sown intermediates, with `delta` added to A at the model's cut."""
     cut = gradcam_layer(model)
     hits = []
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if (delta is None or context.method_name != "__call__"
-                or module.scope is None or tuple(module.scope.path) != (cut.module,)):
+        if (
+            delta is None
+            or context.method_name != "__call__"
+            or module.scope is None
+            or tuple(module.scope.path) != (cut.module,)
+        ):
             return next_fun(*args, **kwargs)
         hits.append(cut)
         if cut.where == "input":
@@ -86,18 +94,20 @@ def _apply_perturbed(model: nn.Module, variables: Any, images: jax.Array,
         return next_fun(*args, **kwargs) + delta
 
     with nn.intercept_methods(interceptor):
-        logits, state = model.apply(variables, images, train=False,
-                                    mutable=["intermediates"])
+        logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     if delta is not None and len(hits) != 1:  # else the gradient would be silently 0
-        raise ValueError(f"{type(model).__name__}: the Grad-CAM layer {cut} was met "
-                         f"{len(hits)} times, not once; correct the model's spec")
+        raise ValueError(
+            f"{type(model).__name__}: the Grad-CAM layer {cut} was met "
+            f"{len(hits)} times, not once; correct the model's spec"
+        )
     return logits, models.flat_intermediates(state["intermediates"])
 
 
 @signs_first
 @functools.partial(jax.jit, static_argnames=("model",))
-def last_conv_gradient(model: nn.Module, variables: Any, images: jax.Array, *,
-                       sign: Any = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def last_conv_gradient(
+    model: nn.Module, variables: Any, images: jax.Array, *, sign: Any = 1.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(A, d(sign*logit)/dA, logits) for images [N, H, W, 3]; A is [N, h, w, c]."""
     images = jnp.asarray(images, jnp.float32)
     signs = _signs(sign, images.shape[0])
@@ -118,7 +128,7 @@ def cam(activation: jax.Array, gradient: jax.Array) -> jax.Array:
 
     Unnormalised, at the resolution of A (the thesis's equation for L_Grad-CAM).
     """
-    weights = jnp.mean(gradient, axis=(1, 2))                  # [N, c]
+    weights = jnp.mean(gradient, axis=(1, 2))  # [N, c]
     return nn.relu(jnp.einsum("nhwc,nc->nhw", activation, weights))
 
 
@@ -142,8 +152,7 @@ def heatmap_from(activation: jax.Array, gradient: jax.Array, size: tuple[int, in
     return jnp.clip(upsample(maps, size), 0.0, 1.0)
 
 
-def gradcam(model: nn.Module, variables: Any, images: jax.Array, *,
-            sign: Any = 1.0) -> jax.Array:
+def gradcam(model: nn.Module, variables: Any, images: jax.Array, *, sign: Any = 1.0) -> jax.Array:
     """Grad-CAM heatmaps [N, H, W] in [0, 1] at the input size, explaining sign*logit."""
     activation, gradient, _ = last_conv_gradient(model, variables, images, sign=sign)
     return heatmap_from(activation, gradient, tuple(jnp.shape(images)[1:3]))
@@ -171,8 +180,9 @@ guided_relu.defvjp(_guided_relu_fwd, _guided_relu_bwd)
 
 @signs_first
 @functools.partial(jax.jit, static_argnames=("model",))
-def guided_backprop_attribution(model: nn.Module, variables: Any, images: jax.Array, *,
-                                sign: Any = 1.0) -> jax.Array:
+def guided_backprop_attribution(
+    model: nn.Module, variables: Any, images: jax.Array, *, sign: Any = 1.0
+) -> jax.Array:
     """Guided gradient of sign*logit w.r.t. the input pixels (0..255): [N, H, W, 3]."""
     images = jnp.asarray(images, jnp.float32)
     signs = _signs(sign, images.shape[0])
@@ -189,14 +199,17 @@ def _channel_sum(attribution: jax.Array) -> jax.Array:
     return jnp.sum(attribution, axis=-1)
 
 
-def guided_backprop(model: nn.Module, variables: Any, images: jax.Array, *,
-                    sign: Any = 1.0) -> jax.Array:
+def guided_backprop(
+    model: nn.Module, variables: Any, images: jax.Array, *, sign: Any = 1.0
+) -> jax.Array:
     """Guided Backprop heatmap [N, H, W]: the guided gradient summed over channels."""
     return _channel_sum(guided_backprop_attribution(model, variables, images, sign=sign))
 
 
-def guided_gradcam(model: nn.Module, variables: Any, images: jax.Array, *,
-                   sign: Any = 1.0) -> jax.Array:
+def guided_gradcam(
+    model: nn.Module, variables: Any, images: jax.Array, *, sign: Any = 1.0
+) -> jax.Array:
     """Guided Grad-CAM heatmap [N, H, W]: Guided Backprop times the upsampled Grad-CAM."""
-    return (guided_backprop(model, variables, images, sign=sign)
-            * gradcam(model, variables, images, sign=sign))
+    return guided_backprop(model, variables, images, sign=sign) * gradcam(
+        model, variables, images, sign=sign
+    )

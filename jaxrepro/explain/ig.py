@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,8 +62,9 @@ def quadrature(steps: int, rule: str = "trapezoid") -> tuple[np.ndarray, np.ndar
     return _nodes(np.arange(num_points(steps, rule)), steps, rule)
 
 
-def _path_gradient(grad_fn, images: jax.Array, baseline: jax.Array, steps: jax.Array,
-                   rule: str, chunk: int) -> jax.Array:
+def _path_gradient(
+    grad_fn, images: jax.Array, baseline: jax.Array, steps: jax.Array, rule: str, chunk: int
+) -> jax.Array:
     """sum_k w_k grad_fn(baseline + a_k (images - baseline)), `chunk` points at a time.
 
     `steps` is traced (one compilation serves every step count): the loop runs
@@ -86,14 +86,19 @@ def _path_gradient(grad_fn, images: jax.Array, baseline: jax.Array, steps: jax.A
     return jax.lax.fori_loop(0, (points + chunk - 1) // chunk, body, jnp.zeros_like(images))
 
 
-def _integrated_gradients(score, images: jax.Array, baseline: Any, steps: jax.Array,
-                          rule: str, chunk: int) -> jax.Array:
+def _integrated_gradients(
+    score, images: jax.Array, baseline: Any, steps: jax.Array, rule: str, chunk: int
+) -> jax.Array:
     """(x - b) * path-averaged grad of `score` (a scalar function of a [K*N, ...] batch)."""
     images = jnp.asarray(images, jnp.float32)
-    baseline = (jnp.zeros_like(images) if baseline is None
-                else jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), images.shape))
-    return (images - baseline) * _path_gradient(jax.grad(score), images, baseline,
-                                                jnp.asarray(steps, jnp.int32), rule, chunk)
+    baseline = (
+        jnp.zeros_like(images)
+        if baseline is None
+        else jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), images.shape)
+    )
+    return (images - baseline) * _path_gradient(
+        jax.grad(score), images, baseline, jnp.asarray(steps, jnp.int32), rule, chunk
+    )
 
 
 def _check(steps: int, rule: str, chunk: int) -> None:
@@ -107,13 +112,18 @@ def _check(steps: int, rule: str, chunk: int) -> None:
 
 @functools.partial(jax.jit, static_argnames=("fn", "rule", "chunk"))
 def _ig_fn(fn, images, baseline, steps, rule, chunk):
-    return _integrated_gradients(lambda x: jnp.sum(fn(x)), images, baseline, steps, rule,
-                                 chunk)
+    return _integrated_gradients(lambda x: jnp.sum(fn(x)), images, baseline, steps, rule, chunk)
 
 
-def integrated_gradients_fn(fn, images: jax.Array, baseline: Any = None, *,
-                            steps: int = 32, rule: str = "trapezoid",
-                            chunk: int = 8) -> jax.Array:
+def integrated_gradients_fn(
+    fn,
+    images: jax.Array,
+    baseline: Any = None,
+    *,
+    steps: int = 32,
+    rule: str = "trapezoid",
+    chunk: int = 8,
+) -> jax.Array:
     """IG attributions of `fn(x [B, ...]) -> [B]`, one value per example.
 
     `fn` must treat the examples of a batch independently (a model: in eval mode).
@@ -134,9 +144,17 @@ def _ig_model(model, variables, images, signs, baseline, steps, rule, chunk):
     return _integrated_gradients(score, images, baseline, steps, rule, chunk)
 
 
-def integrated_gradients_attribution(model: nn.Module, variables: Any, images: jax.Array, *,
-                                     sign: Any = 1.0, baseline: Any = None, steps: int = 32,
-                                     rule: str = "trapezoid", chunk: int = 8) -> jax.Array:
+def integrated_gradients_attribution(
+    model: nn.Module,
+    variables: Any,
+    images: jax.Array,
+    *,
+    sign: Any = 1.0,
+    baseline: Any = None,
+    steps: int = 32,
+    rule: str = "trapezoid",
+    chunk: int = 8,
+) -> jax.Array:
     """IG attributions [N, H, W, 3] of sign*logit w.r.t. the pixels (0..255).
 
     `baseline`: None (black image) or an array broadcastable to `images`. One
@@ -148,13 +166,31 @@ def integrated_gradients_attribution(model: nn.Module, variables: Any, images: j
     return _ig_model(model, variables, images, signs, baseline, steps, rule, chunk)
 
 
-def integrated_gradients(model: nn.Module, variables: Any, images: jax.Array, *,
-                         sign: Any = 1.0, baseline: Any = None, steps: int = 32,
-                         rule: str = "trapezoid", chunk: int = 8) -> jax.Array:
+def integrated_gradients(
+    model: nn.Module,
+    variables: Any,
+    images: jax.Array,
+    *,
+    sign: Any = 1.0,
+    baseline: Any = None,
+    steps: int = 32,
+    rule: str = "trapezoid",
+    chunk: int = 8,
+) -> jax.Array:
     """Integrated Gradients heatmap [N, H, W]: the attributions summed over channels.
 
     The heatmap sums to sign * (logit(x) - logit(baseline)) up to the quadrature error.
     """
-    return jnp.sum(integrated_gradients_attribution(
-        model, variables, images, sign=sign, baseline=baseline, steps=steps, rule=rule,
-        chunk=chunk), axis=-1)
+    return jnp.sum(
+        integrated_gradients_attribution(
+            model,
+            variables,
+            images,
+            sign=sign,
+            baseline=baseline,
+            steps=steps,
+            rule=rule,
+            chunk=chunk,
+        ),
+        axis=-1,
+    )

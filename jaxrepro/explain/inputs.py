@@ -29,7 +29,10 @@ def read_image(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]
         original = imagelib.decode_rgb(data)
         pixels = imagelib.decode_rgb(data, image_size)
     except imagelib.DECODE_ERRORS as e:
-        why = ("not an image file Pillow can decode" if isinstance(e, UnidentifiedImageError)
-               else f"{type(e).__name__}: {e}")
+        why = (
+            "not an image file Pillow can decode"
+            if isinstance(e, UnidentifiedImageError)
+            else f"{type(e).__name__}: {e}"
+        )
         raise InputError(f"cannot read image {path}: {why}") from None
     return pixels, (original.shape[1], original.shape[0])

@@ -51,11 +51,10 @@ Composites map layers to rules; see `parse_composite` for the string syntax and
 
 from __future__ import annotations
 
-import jaxrepro  # noqa: F401  (XLA determinism flags before jax starts)
-
 import dataclasses
 import fnmatch
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,9 +64,26 @@ from jax import lax
 from jaxrepro.explain.canonize import fold_batchnorm
 
 __all__ = [
-    "AlphaBeta", "COMPOSITES", "Composite", "Epsilon", "Flat", "Gamma", "LRP0", "Pass",
-    "RULES", "Rule", "WSquare", "ZBox", "ZPlus", "attribute", "get_composite", "heatmap",
-    "lrp", "make_rule", "parse_composite", "stabilize",
+    "AlphaBeta",
+    "COMPOSITES",
+    "Composite",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "LRP0",
+    "Pass",
+    "RULES",
+    "Rule",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "attribute",
+    "get_composite",
+    "heatmap",
+    "lrp",
+    "make_rule",
+    "parse_composite",
+    "stabilize",
 ]
 
 Array = jax.Array
@@ -81,6 +97,7 @@ def stabilize(z: Array, epsilon: float) -> Array:
 
 
 # --- rules as (groups of) modified forward terms -------------------------------------
+
 
 def _same(w: Array) -> Array:
     return w
@@ -251,15 +268,16 @@ class AlphaBeta(Rule):
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got {self.alpha}, {self.beta}")
         if self.alpha - self.beta != 1:
-            raise ValueError(f"alpha - beta must equal 1 (conservation), got "
-                             f"alpha={self.alpha}, beta={self.beta}")
+            raise ValueError(
+                f"alpha - beta must equal 1 (conservation), got "
+                f"alpha={self.alpha}, beta={self.beta}"
+            )
 
     def groups(self, layer: _Layer) -> tuple[_Group, ...]:
         positive = _Group((_Term("pos", _pos, _pos), _Term("neg", _neg, None)), scale=self.alpha)
         if self.beta == 0:
             return (positive,)
-        negative = _Group((_Term("pos", _neg, _neg), _Term("neg", _pos, None)),
-                          scale=-self.beta)
+        negative = _Group((_Term("pos", _neg, _neg), _Term("neg", _pos, None)), scale=-self.beta)
         return positive, negative
 
 
@@ -291,9 +309,15 @@ class ZBox(Rule):
             raise ValueError(f"zb needs low < high, got {self.low}, {self.high}")
 
     def groups(self, layer: _Layer) -> tuple[_Group, ...]:
-        return (_Group((_Term("x", _same, None),
-                        _Term("const", _pos, None, -1.0, self.low),
-                        _Term("const", _neg, None, -1.0, self.high))),)
+        return (
+            _Group(
+                (
+                    _Term("x", _same, None),
+                    _Term("const", _pos, None, -1.0, self.low),
+                    _Term("const", _neg, None, -1.0, self.high),
+                )
+            ),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,8 +373,9 @@ RULES: dict[str, tuple[type[Rule], tuple[str, ...]]] = {
 
 
 def _rule_help() -> str:
-    return ", ".join(f"{name}" + "".join(f"[:{p}]" for p in params)
-                     for name, (_, params) in RULES.items())
+    return ", ".join(
+        f"{name}" + "".join(f"[:{p}]" for p in params) for name, (_, params) in RULES.items()
+    )
 
 
 def make_rule(spec: str) -> Rule:
@@ -360,8 +385,10 @@ def make_rule(spec: str) -> Rule:
         raise ValueError(f"unknown LRP rule {name!r} in {spec!r}; valid rules: {_rule_help()}")
     cls, params = RULES[name]
     if len(args) > len(params):
-        raise ValueError(f"rule {name!r} takes at most {len(params)} argument(s) "
-                         f"({', '.join(params) or 'none'}), got {spec!r}")
+        raise ValueError(
+            f"rule {name!r} takes at most {len(params)} argument(s) "
+            f"({', '.join(params) or 'none'}), got {spec!r}"
+        )
     try:
         values = [float(a) for a in args]
     except ValueError:
@@ -404,8 +431,10 @@ class Composite:
         for selector, rule in self.entries:
             if _matches(selector, info, is_bn) and (rule.linear or is_bn):
                 if rule.input_only and not info.is_input:
-                    raise ValueError(f"rule {rule.name!r} ({selector}={rule.name}) applies only "
-                                     f"to the input layer, not to {info.path!r}")
+                    raise ValueError(
+                        f"rule {rule.name!r} ({selector}={rule.name}) applies only "
+                        f"to the input layer, not to {info.path!r}"
+                    )
                 return rule
         return LRP0()
 
@@ -418,8 +447,7 @@ def _matches(selector: str, info: LayerInfo, is_bn: bool) -> bool:
     if is_bn:
         return fnmatch.fnmatchcase(info.path, selector)
     parts = info.path.split("/")
-    return any(fnmatch.fnmatchcase("/".join(parts[:k]), selector)
-               for k in range(1, len(parts) + 1))
+    return any(fnmatch.fnmatchcase("/".join(parts[:k]), selector) for k in range(1, len(parts) + 1))
 
 
 def parse_composite(spec: str, name: str = "custom") -> Composite:
@@ -434,9 +462,11 @@ def parse_composite(spec: str, name: str = "custom") -> Composite:
             continue
         selector, eq, rule = item.partition("=")
         if not eq or not selector.strip() or not rule.strip():
-            raise ValueError(f"bad composite entry {item!r} in {spec!r}: expected "
-                             f"'selector=rule[:args]'; selectors: {', '.join(KEYWORDS)} or a "
-                             f"layer-path glob; rules: {_rule_help()}")
+            raise ValueError(
+                f"bad composite entry {item!r} in {spec!r}: expected "
+                f"'selector=rule[:args]'; selectors: {', '.join(KEYWORDS)} or a "
+                f"layer-path glob; rules: {_rule_help()}"
+            )
         try:
             entries.append((selector.strip(), make_rule(rule)))
         except ValueError as e:
@@ -453,21 +483,23 @@ def parse_composite(spec: str, name: str = "custom") -> Composite:
 # layer has positive contributions: not on a depthwise conv with negative outputs (it
 # feeds the pointwise conv without a ReLU), so zennit's epsilon-plus-flat loses
 # relevance on the mini Xception; gamma treats negative outputs too.
-_THESIS = ("input=zb:0:1,conv[2-3]=gamma:0.25,block[1-2]=gamma:0.25,conv=epsilon:0.25,"
-           "dense=lrp0,bn=epsilon:0.25")
+_THESIS = (
+    "input=zb:0:1,conv[2-3]=gamma:0.25,block[1-2]=gamma:0.25,conv=epsilon:0.25,"
+    "dense=lrp0,bn=epsilon:0.25"
+)
 
 COMPOSITES: dict[str, Composite] = {
     "thesis": parse_composite(_THESIS, "thesis"),
     "lrp0": parse_composite("conv=lrp0,dense=lrp0,bn=lrp0", "lrp0"),
     "epsilon": parse_composite("conv=epsilon,dense=epsilon,bn=epsilon", "epsilon"),
     "epsilon-gamma-box": parse_composite(
-        "input=zb:0:1,conv=gamma:0.25,dense=epsilon,bn=epsilon", "epsilon-gamma-box"),
+        "input=zb:0:1,conv=gamma:0.25,dense=epsilon,bn=epsilon", "epsilon-gamma-box"
+    ),
     "epsilon-plus-flat": parse_composite(
-        "input=flat,conv=zplus,dense=epsilon,bn=epsilon", "epsilon-plus-flat"),
-    "alpha1-beta0": parse_composite(
-        "conv=alphabeta:1:0,dense=epsilon,bn=epsilon", "alpha1-beta0"),
-    "alpha2-beta1": parse_composite(
-        "conv=alphabeta:2:1,dense=epsilon,bn=epsilon", "alpha2-beta1"),
+        "input=flat,conv=zplus,dense=epsilon,bn=epsilon", "epsilon-plus-flat"
+    ),
+    "alpha1-beta0": parse_composite("conv=alphabeta:1:0,dense=epsilon,bn=epsilon", "alpha1-beta0"),
+    "alpha2-beta1": parse_composite("conv=alphabeta:2:1,dense=epsilon,bn=epsilon", "alpha2-beta1"),
 }
 
 
@@ -478,27 +510,32 @@ def get_composite(composite: str | Composite) -> Composite:
     if composite in COMPOSITES:
         return COMPOSITES[composite]
     if "=" not in composite:
-        raise ValueError(f"unknown composite {composite!r}; named composites: "
-                         f"{sorted(COMPOSITES)}, or 'selector=rule,...' with rules: "
-                         f"{_rule_help()}")
+        raise ValueError(
+            f"unknown composite {composite!r}; named composites: "
+            f"{sorted(COMPOSITES)}, or 'selector=rule,...' with rules: "
+            f"{_rule_help()}"
+        )
     return parse_composite(composite)
 
 
 # --- the interceptor ---------------------------------------------------------------
 
+
 def _conv_tags(module: nn.Conv) -> frozenset[str]:
     tags = {"conv"}
     if module.feature_group_count > 1:
         tags.add("depthwise")
-    kernel = module.kernel_size if isinstance(module.kernel_size, Sequence) else (
-        module.kernel_size,)
+    kernel = (
+        module.kernel_size if isinstance(module.kernel_size, Sequence) else (module.kernel_size,)
+    )
     if module.feature_group_count == 1 and all(k == 1 for k in kernel):
         tags.add("pointwise")
     return frozenset(tags)
 
 
-def _interceptor(composite: Composite, probe: Array, biases: Mapping[str, Array],
-                 plain: frozenset[str]) -> Callable[..., Any]:
+def _interceptor(
+    composite: Composite, probe: Array, biases: Mapping[str, Array], plain: frozenset[str]
+) -> Callable[..., Any]:
     # Trace-time bookkeeping local to one `lrp` call: whether the input layer has been
     # seen, and whether we are inside our own modified-term computation.
     state = {"seen_input": False, "busy": False}
@@ -512,6 +549,7 @@ def _interceptor(composite: Composite, probe: Array, biases: Mapping[str, Array]
                 return bare.apply({"params": {"kernel": kernel}}, x)
             finally:
                 state["busy"] = False
+
         return linear
 
     def input_probe(x: Array) -> Array | None:
@@ -539,8 +577,9 @@ def _interceptor(composite: Composite, probe: Array, biases: Mapping[str, Array]
             rule = composite.rule_for(LayerInfo(path, tags, u is not None))
             if not rule.linear:
                 raise ValueError(f"rule {rule.name!r} is for batch norm only, not {path!r}")
-            return rule.propagate(_Layer(path, x, z, y, params["kernel"], bias,
-                                         linear_of(module), u))
+            return rule.propagate(
+                _Layer(path, x, z, y, params["kernel"], bias, linear_of(module), u)
+            )
         if isinstance(module, nn.BatchNorm) and path not in plain:
             return _batchnorm(module, path, args, kwargs, next_fun)
         return next_fun(*args, **kwargs)
@@ -569,10 +608,17 @@ def _interceptor(composite: Composite, probe: Array, biases: Mapping[str, Array]
 
 # --- public entry points -------------------------------------------------------------
 
-def lrp(apply_fn: Callable[[Any, Array], Array], variables: Any, inputs: Array,
-        cotangent: Array | float = 1.0, *, composite: str | Composite = "thesis",
-        biases: Mapping[str, Array] | None = None,
-        plain: frozenset[str] = frozenset()) -> tuple[Array, Array]:
+
+def lrp(
+    apply_fn: Callable[[Any, Array], Array],
+    variables: Any,
+    inputs: Array,
+    cotangent: Array | float = 1.0,
+    *,
+    composite: str | Composite = "thesis",
+    biases: Mapping[str, Array] | None = None,
+    plain: frozenset[str] = frozenset(),
+) -> tuple[Array, Array]:
     """(outputs, relevance of `inputs`) for explaining `sum(cotangent * outputs)`.
 
     `apply_fn(variables, inputs)` runs a Flax model; its Dense/Conv/BatchNorm calls follow
@@ -595,8 +641,14 @@ def lrp(apply_fn: Callable[[Any, Array], Array], variables: Any, inputs: Array,
     return outputs, relevance
 
 
-def attribute(model: nn.Module, variables: Any, images: Array, *,
-              sign: float | Array = 1.0, composite: str | Composite = "thesis") -> Array:
+def attribute(
+    model: nn.Module,
+    variables: Any,
+    images: Array,
+    *,
+    sign: float | Array = 1.0,
+    composite: str | Composite = "thesis",
+) -> Array:
     """LRP relevance [N, H, W, 3] (float32) of `sign * logit` w.r.t. the model's input.
 
     `images`: float32 [N, H, W, 3], pixels 0..255. `sign`: +1 explains the logit (class 1,
@@ -608,9 +660,15 @@ def attribute(model: nn.Module, variables: Any, images: Array, *,
     images = jnp.asarray(images, jnp.float32)
     sign = jnp.broadcast_to(jnp.asarray(sign, jnp.float32), images.shape[:1])
     folded = fold_batchnorm(model, variables)
-    _, relevance = lrp(lambda v, x: model.apply(v, x, train=False), folded.variables, images,
-                       sign, composite=composite, biases=folded.biases,
-                       plain=folded.batchnorms)
+    _, relevance = lrp(
+        lambda v, x: model.apply(v, x, train=False),
+        folded.variables,
+        images,
+        sign,
+        composite=composite,
+        biases=folded.biases,
+        plain=folded.batchnorms,
+    )
     return relevance
 
 

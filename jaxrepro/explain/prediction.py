@@ -11,13 +11,12 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-import jaxrepro  # noqa: F401  (applies the determinism settings before jax starts)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-CLASS_NAMES = ("cat", "dog")          # label 0, label 1
+CLASS_NAMES = ("cat", "dog")  # label 0, label 1
 CLASS_CHOICES = ("predicted", *CLASS_NAMES)
 
 

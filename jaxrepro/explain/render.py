@@ -30,8 +30,9 @@ def to_unit(heatmap: np.ndarray, signed: bool) -> np.ndarray:
     return np.clip(0.5 + 0.5 * h / scale, 0.0, 1.0) if scale > 0 else np.full_like(h, 0.5)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, *, signed: bool = False,
-            alpha: float = ALPHA) -> np.ndarray:
+def overlay(
+    image: np.ndarray, heatmap: np.ndarray, *, signed: bool = False, alpha: float = ALPHA
+) -> np.ndarray:
     """uint8 [H, W, 3]: `image` (uint8 or 0..255 floats) with the coloured heatmap added."""
     cmap = matplotlib.colormaps["bwr" if signed else "jet"]
     levels = np.uint8(255 * to_unit(heatmap, signed))

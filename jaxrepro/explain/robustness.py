@@ -48,33 +48,34 @@ import argparse
 import csv
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import matplotlib
+import numpy as np
+from tqdm import tqdm
+
+from jaxrepro import cli
+from jaxrepro import data as datalib
+from jaxrepro.data.augment import rotate_image
+from jaxrepro.errors import UserError
+from jaxrepro.explain import METHODS, UNSIGNED, explain, metrics
+from jaxrepro.explain.inputs import read_image
+from jaxrepro.explain.prediction import CLASS_NAMES, class_sign, predict
+from jaxrepro.train import rundir
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from jaxrepro import cli  # noqa: E402
-from jaxrepro import data as datalib  # noqa: E402
-from jaxrepro.data.augment import rotate_image  # noqa: E402
-from jaxrepro.errors import UserError  # noqa: E402
-from jaxrepro.explain import METHODS, UNSIGNED, explain, metrics  # noqa: E402
-from jaxrepro.explain.inputs import read_image  # noqa: E402
-from jaxrepro.explain.prediction import CLASS_NAMES, class_sign, predict  # noqa: E402
-from jaxrepro.train import rundir  # noqa: E402
 
 ANGLES_SMALL = (0.5, 1.0, 5.0, 10.0)
 ANGLES_LARGE = (15.0, 20.0, 25.0, 40.0)
 SIGMAS_SMALL = tuple(round(0.01 * k, 2) for k in range(1, 11))
-SIGMAS_LARGE = (0.25, 0.45, 1.0, 2.5, 5.0, 10.0)   # the thesis names 0.25, 0.45, 1, 5, 10
-PIXEL_RANGE = 255.0                                 # sigma 1 = the whole pixel range
+SIGMAS_LARGE = (0.25, 0.45, 1.0, 2.5, 5.0, 10.0)  # the thesis names 0.25, 0.45, 1, 5, 10
+PIXEL_RANGE = 255.0  # sigma 1 = the whole pixel range
 
 
 class ProtocolError(UserError, RuntimeError):
@@ -130,10 +131,10 @@ class Row:
 
     image: str
     method: str
-    transform: str          # "rotation" (degrees) or "noise" (sigma)
+    transform: str  # "rotation" (degrees) or "noise" (sigma)
     amount: float
     rmse: float
-    crop: int               # side of the compared square
+    crop: int  # side of the compared square
     label_before: str
     p_before: float
     logit_before: float
@@ -147,11 +148,12 @@ class Row:
 class Transformed:
     kind: str
     amount: float
-    image: jax.Array        # [1, H, W, 3]
+    image: jax.Array  # [1, H, W, 3]
 
 
-def transforms(image: jax.Array, index: int, *, angles: Sequence[float],
-               sigmas: Sequence[float], seed: int) -> list[Transformed]:
+def transforms(
+    image: jax.Array, index: int, *, angles: Sequence[float], sigmas: Sequence[float], seed: int
+) -> list[Transformed]:
     """The rotated and noisy versions of one image [1, H, W, 3]."""
     out = [Transformed("rotation", float(a), rotate(image, a)) for a in angles]
     if sigmas:
@@ -160,11 +162,20 @@ def transforms(image: jax.Array, index: int, *, angles: Sequence[float],
     return out
 
 
-def protocol(model: Any, variables: Any, images: np.ndarray, names: Sequence[str], *,
-             methods: Sequence[str], angles: Sequence[float] = ANGLES_SMALL + ANGLES_LARGE,
-             sigmas: Sequence[float] = SIGMAS_SMALL + SIGMAS_LARGE, seed: int = 0,
-             options: dict | None = None, progress: bool = False,
-             maps: dict | None = None) -> list[Row]:
+def protocol(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    names: Sequence[str],
+    *,
+    methods: Sequence[str],
+    angles: Sequence[float] = ANGLES_SMALL + ANGLES_LARGE,
+    sigmas: Sequence[float] = SIGMAS_SMALL + SIGMAS_LARGE,
+    seed: int = 0,
+    options: dict | None = None,
+    progress: bool = False,
+    maps: dict | None = None,
+) -> list[Row]:
     """Rows of the protocol for images [N, H, W, 3] (0..255) and each method.
 
     If `maps` is a dict, it receives the compared heatmaps for figures:
@@ -173,22 +184,34 @@ def protocol(model: Any, variables: Any, images: np.ndarray, names: Sequence[str
     options = options or {}
     rows: list[Row] = []
     size = images.shape[1]
-    bar = tqdm(total=len(images) * len(methods), disable=not progress, unit="map set",
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(images) * len(methods), disable=not progress, unit="map set", file=sys.stderr
+    )
     for index, (name, pixels) in enumerate(zip(names, images)):
         image = jnp.asarray(pixels, jnp.float32)[None]
         before = predict(model, variables, image)[0]
         variants = transforms(image, index, angles=angles, sigmas=sigmas, seed=seed)
         after = [predict(model, variables, v.image)[0] for v in variants]
         for method in methods:
-            reference = np.asarray(explain(method, model, variables, image,
-                                           sign=class_sign("predicted", before), **options))[0]
+            reference = np.asarray(
+                explain(
+                    method, model, variables, image, sign=class_sign("predicted", before), **options
+                )
+            )[0]
             scale = float(np.max(np.abs(reference))) or 1.0
             if maps is not None:
                 maps[(name, method)] = {"reference": reference}
             for variant, pred in zip(variants, after):
-                heat = np.asarray(explain(method, model, variables, variant.image,
-                                          sign=class_sign("predicted", pred), **options))[0]
+                heat = np.asarray(
+                    explain(
+                        method,
+                        model,
+                        variables,
+                        variant.image,
+                        sign=class_sign("predicted", pred),
+                        **options,
+                    )
+                )[0]
                 ref = reference
                 lo, hi = 0, size
                 if variant.kind == "rotation":
@@ -196,13 +219,23 @@ def protocol(model: Any, variables: Any, images: np.ndarray, names: Sequence[str
                     lo, hi = crop_box(size, variant.amount)
                 if maps is not None:
                     maps[(name, method)][(variant.kind, variant.amount)] = heat[lo:hi, lo:hi]
-                rows.append(Row(
-                    image=name, method=method, transform=variant.kind, amount=variant.amount,
-                    rmse=metrics.rmse(heat[lo:hi, lo:hi] / scale, ref[lo:hi, lo:hi] / scale),
-                    crop=hi - lo, label_before=before.name, p_before=before.probability,
-                    logit_before=before.logit, label_after=pred.name,
-                    p_after=pred.probability, logit_after=pred.logit,
-                    label_changed=pred.label != before.label))
+                rows.append(
+                    Row(
+                        image=name,
+                        method=method,
+                        transform=variant.kind,
+                        amount=variant.amount,
+                        rmse=metrics.rmse(heat[lo:hi, lo:hi] / scale, ref[lo:hi, lo:hi] / scale),
+                        crop=hi - lo,
+                        label_before=before.name,
+                        p_before=before.probability,
+                        logit_before=before.logit,
+                        label_after=pred.name,
+                        p_after=pred.probability,
+                        logit_after=pred.logit,
+                        label_changed=pred.label != before.label,
+                    )
+                )
             bar.update(1)
     bar.close()
     return rows
@@ -231,8 +264,11 @@ def plot_rmse(rows: Sequence[Row], image: str, kind: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (label, keep) in zip(axes, ranges):
         for method in dict.fromkeys(r.method for r in mine):
-            pts = sorted((r.amount, r.rmse, r.label_changed) for r in mine
-                         if r.method == method and keep(r.amount))
+            pts = sorted(
+                (r.amount, r.rmse, r.label_changed)
+                for r in mine
+                if r.method == method and keep(r.amount)
+            )
             if not pts:
                 continue
             xs, ys, changed = zip(*pts)
@@ -248,8 +284,10 @@ def plot_rmse(rows: Sequence[Row], image: str, kind: str, path: Path) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     first = mine[0]
-    fig.suptitle(f"{image}: predicted {first.label_before} (p={first.p_before:.3f}); "
-                 "red x = predicted label changed")
+    fig.suptitle(
+        f"{image}: predicted {first.label_before} (p={first.p_before:.3f}); "
+        "red x = predicted label changed"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -264,28 +302,41 @@ def plot_heatmaps(rows: Sequence[Row], maps: dict, image: str, kind: str, path: 
     methods = list(dict.fromkeys(r.method for r in mine))
     amounts = list(dict.fromkeys(r.amount for r in mine))
     changed = {r.amount: r.label_changed for r in mine}
-    fig, axes = plt.subplots(len(methods), 1 + len(amounts), squeeze=False,
-                             figsize=(1.4 * (1 + len(amounts)), 1.5 * len(methods) + 0.6))
+    fig, axes = plt.subplots(
+        len(methods),
+        1 + len(amounts),
+        squeeze=False,
+        figsize=(1.4 * (1 + len(amounts)), 1.5 * len(methods) + 0.6),
+    )
     for row, method in zip(axes, methods):
         stored = maps[(image, method)]
         reference = stored["reference"]
         signed = method not in UNSIGNED
         top = float(np.max(np.abs(reference))) or 1.0
-        style = dict(cmap="bwr", vmin=-top, vmax=top) if signed else dict(cmap="jet", vmin=0,
-                                                                            vmax=top)
-        for ax, (label, heat) in zip(row, [("reference", reference)]
-                                     + [(a, stored[(kind, a)]) for a in amounts]):
+        style = (
+            dict(cmap="bwr", vmin=-top, vmax=top) if signed else dict(cmap="jet", vmin=0, vmax=top)
+        )
+        for ax, (label, heat) in zip(
+            row, [("reference", reference)] + [(a, stored[(kind, a)]) for a in amounts]
+        ):
             ax.imshow(heat, **style)
             ax.set_xticks([])
             ax.set_yticks([])
             if label == "reference":
                 ax.set_ylabel(method, fontsize=8)
-            title = label if label == "reference" else (
-                f"{label:g}°" if kind == "rotation" else f"σ {label:g}")
-            ax.set_title(title, fontsize=8,
-                         color="red" if label != "reference" and changed[label] else "black")
-    fig.suptitle(f"{image}, {kind}: heatmaps of the transformed inputs (red: label changed)",
-                 fontsize=9)
+            title = (
+                label
+                if label == "reference"
+                else (f"{label:g}°" if kind == "rotation" else f"σ {label:g}")
+            )
+            ax.set_title(
+                title,
+                fontsize=8,
+                color="red" if label != "reference" and changed[label] else "black",
+            )
+    fig.suptitle(
+        f"{image}, {kind}: heatmaps of the transformed inputs (red: label changed)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -297,11 +348,14 @@ def print_table(rows: Sequence[Row]) -> None:
     groups: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         small = r.amount <= (10.0 if r.transform == "rotation" else 0.1) + 1e-9
-        groups.setdefault((r.method, f"{r.transform} {'small' if small else 'large'}"),
-                          []).append(r)
+        groups.setdefault((r.method, f"{r.transform} {'small' if small else 'large'}"), []).append(
+            r
+        )
     for (method, group), rs in groups.items():
-        print(f"{method:16s} {group:18s} {np.mean([r.rmse for r in rs]):10.4f} "
-              f"{sum(r.label_changed for r in rs):4d}/{len(rs)}")
+        print(
+            f"{method:16s} {group:18s} {np.mean([r.rmse for r in rs]):10.4f} "
+            f"{sum(r.label_changed for r in rs):4d}/{len(rs)}"
+        )
 
 
 # ----------------------------------------------------------------- correctness
@@ -316,31 +370,57 @@ class Score:
     pointing_hits: int
     pointing_rate: float
     mass_mean: float
-    mass_defined: int       # images with some positive relevance
+    mass_defined: int  # images with some positive relevance
 
 
-def correctness(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
-                masks: np.ndarray, *, methods: Sequence[str], batch_size: int = 8,
-                options: dict | None = None, progress: bool = False) -> list[Score]:
+def correctness(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    *,
+    methods: Sequence[str],
+    batch_size: int = 8,
+    options: dict | None = None,
+    progress: bool = False,
+) -> list[Score]:
     """Pointing game and relevance mass per method, explaining each image's true class."""
     options = options or {}
     signs = np.where(np.asarray(labels) > 0, 1.0, -1.0).astype(np.float32)
     scores = []
     for method in methods:
         maps = []
-        for start in tqdm(range(0, len(images), batch_size), disable=not progress,
-                          desc=method, file=sys.stderr):
-            batch = jnp.asarray(images[start:start + batch_size], jnp.float32)
-            maps.append(np.asarray(explain(method, model, variables, batch,
-                                           sign=signs[start:start + batch_size], **options)))
+        for start in tqdm(
+            range(0, len(images), batch_size), disable=not progress, desc=method, file=sys.stderr
+        ):
+            batch = jnp.asarray(images[start : start + batch_size], jnp.float32)
+            maps.append(
+                np.asarray(
+                    explain(
+                        method,
+                        model,
+                        variables,
+                        batch,
+                        sign=signs[start : start + batch_size],
+                        **options,
+                    )
+                )
+            )
         heat = np.concatenate(maps)
         hits = metrics.pointing_game(heat, masks)
         mass = metrics.relevance_mass(heat, masks)
         defined = ~np.isnan(mass)
-        scores.append(Score(method=method, images=len(heat), pointing_hits=int(hits.sum()),
-                            pointing_rate=float(hits.mean()),
-                            mass_mean=float(mass[defined].mean()) if defined.any() else math.nan,
-                            mass_defined=int(defined.sum())))
+        scores.append(
+            Score(
+                method=method,
+                images=len(heat),
+                pointing_hits=int(hits.sum()),
+                pointing_rate=float(hits.mean()),
+                mass_mean=float(mass[defined].mean()) if defined.any() else math.nan,
+                mass_defined=int(defined.sum()),
+            )
+        )
     return scores
 
 
@@ -352,38 +432,56 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m jaxrepro.explain.robustness",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Robustness of explanations under rotation and Gaussian noise (the "
-                    "protocol of Heggen's thesis, ch. 7-8): RMSE between the heatmap of a "
-                    "transformed image and the equally transformed reference heatmap. "
-                    "With --correctness: pointing game and relevance mass inside the "
-                    "object masks of the validation images.",
+        "protocol of Heggen's thesis, ch. 7-8): RMSE between the heatmap of a "
+        "transformed image and the equally transformed reference heatmap. "
+        "With --correctness: pointing game and relevance mass inside the "
+        "object masks of the validation images.",
         epilog=f"Angles (degrees): {ANGLES_SMALL} and {ANGLES_LARGE}.\n"
-               f"Sigmas ([0, 1] pixel range; noise std 255*sigma on 0..255 pixels): "
-               f"{SIGMAS_SMALL} and {SIGMAS_LARGE}.\n"
-               "Writes robustness.csv and <image>.rotation.png / <image>.noise.png "
-               "(or correctness.csv) in --out.\n"
-               "Example:\n  python -m jaxrepro.explain.robustness checkpoints/convnet/seed1001 "
-               "--images 3 --methods gradcam,ig --out robustness")
+        f"Sigmas ([0, 1] pixel range; noise std 255*sigma on 0..255 pixels): "
+        f"{SIGMAS_SMALL} and {SIGMAS_LARGE}.\n"
+        "Writes robustness.csv and <image>.rotation.png / <image>.noise.png "
+        "(or correctness.csv) in --out.\n"
+        "Example:\n  python -m jaxrepro.explain.robustness checkpoints/convnet/seed1001 "
+        "--images 3 --methods gradcam,ig --out robustness",
+    )
     parser.add_argument("run", help="run directory or checkpoint directory")
-    parser.add_argument("files", nargs="*", metavar="IMAGE",
-                        help="image files (default: the first --images validation images)")
-    parser.add_argument("--images", type=int, default=None,
-                        help="number of validation images of the run's data (default 3; "
-                             "with --correctness 100)")
-    parser.add_argument("--methods", default=None,
-                        help=f"comma-separated methods (default: all: {','.join(METHODS)})")
-    parser.add_argument("--angles", default=None,
-                        help="comma-separated angles in degrees (default: the thesis')")
-    parser.add_argument("--sigmas", default=None,
-                        help="comma-separated noise sigmas (default: the thesis')")
+    parser.add_argument(
+        "files",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files (default: the first --images validation images)",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="number of validation images of the run's data (default 3; with --correctness 100)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated methods (default: all: {','.join(METHODS)})",
+    )
+    parser.add_argument(
+        "--angles", default=None, help="comma-separated angles in degrees (default: the thesis')"
+    )
+    parser.add_argument(
+        "--sigmas", default=None, help="comma-separated noise sigmas (default: the thesis')"
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--steps", type=int, default=32, help="ig: path intervals (default 32)")
     parser.add_argument("--composite", default="thesis", help="lrp: composite (default thesis)")
-    parser.add_argument("--correctness", action="store_true",
-                        help="score heatmaps against the validation object masks instead")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="--correctness: images per batch (default 8)")
-    parser.add_argument("--out", default="robustness", help="output directory "
-                        "(default ./robustness)")
+    parser.add_argument(
+        "--correctness",
+        action="store_true",
+        help="score heatmaps against the validation object masks instead",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="--correctness: images per batch (default 8)"
+    )
+    parser.add_argument(
+        "--out", default="robustness", help="output directory (default ./robustness)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -411,9 +509,15 @@ def _methods(text: str | None) -> tuple[str, ...]:
 
 def _validation(trained: rundir.TrainedModel) -> Any:
     d = trained.config.data
-    return datalib.load(source=d.source, split="validation", image_size=d.image_size,
-                        num_train=d.num_train, num_val=d.num_val,
-                        data_dir=d.data_dir or None, folder=d.folder or None)
+    return datalib.load(
+        source=d.source,
+        split="validation",
+        image_size=d.image_size,
+        num_train=d.num_train,
+        num_val=d.num_val,
+        data_dir=d.data_dir or None,
+        folder=d.folder or None,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -424,8 +528,10 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1 or (args.images is not None and args.images < 1):
         raise ProtocolError("--steps, --batch-size and --images must be at least 1")
     if args.files and (args.images is not None or args.correctness):
-        raise ProtocolError("give IMAGE files or --images N (validation images), not both; "
-                            "--correctness uses validation images only")
+        raise ProtocolError(
+            "give IMAGE files or --images N (validation images), not both; "
+            "--correctness uses validation images only"
+        )
     options = {"steps": args.steps, "composite": args.composite}
     run_dir, _ = rundir.locate(args.run)
     image_size = int(rundir.RunDir(run_dir).read_config().data.image_size)
@@ -439,18 +545,28 @@ def run(args: argparse.Namespace) -> int:
         split = _validation(trained)
         count = args.images or (100 if args.correctness else 3)
         if count > len(split.labels):
-            raise ProtocolError(f"--images {count}: the validation split has "
-                                f"{len(split.labels)} images")
+            raise ProtocolError(
+                f"--images {count}: the validation split has {len(split.labels)} images"
+            )
         images = split.images[:count]
         names = [f"val{i:04d}_{CLASS_NAMES[int(split.labels[i])]}" for i in range(count)]
     if args.correctness:
         if split.masks is None:
-            raise ProtocolError(f"source {trained.config.data.source!r} has no object masks "
-                                "(only the embedded shapes set has)")
-        scores = correctness(trained.model, trained.variables, images,
-                             split.labels[:count], split.masks[:count], methods=methods,
-                             batch_size=args.batch_size, options=options,
-                             progress=not args.no_progress)
+            raise ProtocolError(
+                f"source {trained.config.data.source!r} has no object masks "
+                "(only the embedded shapes set has)"
+            )
+        scores = correctness(
+            trained.model,
+            trained.variables,
+            images,
+            split.labels[:count],
+            split.masks[:count],
+            methods=methods,
+            batch_size=args.batch_size,
+            options=options,
+            progress=not args.no_progress,
+        )
         write_csv(scores, out / "correctness.csv")
         print(f"{'method':16s} {'pointing game':>14s} {'mass in mask':>13s}  images")
         for s in scores:
@@ -458,9 +574,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'correctness.csv'}")
         return 0
     maps: dict = {}
-    rows = protocol(trained.model, trained.variables, images, names, methods=methods,
-                    angles=angles, sigmas=sigmas, seed=args.seed, options=options,
-                    progress=not args.no_progress, maps=maps)
+    rows = protocol(
+        trained.model,
+        trained.variables,
+        images,
+        names,
+        methods=methods,
+        angles=angles,
+        sigmas=sigmas,
+        seed=args.seed,
+        options=options,
+        progress=not args.no_progress,
+        maps=maps,
+    )
     write_csv(rows, out / "robustness.csv")
     for name in names:
         for kind in ("rotation", "noise"):
@@ -468,11 +594,14 @@ def run(args: argparse.Namespace) -> int:
             plot_heatmaps(rows, maps, name, kind, out / f"{name}.{kind}.heatmaps.png")
     for name in names:
         first = next(r for r in rows if r.image == name)
-        changed = sorted({(r.transform, r.amount) for r in rows
-                          if r.image == name and r.label_changed})
-        print(f"{name}: predicted {first.label_before} (p={first.p_before:.4f}, "
-              f"logit={first.logit_before:+.6g}); label changed at: "
-              + (", ".join(f"{k} {a:g}" for k, a in changed) or "none"))
+        changed = sorted(
+            {(r.transform, r.amount) for r in rows if r.image == name and r.label_changed}
+        )
+        print(
+            f"{name}: predicted {first.label_before} (p={first.p_before:.4f}, "
+            f"logit={first.logit_before:+.6g}); label changed at: "
+            + (", ".join(f"{k} {a:g}" for k, a in changed) or "none")
+        )
     print_table(rows)
     print(f"wrote {out / 'robustness.csv'} and the plots in {out}")
     return 0

@@ -8,7 +8,8 @@ by the name a config's `model` key uses.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,9 +23,22 @@ from jaxrepro.models.spec import FoldPair, GradcamLayer, ModelSpec
 SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (convnet.SPEC, minixception.SPEC)}
 MODELS: dict[str, type[nn.Module]] = {name: spec.module for name, spec in SPECS.items()}
 
-__all__ = ["MODELS", "SPECS", "ConvNet", "FoldPair", "GradcamLayer", "MiniXception",
-           "ModelSpec", "SeparableConv", "XceptionBlock", "count_params",
-           "flat_intermediates", "get_model", "get_spec", "spec_of"]
+__all__ = [
+    "MODELS",
+    "SPECS",
+    "ConvNet",
+    "FoldPair",
+    "GradcamLayer",
+    "MiniXception",
+    "ModelSpec",
+    "SeparableConv",
+    "XceptionBlock",
+    "count_params",
+    "flat_intermediates",
+    "get_model",
+    "get_spec",
+    "spec_of",
+]
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -9,7 +9,8 @@ module returns the logit, which is also what the explanation tools explain.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -54,8 +55,16 @@ class ConvNet(nn.Module):
     conv: Callable[..., jax.Array] = lax.conv_general_dilated
 
     INTERMEDIATES: ClassVar[tuple[str, ...]] = (
-        "conv1_out", "pool1_out", "conv2_out", "pool2_out", "conv3_out", "pool3_out",
-        "conv4_out", "pool4_out", "conv5_out")
+        "conv1_out",
+        "pool1_out",
+        "conv2_out",
+        "pool2_out",
+        "conv3_out",
+        "pool3_out",
+        "conv4_out",
+        "pool4_out",
+        "conv5_out",
+    )
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -63,8 +72,15 @@ class ConvNet(nn.Module):
         x = rescale(jnp.asarray(x, jnp.float32))
         n_conv = len(self.filters)
         for i, features in enumerate(self.filters, start=1):
-            x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=KERNEL_INIT,
-                        bias_init=BIAS_INIT, name=f"conv{i}", conv_general_dilated=self.conv)(x)
+            x = nn.Conv(
+                features,
+                (3, 3),
+                padding="VALID",
+                kernel_init=KERNEL_INIT,
+                bias_init=BIAS_INIT,
+                name=f"conv{i}",
+                conv_general_dilated=self.conv,
+            )(x)
             x = self.activation(x)
             self.sow("intermediates", f"conv{i}_out", x)
             if i < n_conv:
@@ -91,6 +107,10 @@ def keras_layers(model: ConvNet) -> dict[str, str]:
 # identity at inference). No batch norm, nothing to fold. The five VALID 3x3
 # convolutions and four 2x2 pools need at least 78 px.
 SPEC = ModelSpec(
-    name="convnet", module=ConvNet, min_image_size=78,
+    name="convnet",
+    module=ConvNet,
+    min_image_size=78,
     gradcam=GradcamLayer("conv5_out", module="dropout", where="input"),
-    keras_gradcam_layer="conv5", keras_layers=keras_layers)
+    keras_gradcam_layer="conv5",
+    keras_layers=keras_layers,
+)

@@ -10,7 +10,8 @@ the sigmoid of the Keras head is left to the loss. 718,849 trainable parameters 
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -45,12 +46,25 @@ class SeparableConv(nn.Module):
         """Depthwise then pointwise convolution, SAME padding, stride 1."""
         channels = x.shape[-1]
         k = self.kernel_size
-        x = nn.Conv(channels, (k, k), padding="SAME", feature_group_count=channels,
-                    use_bias=False, kernel_init=KERNEL_INIT, name="depthwise",
-                    conv_general_dilated=_impl(self.fast_convs, convolutions.depthwise_conv))(x)
-        return nn.Conv(self.features, (1, 1), padding="VALID", use_bias=False,
-                       kernel_init=KERNEL_INIT, name="pointwise",
-                       conv_general_dilated=_impl(self.fast_convs, convolutions.pointwise_conv))(x)
+        x = nn.Conv(
+            channels,
+            (k, k),
+            padding="SAME",
+            feature_group_count=channels,
+            use_bias=False,
+            kernel_init=KERNEL_INIT,
+            name="depthwise",
+            conv_general_dilated=_impl(self.fast_convs, convolutions.depthwise_conv),
+        )(x)
+        return nn.Conv(
+            self.features,
+            (1, 1),
+            padding="VALID",
+            use_bias=False,
+            kernel_init=KERNEL_INIT,
+            name="pointwise",
+            conv_general_dilated=_impl(self.fast_convs, convolutions.pointwise_conv),
+        )(x)
 
 
 def _impl(fast: bool, conv: Callable[..., jax.Array]) -> Callable[..., jax.Array] | None:
@@ -59,8 +73,13 @@ def _impl(fast: bool, conv: Callable[..., jax.Array]) -> Callable[..., jax.Array
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                        epsilon=BN_EPSILON, use_fast_variance=False, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        use_fast_variance=False,
+        name=name,
+    )
 
 
 class XceptionBlock(nn.Module):
@@ -82,20 +101,24 @@ class XceptionBlock(nn.Module):
         residual = x
         x = self.activation(_batch_norm(train, "bn_a")(x))
         self.sow("intermediates", "act_a", x)
-        x = SeparableConv(self.features, fast_convs=self.fast_convs,
-                          name="sepconv_a")(x)
+        x = SeparableConv(self.features, fast_convs=self.fast_convs, name="sepconv_a")(x)
         self.sow("intermediates", "sepconv_a_out", x)
         x = self.activation(_batch_norm(train, "bn_b")(x))
         self.sow("intermediates", "act_b", x)
-        x = SeparableConv(self.features, fast_convs=self.fast_convs,
-                          name="sepconv_b")(x)
+        x = SeparableConv(self.features, fast_convs=self.fast_convs, name="sepconv_b")(x)
         self.sow("intermediates", "sepconv_b_out", x)
         x = self.pool(x)
         self.sow("intermediates", "pool_out", x)
-        residual = nn.Conv(self.features, (1, 1), strides=(2, 2), padding="SAME",
-                           use_bias=False, kernel_init=KERNEL_INIT, name="residual",
-                           conv_general_dilated=_impl(self.fast_convs,
-                                                      convolutions.pointwise_conv))(residual)
+        residual = nn.Conv(
+            self.features,
+            (1, 1),
+            strides=(2, 2),
+            padding="SAME",
+            use_bias=False,
+            kernel_init=KERNEL_INIT,
+            name="residual",
+            conv_general_dilated=_impl(self.fast_convs, convolutions.pointwise_conv),
+        )(residual)
         self.sow("intermediates", "residual_out", residual)
         return x + residual  # keras.layers.add([x, residual])
 
@@ -126,8 +149,14 @@ class MiniXception(nn.Module):
     pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
 
     INTERMEDIATES: ClassVar[tuple[str, ...]] = (
-        "stem_out", "block1_out", "block2_out", "block3_out", "block4_out", "block5_out",
-        "gap_out")
+        "stem_out",
+        "block1_out",
+        "block2_out",
+        "block3_out",
+        "block4_out",
+        "block5_out",
+        "gap_out",
+    )
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -135,14 +164,23 @@ class MiniXception(nn.Module):
         x = rescale(jnp.asarray(x, jnp.float32))
         # XLA's own convolution in both paths: faster here than the patch form with
         # convolutions outside YNNPACK (jaxrepro.determinism).
-        x = nn.Conv(self.stem_features, (5, 5), padding="VALID", use_bias=False,
-                    kernel_init=KERNEL_INIT, name="stem")(x)
+        x = nn.Conv(
+            self.stem_features,
+            (5, 5),
+            padding="VALID",
+            use_bias=False,
+            kernel_init=KERNEL_INIT,
+            name="stem",
+        )(x)
         self.sow("intermediates", "stem_out", x)
         for i, size in enumerate(self.sizes, start=1):
-            x = XceptionBlock(size, activation=self.activation,
-                              fast_convs=self.fast_convs, pool=self.pool,
-                              name=f"block{i}")(
-                x, train=train)
+            x = XceptionBlock(
+                size,
+                activation=self.activation,
+                fast_convs=self.fast_convs,
+                pool=self.pool,
+                name=f"block{i}",
+            )(x, train=train)
             self.sow("intermediates", f"block{i}_out", x)
         x = jnp.mean(x, axis=(1, 2))  # GlobalAveragePooling2D
         self.sow("intermediates", "gap_out", x)
@@ -157,10 +195,17 @@ def keras_layers(model: MiniXception) -> dict[str, str]:
     out = {"stem_out": "stem"}
     for i in range(1, len(model.sizes) + 1):
         b = f"block{i}"
-        out.update({f"{b}/act_a": f"{b}_act_a", f"{b}/sepconv_a_out": f"{b}_sepconv_a",
-                    f"{b}/act_b": f"{b}_act_b", f"{b}/sepconv_b_out": f"{b}_sepconv_b",
-                    f"{b}/pool_out": f"{b}_pool", f"{b}/residual_out": f"{b}_residual",
-                    f"{b}_out": f"{b}_add"})
+        out.update(
+            {
+                f"{b}/act_a": f"{b}_act_a",
+                f"{b}/sepconv_a_out": f"{b}_sepconv_a",
+                f"{b}/act_b": f"{b}_act_b",
+                f"{b}/sepconv_b_out": f"{b}_sepconv_b",
+                f"{b}/pool_out": f"{b}_pool",
+                f"{b}/residual_out": f"{b}_residual",
+                f"{b}_out": f"{b}_add",
+            }
+        )
     out["gap_out"] = "gap"
     return out
 
@@ -173,14 +218,21 @@ def fold_pairs(model: MiniXception) -> tuple[FoldPair, ...]:
     the residual 1x1 convolution), so no single convolution precedes it: it stays a
     batch norm, and LRP gives it a rule of its own.
     """
-    return tuple(FoldPair(f"block{i}/sepconv_a/pointwise", f"block{i}/bn_b", BN_EPSILON)
-                 for i in range(1, len(model.sizes) + 1))
+    return tuple(
+        FoldPair(f"block{i}/sepconv_a/pointwise", f"block{i}/bn_b", BN_EPSILON)
+        for i in range(1, len(model.sizes) + 1)
+    )
 
 
 # Grad-CAM's A is block5's output, before the global average pooling. The 5x5 VALID
 # stem needs 5 px; the blocks' SAME pooling takes any size (A is 1x1 up to 32 px).
 SPEC = ModelSpec(
-    name="minixception", module=MiniXception, min_image_size=5,
+    name="minixception",
+    module=MiniXception,
+    min_image_size=5,
     gradcam=GradcamLayer("block5_out", module="block5", where="output"),
-    keras_gradcam_layer="block5_add", keras_layers=keras_layers, fold_pairs=fold_pairs,
-    config_options=("fast_convs",))
+    keras_gradcam_layer="block5_add",
+    keras_layers=keras_layers,
+    fold_pairs=fold_pairs,
+    config_options=("fast_convs",),
+)

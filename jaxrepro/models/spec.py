@@ -10,7 +10,8 @@ and the TensorFlow exchange read the spec; none of them keeps its own table of m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 

@@ -18,23 +18,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from jaxrepro import cli
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
-from jaxrepro.timing import peak_memory_mib, timed, usable_cpus
 from jaxrepro.tfref import process
+from jaxrepro.timing import peak_memory_mib, timed, usable_cpus
 
 
-def measure(config_file: str, overrides: Sequence[str], mode: str, steps: int,
-            repeats: int, gradcam_layer: str) -> dict:
+def measure(
+    config_file: str,
+    overrides: Sequence[str],
+    mode: str,
+    steps: int,
+    repeats: int,
+    gradcam_layer: str,
+) -> dict:
     """Measure Keras training, inference and Grad-CAM in this (TF) process."""
-    from jaxrepro.tfref import matched, models, runtime  # noqa: PLC0415  (imports TF)
-    from jaxrepro.tfref import train as trainlib
+    # TF side: TensorFlow only after `runtime.start` applied the recipe
+    from jaxrepro.tfref import matched, models, runtime  # noqa: PLC0415
+    from jaxrepro.tfref import train as trainlib  # noqa: PLC0415
 
     recipe = process.MODES[mode]
     tf = runtime.start(recipe)
@@ -50,8 +57,9 @@ def measure(config_file: str, overrides: Sequence[str], mode: str, steps: int,
     trainlib.compile_as_paper(model, config)
 
     def fit(count: int):
-        return lambda: model.fit(x[:count], y[:count], batch_size=batch_size, epochs=1,
-                                 shuffle=True, verbose=0)
+        return lambda: model.fit(
+            x[:count], y[:count], batch_size=batch_size, epochs=1, shuffle=True, verbose=0
+        )
 
     first = timed(fit(batch_size), 1)[0]  # traces the train function
     train_s = timed(fit(n), repeats)
@@ -80,20 +88,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (normally started by `python -m jaxrepro.analysis.bench`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = cli.split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref.bench",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.tfref.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config_file")
     parser.add_argument("--mode", choices=list(process.MODES), default="recipe")
     parser.add_argument("--json", required=True, help="where to write the result")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--gradcam-layer", required=True,
-                        help="the Keras layer whose output is Grad-CAM's A (the model spec's)")
+    parser.add_argument(
+        "--gradcam-layer",
+        required=True,
+        help="the Keras layer whose output is Grad-CAM's A (the model spec's)",
+    )
     args = parser.parse_args(rest)
     process.ensure_tf_process("jaxrepro.tfref.bench", argv, process.MODES[args.mode])
-    result = measure(args.config_file, overrides, args.mode, args.steps, args.repeats,
-                     args.gradcam_layer)
+    result = measure(
+        args.config_file, overrides, args.mode, args.steps, args.repeats, args.gradcam_layer
+    )
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 

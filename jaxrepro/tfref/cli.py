@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -43,8 +43,14 @@ def summary(image_size: int) -> dict:
     return {name: models.count_params(models.build(name, image_size)) for name in models.MODELS}
 
 
-def mirror(model_name: str, weights_in: str, weights_out: str, image_size: int,
-           images: str | None = None, logits: str | None = None) -> dict:
+def mirror(
+    model_name: str,
+    weights_in: str,
+    weights_out: str,
+    image_size: int,
+    images: str | None = None,
+    logits: str | None = None,
+) -> dict:
     """Flax weights -> Keras model -> Flax weights (and Keras logits of `images`)."""
     from jaxrepro.tfref import models  # noqa: PLC0415
 
@@ -63,8 +69,11 @@ def mirror(model_name: str, weights_in: str, weights_out: str, image_size: int,
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = cli.split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.tfref",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="parameter counts of both Keras models")
     p.add_argument("--image-size", type=int, default=180)
@@ -81,13 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("inputs", help="batches and probe images (.npz, see tfref.matched)")
     p.add_argument("layers", help="Keras layer names from the model's spec (.json)")
     p.add_argument("outdir")
-    p = sub.add_parser("train", help="the paper's Keras training on the config's data set",
-                       description=train_doc(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="the paper's Keras training on the config's data set",
+        description=train_doc(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config_file", help="experiment config (Python; it is executed)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--mode", default="recipe", choices=("recipe", "none", "single"),
-                   help="determinism recipe (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        default="recipe",
+        choices=("recipe", "none", "single"),
+        help="determinism recipe (default: %(default)s)",
+    )
     p.add_argument("--init-from", help="start from these Flax-named weights (.npz)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines from Keras")
     args = parser.parse_args(rest)
@@ -97,13 +113,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--config.KEY=VALUE goes with the train command only")
 
     # matched trains: the paper's recipe; summary and mirror draw nothing random.
-    recipe = (_train_recipe(args.mode) if args.command == "train"
-              else runtime.Recipe(deterministic=args.command == "matched"))
+    recipe = (
+        _train_recipe(args.mode)
+        if args.command == "train"
+        else runtime.Recipe(deterministic=args.command == "matched")
+    )
     runtime.ensure_tf_process("jaxrepro.tfref", argv, recipe)
     if args.command == "train":
         try:
-            result = trainlib.train(args.config_file, overrides, Path(args.out), args.mode,
-                                    args.init_from, verbose=0 if args.quiet else 2)
+            result = trainlib.train(
+                args.config_file,
+                overrides,
+                Path(args.out),
+                args.mode,
+                args.init_from,
+                verbose=0 if args.quiet else 2,
+            )
         except (UserError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -113,13 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "matched":
             from jaxrepro.tfref import matched  # noqa: PLC0415
 
-            result = matched.run(args.model, args.weights_in, args.inputs, args.layers,
-                                 args.outdir)
+            result = matched.run(args.model, args.weights_in, args.inputs, args.layers, args.outdir)
         elif args.command == "summary":
             result = summary(args.image_size)
         else:
-            result = mirror(args.model, args.weights_in, args.weights_out, args.image_size,
-                            args.images, args.logits)
+            result = mirror(
+                args.model,
+                args.weights_in,
+                args.weights_out,
+                args.image_size,
+                args.images,
+                args.logits,
+            )
         result["runtime"] = runtime.describe(tf, recipe)
     json.dump(result, sys.stdout, indent=1)
     print()
@@ -132,4 +162,3 @@ def _train_recipe(mode: str) -> runtime.Recipe:
 
 def train_doc() -> str:
     return trainlib.__doc__
-

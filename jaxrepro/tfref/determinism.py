@@ -23,8 +23,8 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from jaxrepro import cli
 from jaxrepro.tfref import runtime
@@ -35,35 +35,62 @@ MODELS = ("convnet", "minixception")
 IMAGE_SIZE = 80
 
 
-def run_child(model_name: str, mode: str, epochs: int, num_images: int, image_size: int,
-              out: Path) -> dict:
+def run_child(
+    model_name: str, mode: str, epochs: int, num_images: int, image_size: int, out: Path
+) -> dict:
     """`python -m jaxrepro.tfref.rerun` (one training) in a fresh process with the
     recipe's environment; its result."""
-    cli.run_child("jaxrepro.tfref.rerun",
-                  [model_name, mode, "--epochs", str(epochs), "--images", str(num_images),
-                   "--image-size", str(image_size), "--out", str(out)],
-                  env=runtime.child_environment(MODES[mode]),
-                  what=f"the Keras training of {model_name} ({mode})")
+    cli.run_child(
+        "jaxrepro.tfref.rerun",
+        [
+            model_name,
+            mode,
+            "--epochs",
+            str(epochs),
+            "--images",
+            str(num_images),
+            "--image-size",
+            str(image_size),
+            "--out",
+            str(out),
+        ],
+        env=runtime.child_environment(MODES[mode]),
+        what=f"the Keras training of {model_name} ({mode})",
+    )
     return json.loads(out.read_text())
 
 
 def compare(a: dict, b: dict) -> dict:
     """Bitwise equality of two runs' final weights."""
     differ = sorted(k for k in a["sha256"] if a["sha256"][k] != b["sha256"].get(k))
-    return {"same_bits": not differ, "weights": len(a["sha256"]), "differing": len(differ),
-            "first_differing": differ[:3],
-            "images_per_s": [round(a["images_per_s"], 1), round(b["images_per_s"], 1)],
-            "loss_equal": a["loss"] == b["loss"]}
+    return {
+        "same_bits": not differ,
+        "weights": len(a["sha256"]),
+        "differing": len(differ),
+        "first_differing": differ[:3],
+        "images_per_s": [round(a["images_per_s"], 1), round(b["images_per_s"], 1)],
+        "loss_equal": a["loss"] == b["loss"],
+    }
 
 
-def measure(model_names: Sequence[str], modes: Sequence[str], epochs: int, num_images: int,
-            image_size: int, workdir: Path) -> list[dict]:
+def measure(
+    model_names: Sequence[str],
+    modes: Sequence[str],
+    epochs: int,
+    num_images: int,
+    image_size: int,
+    workdir: Path,
+) -> list[dict]:
     """Two runs per (model, mode); one comparison each."""
     rows = []
     for name in model_names:
         for mode in modes:
-            runs = [run_child(name, mode, epochs, num_images, image_size,
-                              workdir / f"{name}_{mode}_{i}.json") for i in (1, 2)]
+            runs = [
+                run_child(
+                    name, mode, epochs, num_images, image_size, workdir / f"{name}_{mode}_{i}.json"
+                )
+                for i in (1, 2)
+            ]
             row = {"model": name, "mode": mode, "image_size": image_size, **compare(*runs)}
             print(json.dumps(row), file=sys.stderr, flush=True)
             rows.append(row)
@@ -71,20 +98,27 @@ def measure(model_names: Sequence[str], modes: Sequence[str], epochs: int, num_i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref.determinism",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.tfref.determinism",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
-                        help="default: %(default)s (the mini Xception also takes 32)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=IMAGE_SIZE,
+        help="default: %(default)s (the mini Xception also takes 32)",
+    )
     parser.add_argument("--out", help="write the comparison as JSON here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tfref_determinism_") as tmp:
-        rows = measure(args.models, args.modes, args.epochs, args.images, args.image_size,
-                       Path(tmp))
+        rows = measure(
+            args.models, args.modes, args.epochs, args.images, args.image_size, Path(tmp)
+        )
     text = json.dumps(rows, indent=1)
     if args.out:
         Path(args.out).write_text(text)

@@ -45,12 +45,14 @@ ReLU(A . weights) / max; then upsampled bilinearly to the input size
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from jaxrepro.tfref import transfer, weights
+
 
 def read_layers(path: str | Path) -> dict[str, Any]:
     """LAYERS.json: {'activations': {flax sown name: keras layer}, 'gradcam_layer': name}."""
@@ -80,8 +82,9 @@ def keras_gradcam(model: Any, gradcam_layer: str) -> Callable:
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
-    cam_model = keras.Model(model.inputs, [model.get_layer(gradcam_layer).output,
-                                           model.get_layer("dense").output])
+    cam_model = keras.Model(
+        model.inputs, [model.get_layer(gradcam_layer).output, model.get_layer("dense").output]
+    )
 
     def gradcam(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = int(x.shape[1])
@@ -89,7 +92,7 @@ def keras_gradcam(model: Any, gradcam_layer: str) -> Callable:
             conv_out, logit = cam_model(x, training=False)
             score = logit[:, 0]
         grads = tape.gradient(score, conv_out)
-        pooled = tf.reduce_mean(grads, axis=(1, 2))                      # [P, c]
+        pooled = tf.reduce_mean(grads, axis=(1, 2))  # [P, c]
         heat = tf.einsum("nhwc,nc->nhw", conv_out, pooled)
         heat = tf.maximum(heat, 0.0)
         top = tf.reduce_max(heat, axis=(1, 2), keepdims=True)
@@ -123,9 +126,10 @@ def run(model_name: str, weights_in: str, inputs: str, layers_file: str, outdir:
     logit_model = models.logit_model(model)
     layers = read_layers(layers_file)
     names = layers["activations"]
-    probe_model = keras.Model(model.inputs,
-                              [model.get_layer(k).output for k in names.values()]
-                              + [model.get_layer("dense").output])
+    probe_model = keras.Model(
+        model.inputs,
+        [model.get_layer(k).output for k in names.values()] + [model.get_layer("dense").output],
+    )
     acts = probe_model(probe_x, training=False)
     forward = {flax: np.asarray(a.numpy(), np.float32) for flax, a in zip(names, acts)}
     forward["logits"] = np.asarray(acts[-1].numpy(), np.float32)[:, 0]
@@ -143,17 +147,22 @@ def run(model_name: str, weights_in: str, inputs: str, layers_file: str, outdir:
     def loss_and_grads(x, y):
         with tf.GradientTape() as tape:
             logits = logit_model(x, training=True)[:, 0]  # BN: batch statistics, updates
-            loss = tf.reduce_mean(keras.losses.binary_crossentropy(
-                y[:, None], logits[:, None], from_logits=True))
+            loss = tf.reduce_mean(
+                keras.losses.binary_crossentropy(y[:, None], logits[:, None], from_logits=True)
+            )
         return loss, tape.gradient(loss, variables)
 
     losses = []
     for step in range(train_x.shape[0]):
         loss, grads = loss_and_grads(train_x[step], train_y[step])
         if step == 0:
-            weights.save(out / "gradients.npz",
-                         {name: _grad_to_flax(name, np.asarray(g.numpy(), np.float32))
-                          for (name, _), g in zip(trainable, grads)})
+            weights.save(
+                out / "gradients.npz",
+                {
+                    name: _grad_to_flax(name, np.asarray(g.numpy(), np.float32))
+                    for (name, _), g in zip(trainable, grads)
+                },
+            )
         optimizer.apply_gradients(zip(grads, variables))
         losses.append(float(loss.numpy()))
         weights.save(out / f"weights_{step + 1:03d}.npz", transfer.from_keras(model))
@@ -162,14 +171,17 @@ def run(model_name: str, weights_in: str, inputs: str, layers_file: str, outdir:
     cams["end_lowres"], cams["end"] = gradcam(probe_x)
     weights.save(out / "gradcam.npz", {k: np.asarray(v, np.float32) for k, v in cams.items()})
 
-    result: dict[str, Any] = {"model": model_name, "image_size": size,
-                              "steps": int(train_x.shape[0])}
+    result: dict[str, Any] = {
+        "model": model_name,
+        "image_size": size,
+        "steps": int(train_x.shape[0]),
+    }
     if "val_images" in arrays and len(arrays["val_labels"]):
         vx, vy = arrays["val_images"], arrays["val_labels"]
         correct = 0
         for start in range(0, len(vy), 100):
-            z = logit_model(vx[start:start + 100].astype(np.float32), training=False)
-            correct += int(np.sum((z.numpy()[:, 0] > 0) == (vy[start:start + 100] > 0)))
+            z = logit_model(vx[start : start + 100].astype(np.float32), training=False)
+            correct += int(np.sum((z.numpy()[:, 0] > 0) == (vy[start : start + 100] > 0)))
         result["val_accuracy"] = correct / len(vy)
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

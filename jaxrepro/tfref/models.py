@@ -31,9 +31,14 @@ PDIM = 180
 
 def data_augmentation() -> keras.Sequential:
     """The listings' augmentation: flip, rotate 0.1, zoom 0.2, each with seed 1."""
-    return keras.Sequential([keras.layers.RandomFlip("horizontal", seed=1),
-                             keras.layers.RandomRotation(0.1, seed=1),
-                             keras.layers.RandomZoom(0.2, seed=1)], name="augmentation")
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=1),
+            keras.layers.RandomRotation(0.1, seed=1),
+            keras.layers.RandomZoom(0.2, seed=1),
+        ],
+        name="augmentation",
+    )
 
 
 def _head(x):
@@ -48,10 +53,11 @@ def convnet(image_size: int = PDIM, augment: bool = True) -> keras.Model:
     """Listing 3: five 3x3 ReLU convolutions with max pooling, Flatten, Dropout, Dense."""
     inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
     x = data_augmentation()(inputs) if augment else inputs
-    x = keras.layers.Rescaling(1. / 255, name="rescaling")(x)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescaling")(x)
     for i, filters in enumerate((32, 64, 128, 256, 256), start=1):
-        x = keras.layers.Conv2D(filters=filters, kernel_size=3, activation="relu",
-                                name=f"conv{i}")(x)
+        x = keras.layers.Conv2D(filters=filters, kernel_size=3, activation="relu", name=f"conv{i}")(
+            x
+        )
         if i < 5:
             x = keras.layers.MaxPooling2D(pool_size=2, name=f"pool{i}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
@@ -62,28 +68,49 @@ def minixception(image_size: int = PDIM, augment: bool = True) -> keras.Model:
     """Listing 6: 5x5 stem, five residual separable-convolution blocks, GAP, Dropout, Dense."""
     inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
     x = data_augmentation()(inputs) if augment else inputs
-    x = keras.layers.Rescaling(1. / 255, name="rescaling")(x)
-    x = keras.layers.Conv2D(filters=32, kernel_size=5, use_bias=False,
-                            kernel_initializer=init_glorot_u(seed=1), name="stem")(x)
+    x = keras.layers.Rescaling(1.0 / 255, name="rescaling")(x)
+    x = keras.layers.Conv2D(
+        filters=32,
+        kernel_size=5,
+        use_bias=False,
+        kernel_initializer=init_glorot_u(seed=1),
+        name="stem",
+    )(x)
     for i, size in enumerate((32, 64, 128, 256, 512), start=1):
         b = f"block{i}_"
         residual = x
         x = keras.layers.BatchNormalization(name=b + "bn_a")(x)
         x = keras.layers.Activation("relu", name=b + "act_a")(x)
-        x = keras.layers.SeparableConv2D(size, 3, padding="same", use_bias=False,
-                                         depthwise_initializer=init_glorot_u(seed=1),
-                                         pointwise_initializer=init_glorot_u(seed=2),
-                                         name=b + "sepconv_a")(x)
+        x = keras.layers.SeparableConv2D(
+            size,
+            3,
+            padding="same",
+            use_bias=False,
+            depthwise_initializer=init_glorot_u(seed=1),
+            pointwise_initializer=init_glorot_u(seed=2),
+            name=b + "sepconv_a",
+        )(x)
         x = keras.layers.BatchNormalization(name=b + "bn_b")(x)
         x = keras.layers.Activation("relu", name=b + "act_b")(x)
-        x = keras.layers.SeparableConv2D(size, 3, padding="same", use_bias=False,
-                                         depthwise_initializer=init_glorot_u(seed=1),
-                                         pointwise_initializer=init_glorot_u(seed=2),
-                                         name=b + "sepconv_b")(x)
+        x = keras.layers.SeparableConv2D(
+            size,
+            3,
+            padding="same",
+            use_bias=False,
+            depthwise_initializer=init_glorot_u(seed=1),
+            pointwise_initializer=init_glorot_u(seed=2),
+            name=b + "sepconv_b",
+        )(x)
         x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name=b + "pool")(x)
-        residual = keras.layers.Conv2D(size, 1, strides=2, padding="same", use_bias=False,
-                                       kernel_initializer=init_glorot_u(seed=1),
-                                       name=b + "residual")(residual)
+        residual = keras.layers.Conv2D(
+            size,
+            1,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=init_glorot_u(seed=1),
+            name=b + "residual",
+        )(residual)
         x = keras.layers.add([x, residual], name=b + "add")
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     return keras.Model(inputs=inputs, outputs=_head(x), name="minixception")
@@ -101,8 +128,9 @@ def build(name: str, image_size: int = PDIM, augment: bool = True) -> keras.Mode
 
 def logit_model(model: keras.Model) -> keras.Model:
     """The same layers, output taken before the sigmoid: logits [N, 1]."""
-    return keras.Model(inputs=model.inputs, outputs=model.get_layer("dense").output,
-                       name=f"{model.name}_logit")
+    return keras.Model(
+        inputs=model.inputs, outputs=model.get_layer("dense").output, name=f"{model.name}_logit"
+    )
 
 
 def count_params(model: keras.Model) -> dict[str, int]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from jaxrepro import determinism  # flags only; imports no JAX
 
@@ -32,9 +32,11 @@ class Recipe:
 
 # The determinism modes every TF entry point offers: no recipe; seeds/000 Listings 1
 # and 2 plus enable_op_determinism(); and that plus Listing 7 (one thread).
-MODES = {"none": Recipe(deterministic=False),
-         "recipe": Recipe(deterministic=True),
-         "single": Recipe(deterministic=True, single_thread=True)}
+MODES = {
+    "none": Recipe(deterministic=False),
+    "recipe": Recipe(deterministic=True),
+    "single": Recipe(deterministic=True, single_thread=True),
+}
 
 
 def child_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -61,8 +63,7 @@ def tf_side_environment(base: dict[str, str] | os._Environ) -> dict[str, str]:
     return env
 
 
-def ensure_tf_process(module: str, argv: Sequence[str],
-                      recipe: Recipe | None = None) -> None:
+def ensure_tf_process(module: str, argv: Sequence[str], recipe: Recipe | None = None) -> None:
     """Re-execute `python -m module argv` as a clean TF process if this one is not.
 
     Started from a shell, `python -m jaxrepro.tfref ...` imports `jaxrepro` first, and
@@ -76,8 +77,11 @@ def ensure_tf_process(module: str, argv: Sequence[str],
         if determinism.backend_started():
             raise RuntimeError("a JAX backend runs in a TensorFlow reference process")
         return
-    env = (child_environment(recipe, dict(os.environ)) if recipe is not None
-           else tf_side_environment(os.environ))
+    env = (
+        child_environment(recipe, dict(os.environ))
+        if recipe is not None
+        else tf_side_environment(os.environ)
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)

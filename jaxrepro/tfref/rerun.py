@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -32,31 +32,39 @@ def random_images(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return images, (np.arange(n) % 2).astype(np.float32)
 
 
-def train_once(model_name: str, mode: str, epochs: int, num_images: int,
-               image_size: int, batch_size: int = 32) -> dict:
+def train_once(
+    model_name: str, mode: str, epochs: int, num_images: int, image_size: int, batch_size: int = 32
+) -> dict:
     """Train in this process (a TF child) and return weight hashes and speed."""
     recipe = runtime.MODES[mode]
     tf = runtime.start(recipe)
     from jaxrepro.tfref import models  # noqa: PLC0415  (imports keras)
 
     model = models.build(model_name, image_size)
-    model.compile(loss="binary_crossentropy", optimizer="rmsprop", metrics=["accuracy"],
-                  jit_compile=False)
+    model.compile(
+        loss="binary_crossentropy", optimizer="rmsprop", metrics=["accuracy"], jit_compile=False
+    )
     x, y = random_images(num_images, image_size)
     start = time.perf_counter()
     history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
     seconds = time.perf_counter() - start
     hashes = weights.sha256(transfer.from_keras(model))
-    return {"model": model_name, "mode": mode, "image_size": image_size,
-            "images_per_s": epochs * (num_images // batch_size) * batch_size / seconds,
-            "loss": [float(v) for v in history.history["loss"]],
-            "sha256": hashes, "runtime": runtime.describe(tf, recipe)}
+    return {
+        "model": model_name,
+        "mode": mode,
+        "image_size": image_size,
+        "images_per_s": epochs * (num_images // batch_size) * batch_size / seconds,
+        "loss": [float(v) for v in history.history["loss"]],
+        "sha256": hashes,
+        "runtime": runtime.describe(tf, recipe),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m jaxrepro.tfref.rerun",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrepro.tfref.rerun", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("model", choices=("convnet", "minixception"))
     parser.add_argument("mode", choices=list(runtime.MODES))
     parser.add_argument("--out", required=True, help="where to write the result (JSON)")

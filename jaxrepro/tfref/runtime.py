@@ -13,10 +13,16 @@ import os
 import random
 from typing import Any
 
-from jaxrepro.tfref.process import (  # noqa: F401  (re-exported for TF-side callers)
-    MODES, SEED, SIDE_VARIABLE, Recipe, child_environment, ensure_tf_process,
-    tf_side_environment)
 from jaxrepro import determinism
+from jaxrepro.tfref.process import (  # noqa: F401  (re-exported for TF-side callers)
+    MODES,
+    SEED,
+    SIDE_VARIABLE,
+    Recipe,
+    child_environment,
+    ensure_tf_process,
+    tf_side_environment,
+)
 
 
 def start(recipe: Recipe) -> Any:
@@ -30,8 +36,10 @@ def start(recipe: Recipe) -> Any:
         tf.config.threading.set_intra_op_parallelism_threads(1)
     if recipe.deterministic:
         if os.environ.get("PYTHONHASHSEED") != "1":
-            raise RuntimeError("the determinism recipe needs PYTHONHASHSEED=1 set before "
-                               "Python starts (use child_environment)")
+            raise RuntimeError(
+                "the determinism recipe needs PYTHONHASHSEED=1 set before "
+                "Python starts (use child_environment)"
+            )
         tf.config.experimental.enable_op_determinism()
         reseed(tf, recipe)
     return tf
@@ -59,10 +67,14 @@ def describe(tf: Any, recipe: Recipe) -> dict[str, Any]:
     import keras  # noqa: PLC0415
 
     return {
-        "tensorflow": tf.__version__, "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
         "keras_backend": keras.backend.backend(),
-        "recipe": {"deterministic": recipe.deterministic,
-                   "single_thread": recipe.single_thread, "seed": recipe.seed},
+        "recipe": {
+            "deterministic": recipe.deterministic,
+            "single_thread": recipe.single_thread,
+            "seed": recipe.seed,
+        },
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),

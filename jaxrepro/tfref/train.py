@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,15 +45,27 @@ def compile_as_paper(model: Any, config: Any) -> None:
 
     opt = config.optimizer
     if opt.name != "rmsprop":
-        raise configlib.ConfigError(f"optimizer {opt.name!r}: the Keras reference runs "
-                                    "RMSprop only")
-    model.compile(loss="binary_crossentropy", metrics=["accuracy"], jit_compile=False,
-                  optimizer=keras.optimizers.RMSprop(learning_rate=opt.learning_rate,
-                                                     rho=opt.rho, epsilon=opt.epsilon))
+        raise configlib.ConfigError(
+            f"optimizer {opt.name!r}: the Keras reference runs RMSprop only"
+        )
+    model.compile(
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=False,
+        optimizer=keras.optimizers.RMSprop(
+            learning_rate=opt.learning_rate, rho=opt.rho, epsilon=opt.epsilon
+        ),
+    )
 
 
-def train(config_file: str, overrides: Sequence[str], out: Path, mode: str,
-          init_from: str | None = None, verbose: int = 2) -> dict[str, Any]:
+def train(
+    config_file: str,
+    overrides: Sequence[str],
+    out: Path,
+    mode: str,
+    init_from: str | None = None,
+    verbose: int = 2,
+) -> dict[str, Any]:
     """Train the config's Keras model in this (TF) process; write DIR's files."""
     from jaxrepro.tfref import determinism, models, runtime  # noqa: PLC0415  (TF side)
 
@@ -70,26 +83,41 @@ def train(config_file: str, overrides: Sequence[str], out: Path, mode: str,
     x = train.images.astype(np.float32)
     y = train.labels.astype(np.float32)
     start = time.perf_counter()
-    history = model.fit(x, y, batch_size=config.batch_size, epochs=config.num_epochs,
-                        shuffle=True, verbose=verbose,
-                        validation_data=(val.images.astype(np.float32),
-                                         val.labels.astype(np.float32)))
+    history = model.fit(
+        x,
+        y,
+        batch_size=config.batch_size,
+        epochs=config.num_epochs,
+        shuffle=True,
+        verbose=verbose,
+        validation_data=(val.images.astype(np.float32), val.labels.astype(np.float32)),
+    )
     seconds = time.perf_counter() - start
     final = transfer.from_keras(model)
     out.mkdir(parents=True, exist_ok=True)
     weights.save(out / "final.npz", final)
-    epochs = [{k: float(v[e]) for k, v in history.history.items()}
-              for e in range(len(history.history["loss"]))]
+    epochs = [
+        {k: float(v[e]) for k, v in history.history.items()}
+        for e in range(len(history.history["loss"]))
+    ]
     (out / "history.json").write_text(json.dumps(epochs, indent=1) + "\n")
     result = {
-        "model": config.model, "mode": mode, "config_file": config_file,
-        "overrides": list(overrides), "init_from": init_from,
-        "num_train": len(train.labels), "num_val": len(val.labels),
-        "data_fingerprint": {"train": datalib.data_fingerprint(train),
-                             "validation": datalib.data_fingerprint(val)},
-        "epochs": epochs, "seconds": seconds,
+        "model": config.model,
+        "mode": mode,
+        "config_file": config_file,
+        "overrides": list(overrides),
+        "init_from": init_from,
+        "num_train": len(train.labels),
+        "num_val": len(val.labels),
+        "data_fingerprint": {
+            "train": datalib.data_fingerprint(train),
+            "validation": datalib.data_fingerprint(val),
+        },
+        "epochs": epochs,
+        "seconds": seconds,
         "images_per_s": config.num_epochs * len(train.labels) / seconds,
-        "sha256": weights.sha256(final), "runtime": runtime.describe(tf, recipe),
+        "sha256": weights.sha256(final),
+        "runtime": runtime.describe(tf, recipe),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -23,7 +23,8 @@ NumPy only: the Keras side is used through `model.layers`, `layer.weights`,
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -107,8 +108,10 @@ def load_into_keras(model: Any, flat: Mapping[str, np.ndarray]) -> None:
             raise TransferError(f"no array {name!r} for Keras {layer_name}/{variable.name}")
         value = depthwise_to_keras(flat[name]) if transposed else np.asarray(flat[name])
         if tuple(value.shape) != tuple(variable.shape) or value.dtype != np.dtype(variable.dtype):
-            raise TransferError(f"{name}: {value.dtype}{list(value.shape)} does not fit Keras "
-                                f"{layer_name}/{variable.name} {variable.dtype}{list(variable.shape)}")
+            raise TransferError(
+                f"{name}: {value.dtype}{list(value.shape)} does not fit Keras "
+                f"{layer_name}/{variable.name} {variable.dtype}{list(variable.shape)}"
+            )
         variable.assign(value)
         used.add(name)
     extra = sorted(set(flat) - used)

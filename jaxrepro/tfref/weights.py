@@ -9,8 +9,9 @@ yield plain numeric arrays. NumPy only, so both processes can use it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

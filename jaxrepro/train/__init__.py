@@ -14,9 +14,28 @@ records, `load` of a trained model), `loop` (`train_and_evaluate` in named phase
 
 from jaxrepro.train.loop import NonFiniteLoss, load_data, train_and_evaluate
 from jaxrepro.train.rundir import RunDir, RunError, RunNotFound, TrainedModel, load
-from jaxrepro.train.setup import (TrainState, abstract_state, build_model, build_optimizer,
-                                  init_state, stream_keys)
+from jaxrepro.train.setup import (
+    TrainState,
+    abstract_state,
+    build_model,
+    build_optimizer,
+    init_state,
+    stream_keys,
+)
 
-__all__ = ["NonFiniteLoss", "RunDir", "RunError", "RunNotFound", "TrainState", "TrainedModel",
-           "abstract_state", "build_model", "build_optimizer", "init_state", "load",
-           "load_data", "stream_keys", "train_and_evaluate"]
+__all__ = [
+    "NonFiniteLoss",
+    "RunDir",
+    "RunError",
+    "RunNotFound",
+    "TrainState",
+    "TrainedModel",
+    "abstract_state",
+    "build_model",
+    "build_optimizer",
+    "init_state",
+    "load",
+    "load_data",
+    "stream_keys",
+    "train_and_evaluate",
+]

@@ -23,7 +23,6 @@ from orbax.checkpoint import checkpoint_managers as cm
 from jaxrepro.errors import UserError
 from jaxrepro.fingerprint import sha256_leaves
 
-
 ITEMS = ("state", "meta", "probe")
 
 
@@ -40,31 +39,33 @@ def manager(directory: str | Path, max_to_keep: int | None = 3) -> ocp.Checkpoin
     if jax.process_count() > 1:  # data parallel over processes: each keeps its own copy
         pid = jax.process_index()
         multi = ocp.options.MultiprocessingOptions(
-            primary_host=pid, active_processes={pid}, barrier_sync_key_prefix=f"process{pid}")
+            primary_host=pid, active_processes={pid}, barrier_sync_key_prefix=f"process{pid}"
+        )
         Path(directory).mkdir(parents=True, exist_ok=True)
         create = False  # Orbax does not create directories for a subset of processes
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=False, create=create,
-        multiprocessing_options=multi)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_names=ITEMS)
+        preservation_policy=policy,
+        enable_async_checkpointing=False,
+        create=create,
+        multiprocessing_options=multi,
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=ITEMS)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         probe: Any | None = None) -> None:
+def save(
+    mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, probe: Any | None = None
+) -> None:
     """Save state, metadata (plus leaf manifests) and an optional probe as `step`."""
     meta = {**meta, "step": int(step), "manifest": sha256_leaves(state)}
     items = {"state": ocp.args.StandardSave(state)}
     if probe is not None:
         meta["probe_manifest"] = sha256_leaves(probe)
         items["probe"] = ocp.args.StandardSave(probe)
-    mngr.save(int(step), args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items),
-              force=True)
+    mngr.save(int(step), args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), force=True)
     mngr.wait_until_finished()
 
 
-def restore(mngr: ocp.CheckpointManager, step: int,
-            abstract_state: Any | None) -> tuple[Any, dict]:
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any | None) -> tuple[Any, dict]:
     """Restore checkpoint `step`, verified against its manifest.
 
     With `abstract_state` the leaves come back in that structure (a TrainState);
@@ -84,11 +85,14 @@ def restore(mngr: ocp.CheckpointManager, step: int,
 def _read(mngr: ocp.CheckpointManager, step: int, **items: Any) -> Any:
     """Orbax-restore `items` and the metadata of `step`; any failure is a CheckpointError."""
     try:
-        return mngr.restore(int(step), args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore(), **items))
+        return mngr.restore(
+            int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
+        )
     except Exception as e:  # Orbax raises many types for damaged files
-        raise CheckpointError(f"checkpoint {Path(mngr.directory) / str(step)} could not be "
-                              f"read ({type(e).__name__}: {str(e)[:300]})") from e
+        raise CheckpointError(
+            f"checkpoint {Path(mngr.directory) / str(step)} could not be "
+            f"read ({type(e).__name__}: {str(e)[:300]})"
+        ) from e
 
 
 def _verify(where: Path, tree: Any, manifest: dict) -> None:
@@ -97,15 +101,18 @@ def _verify(where: Path, tree: Any, manifest: dict) -> None:
     if bad:
         raise CheckpointError(
             f"checkpoint {where} is damaged: {len(bad)} leaf/leaves do not match the "
-            f"SHA-256 manifest written at save time: {', '.join(bad[:8])}")
+            f"SHA-256 manifest written at save time: {', '.join(bad[:8])}"
+        )
 
 
 def restore_probe(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
     """The verified probe (numpy leaves) and metadata of checkpoint `step`."""
     where = Path(mngr.directory) / str(step)
     if not (where / "probe").is_dir():
-        raise CheckpointError(f"checkpoint {where} has no probe (diff_probe_examples was 0, "
-                              "or the run predates probes)")
+        raise CheckpointError(
+            f"checkpoint {where} has no probe (diff_probe_examples was 0, "
+            "or the run predates probes)"
+        )
     restored = _read(mngr, step, probe=ocp.args.StandardRestore(None))
     probe, meta = jax.device_get(restored["probe"]), restored["meta"]
     _verify(where / "probe", probe, meta.get("probe_manifest", {}))

@@ -28,8 +28,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -54,7 +55,8 @@ class NonFiniteLoss(RuntimeError):
             f"the loss of step {step} is {loss}: the run stopped there. Its last checkpoint "
             f"(step {last_checkpoint}) holds the last good state; a resume would repeat the "
             f"same step. Change the setting that diverged (e.g. the learning rate) and start "
-            f"a fork from it: --fork-from {run.checkpoints / str(last_checkpoint)}")
+            f"a fork from it: --fork-from {run.checkpoints / str(last_checkpoint)}"
+        )
         self.step, self.loss, self.last_checkpoint = step, loss, last_checkpoint
 
 
@@ -80,19 +82,22 @@ def make_mesh(config: ml_collections.ConfigDict):
     if jax.process_count() > 1 and config.num_devices != jax.device_count():
         raise parallel.LayoutError(
             f"num_devices={config.num_devices}: a run over {jax.process_count()} "
-            f"processes uses all their {jax.device_count()} devices")
+            f"processes uses all their {jax.device_count()} devices"
+        )
     return parallel.make_mesh(config.num_devices)
 
 
-def data_record(config: ml_collections.ConfigDict, data: Data, shuffle_key: jax.Array,
-                steps_per_epoch: int) -> dict:
+def data_record(
+    config: ml_collections.ConfigDict, data: Data, shuffle_key: jax.Array, steps_per_epoch: int
+) -> dict:
     """data.json: fingerprints of both splits and of every epoch's order."""
     n_train = len(data.train.labels)
     return {
         "train": datalib.data_fingerprint(data.train),
         "validation": datalib.data_fingerprint(data.validation),
         "epoch_order": datalib.order_fingerprint(shuffle_key, config.num_epochs, n_train),
-        "num_train": n_train, "num_val": len(data.validation.labels),
+        "num_train": n_train,
+        "num_val": len(data.validation.labels),
         "steps_per_epoch": steps_per_epoch,
         "dropped_per_epoch": n_train - steps_per_epoch * config.batch_size,
     }
@@ -128,9 +133,15 @@ class Run:
         return tree if self.mesh is None else jax.device_put(parallel.to_host(tree))
 
 
-def start(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False,
-          overwrite: bool = False, config_file: str | None = None,
-          fork_from: str | Path | None = None) -> Run:
+def start(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    config_file: str | None = None,
+    fork_from: str | Path | None = None,
+) -> Run:
     """Prepare the run directory and the initial, resumed or forked state."""
     run_dir = RunDir(workdir)
     if fork_from is not None and resume:
@@ -166,12 +177,31 @@ def start(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     step_records, epoch_records = rundir.truncate_records(run_dir, first)
     append_jsonl(run_dir.environment, {"start_step": first, **env})
     if not step_records:  # the initial state is "step 0": a different init shows up here
-        step_records = [{"step": 0, "epoch": 0, "loss": None, "accuracy": None,
-                         **rundir.fingerprint_record(jax.jit(steps.state_fingerprints)(state))}]
+        step_records = [
+            {
+                "step": 0,
+                "epoch": 0,
+                "loss": None,
+                "accuracy": None,
+                **rundir.fingerprint_record(jax.jit(steps.state_fingerprints)(state)),
+            }
+        ]
         write_jsonl(run_dir.steps, step_records)
-    return Run(config=config, dir=run_dir, data=data, keys=keys, model=model, tx=tx, mesh=mesh,
-               mngr=mngr, steps_per_epoch=steps_per_epoch, start=first, state=state,
-               step_records=step_records, epoch_records=epoch_records)
+    return Run(
+        config=config,
+        dir=run_dir,
+        data=data,
+        keys=keys,
+        model=model,
+        tx=tx,
+        mesh=mesh,
+        mngr=mngr,
+        steps_per_epoch=steps_per_epoch,
+        start=first,
+        state=state,
+        step_records=step_records,
+        epoch_records=epoch_records,
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -201,13 +231,20 @@ class Checkpointer:
         epoch, batch = divmod(step, self.run.steps_per_epoch)
         saved, probed = self.run.local(state), None
         if self.keep:
-            probed = jax.device_get(self.probe(saved.params, saved.batch_stats, *self.batch,
-                                               self.run.keys["probe"], step))
+            probed = jax.device_get(
+                self.probe(
+                    saved.params, saved.batch_stats, *self.batch, self.run.keys["probe"], step
+                )
+            )
         if jax.process_count() > 1:  # Orbax refuses host-local jax.Arrays across processes
             saved = parallel.to_host(saved)
-        ckpt.save(self.run.mngr, step, saved,
-                  {"cursor": {"epoch": epoch, "batch": batch}, **self.meta,
-                   "probe_order": self.order}, probed)
+        ckpt.save(
+            self.run.mngr,
+            step,
+            saved,
+            {"cursor": {"epoch": epoch, "batch": batch}, **self.meta, "probe_order": self.order},
+            probed,
+        )
 
     def latest(self) -> int | None:
         return ckpt.latest_step(self.run.mngr)
@@ -216,22 +253,27 @@ class Checkpointer:
 # ----------------------------------------------------------------------- loop
 
 
-def evaluate_epoch(run: Run, state: setup.TrainState, eval_step: Callable, epoch: int,
-                   step: int) -> dict:
+def evaluate_epoch(
+    run: Run, state: setup.TrainState, eval_step: Callable, epoch: int, step: int
+) -> dict:
     """The record of an epoch that ended at `step`: its training means, validation
     metrics and probe logits."""
     config, val = run.config, run.data.validation
     variables = run.local(state).variables
     done = [r for r in run.step_records if r["epoch"] == epoch]
-    result = steps.evaluate(eval_step, variables, val.images, val.labels,
-                            config.eval_batch_size)
-    return {"epoch": epoch, "step": step,
-            "train_loss": float(np.mean([r["loss"] for r in done])),
-            "train_accuracy": float(np.mean([r["accuracy"] for r in done])),
-            "val_loss": result.loss, "val_accuracy": result.accuracy,
-            "probe_logits": steps.probe_logits(eval_step, variables, val.images, val.labels,
-                                               config.probe_examples),
-            "state": run.step_records[-1]["state"]}
+    result = steps.evaluate(eval_step, variables, val.images, val.labels, config.eval_batch_size)
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(np.mean([r["loss"] for r in done])),
+        "train_accuracy": float(np.mean([r["accuracy"] for r in done])),
+        "val_loss": result.loss,
+        "val_accuracy": result.accuracy,
+        "probe_logits": steps.probe_logits(
+            eval_step, variables, val.images, val.labels, config.probe_examples
+        ),
+        "state": run.step_records[-1]["state"],
+    }
 
 
 def run_steps(run: Run, saver: Checkpointer, progress: bool = True) -> setup.TrainState:
@@ -241,16 +283,23 @@ def run_steps(run: Run, saver: Checkpointer, progress: bool = True) -> setup.Tra
     """
     config, train = run.config, run.data.train
     bs, n_train = config.batch_size, len(train.labels)
-    train_step = parallel.make_step(run.model, run.tx, config.augment, run.mesh,
-                                    config.microbatches, bs)
+    train_step = parallel.make_step(
+        run.model, run.tx, config.augment, run.mesh, config.microbatches, bs
+    )
     eval_step = steps.make_eval_step(run.model)
     state, keys = run.state, run.keys
     if run.mesh is not None:  # state and keys replicated on every device of the mesh
         state = parallel.put(state, parallel.replicated(run.mesh))
         keys = parallel.put(keys, parallel.replicated(run.mesh))
     step = run.start
-    bar = tqdm(total=run.total_steps, initial=step, disable=not progress, unit="step",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     t_epoch, timed_images = time.perf_counter(), 0
     try:
         while step < run.total_steps:
@@ -267,8 +316,13 @@ def run_steps(run: Run, saver: Checkpointer, progress: bool = True) -> setup.Tra
             if not math.isfinite(loss):
                 raise NonFiniteLoss(run.dir, step + 1, loss, saver.latest())
             state, step = new, step + 1
-            record = {"step": step, "epoch": epoch + 1, "loss": loss,
-                      "accuracy": int(metrics["correct"]) / bs, **rundir.fingerprint_record(prints)}
+            record = {
+                "step": step,
+                "epoch": epoch + 1,
+                "loss": loss,
+                "accuracy": int(metrics["correct"]) / bs,
+                **rundir.fingerprint_record(prints),
+            }
             run.step_records.append(record)
             append_jsonl(run.dir.steps, record)
             timed_images += bs
@@ -280,12 +334,20 @@ def run_steps(run: Run, saver: Checkpointer, progress: bool = True) -> setup.Tra
                 record = evaluate_epoch(run, state, eval_step, epoch + 1, step)
                 run.epoch_records.append(record)
                 append_jsonl(run.dir.metrics, record)
-                append_jsonl(run.dir.timing, {
-                    "epoch": epoch + 1, "seconds": elapsed, "train_images": timed_images,
-                    "images_per_second": timed_images / elapsed})
-                bar.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} "
-                          f"acc {record['train_accuracy']:.3f} | val loss "
-                          f"{record['val_loss']:.4f} acc {record['val_accuracy']:.3f}")
+                append_jsonl(
+                    run.dir.timing,
+                    {
+                        "epoch": epoch + 1,
+                        "seconds": elapsed,
+                        "train_images": timed_images,
+                        "images_per_second": timed_images / elapsed,
+                    },
+                )
+                bar.write(
+                    f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} "
+                    f"acc {record['train_accuracy']:.3f} | val loss "
+                    f"{record['val_loss']:.4f} acc {record['val_accuracy']:.3f}"
+                )
                 t_epoch, timed_images = time.perf_counter(), 0
             if step % config.checkpoint_every_steps == 0 or end_of_epoch:
                 saver.save(step, state)
@@ -293,8 +355,11 @@ def run_steps(run: Run, saver: Checkpointer, progress: bool = True) -> setup.Tra
         bar.close()
         if saver.latest() != step:
             saver.save(step, state)
-        print(f"\ninterrupted at step {step}; checkpoint saved. Continue with --resume "
-              f"--workdir {run.dir.path}", file=sys.stderr)
+        print(
+            f"\ninterrupted at step {step}; checkpoint saved. Continue with --resume "
+            f"--workdir {run.dir.path}",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     bar.close()
     if saver.latest() != step:
@@ -307,12 +372,14 @@ def run_steps(run: Run, saver: Checkpointer, progress: bool = True) -> setup.Tra
 
 def finish(run: Run, state: setup.TrainState) -> dict:
     """Write final.json (SHA-256 of every leaf of the final state) and the report."""
-    leaves = fingerprint.sha256_leaves({"params": state.params,
-                                        "batch_stats": state.batch_stats,
-                                        "opt_state": state.opt_state})
+    leaves = fingerprint.sha256_leaves(
+        {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    )
     config = run.config
     final = {
-        "experiment": config.experiment, "step": int(state.step), "epochs": config.num_epochs,
+        "experiment": config.experiment,
+        "step": int(state.step),
+        "epochs": config.num_epochs,
         "config_hash": configlib.config_hash(config),
         "final_state_sha256": fingerprint.combine_hex(leaves),
         "leaf_sha256": leaves,
@@ -330,18 +397,30 @@ def write_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                       resume: bool = False, overwrite: bool = False,
-                       config_file: str | None = None, progress: bool = True,
-                       fork_from: str | Path | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    config_file: str | None = None,
+    progress: bool = True,
+    fork_from: str | Path | None = None,
+) -> dict:
     """Train `config` in `workdir`; returns the final record (also in final.json).
 
     `resume` continues the run in `workdir` from its latest checkpoint; `overwrite`
     starts it again; `fork_from` (a run or checkpoint directory) starts a new run from
     that checkpoint instead of the initial weights (see `rundir.fork`).
     """
-    run = start(config, workdir, resume=resume, overwrite=overwrite, config_file=config_file,
-                fork_from=fork_from)
+    run = start(
+        config,
+        workdir,
+        resume=resume,
+        overwrite=overwrite,
+        config_file=config_file,
+        fork_from=fork_from,
+    )
     saver = Checkpointer(run)
     if saver.latest() is None:
         saver.save(run.start, run.state)

@@ -25,8 +25,9 @@ class KerasRMSpropState(NamedTuple):
     velocity: optax.Params
 
 
-def keras_rmsprop(learning_rate: float = 1e-3, rho: float = 0.9,
-                  epsilon: float = 1e-7) -> optax.GradientTransformation:
+def keras_rmsprop(
+    learning_rate: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7
+) -> optax.GradientTransformation:
     """RMSprop with Keras 3 defaults and operation order (no momentum, not centred)."""
 
     def init(params: optax.Params) -> KerasRMSpropState:
@@ -34,10 +35,12 @@ def keras_rmsprop(learning_rate: float = 1e-3, rho: float = 0.9,
 
     def update(grads, state, params=None):
         del params
-        velocity = jax.tree.map(lambda v, g: rho * v + (1 - rho) * jnp.square(g),
-                                state.velocity, grads)
-        updates = jax.tree.map(lambda g, v: _increment(learning_rate, g, v, epsilon),
-                               grads, velocity)
+        velocity = jax.tree.map(
+            lambda v, g: rho * v + (1 - rho) * jnp.square(g), state.velocity, grads
+        )
+        updates = jax.tree.map(
+            lambda g, v: _increment(learning_rate, g, v, epsilon), grads, velocity
+        )
         return updates, KerasRMSpropState(velocity)
 
     return optax.GradientTransformation(init, update)

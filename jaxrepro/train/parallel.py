@@ -29,7 +29,8 @@ Both steps are `jaxrepro.train.steps`' step with another placement: the same
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -50,25 +51,30 @@ class LayoutError(UserError, ValueError):
     """Batch size, micro-batch count and device count that do not fit together."""
 
 
-def check_layout(batch_size: int, num_devices: int, microbatches: int,
-                 available: int | None = None) -> None:
+def check_layout(
+    batch_size: int, num_devices: int, microbatches: int, available: int | None = None
+) -> None:
     """Raise LayoutError unless D divides B, and (if M > 0) M divides B and D divides M."""
     available = jax.device_count() if available is None else available
     if num_devices < 1 or num_devices > available:
-        raise LayoutError(f"num_devices={num_devices}, but {available} device(s) are "
-                          "available (on CPU, simulate more with XLA_FLAGS="
-                          "--xla_force_host_platform_device_count=N)")
+        raise LayoutError(
+            f"num_devices={num_devices}, but {available} device(s) are "
+            "available (on CPU, simulate more with XLA_FLAGS="
+            "--xla_force_host_platform_device_count=N)"
+        )
     if batch_size % num_devices:
         raise LayoutError(f"num_devices={num_devices} does not divide batch_size={batch_size}")
     if microbatches < 0:
         raise LayoutError(f"microbatches={microbatches} must be 0 (off) or positive")
     if microbatches:
         if batch_size % microbatches:
-            raise LayoutError(f"microbatches={microbatches} does not divide "
-                              f"batch_size={batch_size}")
+            raise LayoutError(
+                f"microbatches={microbatches} does not divide batch_size={batch_size}"
+            )
         if microbatches % num_devices:
-            raise LayoutError(f"num_devices={num_devices} does not divide "
-                              f"microbatches={microbatches}")
+            raise LayoutError(
+                f"num_devices={num_devices} does not divide microbatches={microbatches}"
+            )
 
 
 def make_mesh(num_devices: int) -> Mesh:
@@ -93,8 +99,9 @@ def put(tree: Any, sharding: NamedSharding) -> Any:
 
     def one(x):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(one(jax.random.key_data(x)),
-                                            impl=jax.random.key_impl(x))
+            return jax.random.wrap_key_data(
+                one(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+            )
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
@@ -103,6 +110,7 @@ def put(tree: Any, sharding: NamedSharding) -> Any:
 
 def to_host(tree: Any) -> Any:
     """Numpy copies of replicated global arrays (read from a device of this process)."""
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = x.addressable_data(0)
@@ -127,8 +135,14 @@ def tree_mean(stacked: Any, count: int) -> Any:
     return jax.tree.map(lambda x: pairwise_sum(x) / jnp.asarray(count, x.dtype), stacked)
 
 
-def microbatch_results(fn: Callable, images: jax.Array, labels: jax.Array, first: jax.Array,
-                       count: jax.Array, batch_per_micro: int) -> Any:
+def microbatch_results(
+    fn: Callable,
+    images: jax.Array,
+    labels: jax.Array,
+    first: jax.Array,
+    count: jax.Array,
+    batch_per_micro: int,
+) -> Any:
     """Per-micro-batch results of this device's `count` micro-batches, stacked.
 
     `fn(images, labels, m)` -> pytree for micro-batch m (global index `first + j`). The
@@ -152,9 +166,14 @@ def microbatch_results(fn: Callable, images: jax.Array, labels: jax.Array, first
     return jax.lax.fori_loop(0, count, body, buffers)
 
 
-def make_invariant_step(model: nn.Module, tx: optax.GradientTransformation,
-                        augment: Mapping[str, Any], mesh: Mesh, batch_size: int,
-                        microbatches: int) -> Callable:
+def make_invariant_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    augment: Mapping[str, Any],
+    mesh: Mesh,
+    batch_size: int,
+    microbatches: int,
+) -> Callable:
     """A jitted `(state, images_u8, labels, keys) -> (state, metrics, fingerprints)`.
 
     The signature of `steps.train_step`; state and outputs replicated on `mesh`, images
@@ -174,26 +193,38 @@ def make_invariant_step(model: nn.Module, tx: optax.GradientTransformation,
             # as in the single-program step; dropout gets its own key per micro-batch.
             positions = m * bm + jnp.arange(bm, dtype=jnp.int32)
             x = steps.augment_images(x_u8, augment_key, augment, positions)
-            g = steps.loss_and_grads(model, state.params, state.batch_stats, x, y,
-                                     jax.random.fold_in(dropout_key, m))
-            return {"grads": g.grads, "batch_stats": g.batch_stats, "loss": g.loss,
-                    "correct": steps.correct_count(g.logits, y).astype(jnp.int32)}
+            g = steps.loss_and_grads(
+                model, state.params, state.batch_stats, x, y, jax.random.fold_in(dropout_key, m)
+            )
+            return {
+                "grads": g.grads,
+                "batch_stats": g.batch_stats,
+                "loss": g.loss,
+                "correct": steps.correct_count(g.logits, y).astype(jnp.int32),
+            }
 
         first = jax.lax.axis_index(DATA) * per_device
         local = microbatch_results(microbatch, images, labels, first, count, bm)
         every = jax.tree.map(lambda x: jax.lax.all_gather(x, DATA, axis=0, tiled=True), local)
-        new = steps.apply_gradients(tx, state, tree_mean(every["grads"], microbatches),
-                                    tree_mean(every["batch_stats"], microbatches))
+        new = steps.apply_gradients(
+            tx,
+            state,
+            tree_mean(every["grads"], microbatches),
+            tree_mean(every["batch_stats"], microbatches),
+        )
         loss = pairwise_sum(every["loss"]) / microbatches
         correct = jnp.sum(every["correct"])  # integers: exact in any order
         return new, {"loss": loss, "correct": correct}, steps.state_fingerprints(new)
 
-    sharded = jax.shard_map(step_fn, mesh=mesh,
-                            in_specs=(P(), P(DATA), P(DATA), P(), P()),
-                            out_specs=(P(), P(), P()),
-                            # all_gather makes every device's copy equal; JAX's type
-                            # system cannot tell, so the replication check is off.
-                            check_vma=False)
+    sharded = jax.shard_map(
+        step_fn,
+        mesh=mesh,
+        in_specs=(P(), P(DATA), P(DATA), P(), P()),
+        out_specs=(P(), P(), P()),
+        # all_gather makes every device's copy equal; JAX's type
+        # system cannot tell, so the replication check is off.
+        check_vma=False,
+    )
     rep = replicated(mesh)
     jitted = jax.jit(sharded, donate_argnums=0)
     count = put(np.int32(per_device), rep)  # a runtime value: keeps the loop a loop
@@ -204,20 +235,31 @@ def make_invariant_step(model: nn.Module, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_sharded_step(model: nn.Module, tx: optax.GradientTransformation,
-                      augment: Mapping[str, Any], mesh: Mesh) -> Callable:
+def make_sharded_step(
+    model: nn.Module, tx: optax.GradientTransformation, augment: Mapping[str, Any], mesh: Mesh
+) -> Callable:
     """`steps.train_step` jitted with the batch sharded on `mesh`.
 
     XLA partitions it and all-reduces the gradients itself: correct, but the bits
     change with the device count.
     """
     rep, data = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(steps.train_step(model, tx, augment), in_shardings=(rep, data, data, rep),
-                   out_shardings=(rep, rep, rep), donate_argnums=0)
+    return jax.jit(
+        steps.train_step(model, tx, augment),
+        in_shardings=(rep, data, data, rep),
+        out_shardings=(rep, rep, rep),
+        donate_argnums=0,
+    )
 
 
-def make_step(model: nn.Module, tx: optax.GradientTransformation, augment: Mapping[str, Any],
-              mesh: Mesh | None, microbatches: int = 0, batch_size: int = 0) -> Callable:
+def make_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    augment: Mapping[str, Any],
+    mesh: Mesh | None,
+    microbatches: int = 0,
+    batch_size: int = 0,
+) -> Callable:
     """The training step of a placement: one device (`mesh=None`), the batch sharded by
     XLA (`microbatches=0`), or device-count invariant micro-batches."""
     if mesh is None:

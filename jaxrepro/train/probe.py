@@ -7,24 +7,24 @@ so that every operation runs at the shapes of a training step) the probe holds
     computed but not kept), and
   * the gradient of the training loss with respect to every parameter (training
     mode: batch statistics, and dropout from the run's own `probe` PRNG stream).
-The order in which layers run is stored with it (checkpoint metadata). `jaxrepro.analysis.diff` compares two probes layer by
-layer: the first forward activation that differs between two runs with equal
-parameters says which layer a device or code path computes differently; the first
-gradient that differs (in backward order) does the same for backpropagation.
+The order in which layers run is stored with it (checkpoint metadata).
+`jaxrepro.analysis.diff` compares two probes layer by layer: the first forward
+activation that differs between two runs with equal parameters says which layer a
+device or code path computes differently; the first gradient that differs (in backward
+order) does the same for backpropagation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxrepro import rng
 from jaxrepro.models import flat_intermediates
 from jaxrepro.train import steps
-
 
 # Modules that own parameters (leaves of the model tree).
 LAYER_TYPES = (nn.Conv, nn.Dense, nn.BatchNorm)
@@ -67,12 +67,17 @@ def make_probe(model: nn.Module, keep: int) -> Callable:
     def probe(params, batch_stats, images, labels, probe_key, step):
         variables = {"params": params, "batch_stats": batch_stats}
         logits, inter = model.apply(variables, images, train=False, mutable=["intermediates"])
-        g = steps.loss_and_grads(model, params, batch_stats, images, labels,
-                                 rng.step_key(probe_key, step))
-        return {"logits": logits, "loss": g.loss,
-                "activations": {k: v[:keep] for k, v in
-                                flat_intermediates(inter["intermediates"]).items()},
-                "gradients": g.grads}
+        g = steps.loss_and_grads(
+            model, params, batch_stats, images, labels, rng.step_key(probe_key, step)
+        )
+        return {
+            "logits": logits,
+            "loss": g.loss,
+            "activations": {
+                k: v[:keep] for k, v in flat_intermediates(inter["intermediates"]).items()
+            },
+            "gradients": g.grads,
+        }
 
     return jax.jit(probe)
 

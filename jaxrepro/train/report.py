@@ -58,47 +58,64 @@ def write(workdir: str | Path) -> Path:
     lines = [f"# Run report: {title}", ""]
     if epochs:
         last = epochs[-1]
-        lines += ["## Final metrics", "",
-                  f"- epochs: {last['epoch']}, steps: {final['step']}",
-                  f"- training accuracy {last['train_accuracy']:.4f}, loss {last['train_loss']:.4f}",
-                  f"- validation accuracy {last['val_accuracy']:.4f}, loss {last['val_loss']:.4f}",
-                  "", "![curves](curves.png)", "",
-                  "| epoch | train loss | train acc | val loss | val acc | state fingerprint |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_accuracy']:.4f} | "
-                  f"{r['val_loss']:.4f} | {r['val_accuracy']:.4f} | `{r['state'][:16]}` |"
-                  for r in epochs]
+        lines += [
+            "## Final metrics",
+            "",
+            f"- epochs: {last['epoch']}, steps: {final['step']}",
+            f"- training accuracy {last['train_accuracy']:.4f}, loss {last['train_loss']:.4f}",
+            f"- validation accuracy {last['val_accuracy']:.4f}, loss {last['val_loss']:.4f}",
+            "",
+            "![curves](curves.png)",
+            "",
+            "| epoch | train loss | train acc | val loss | val acc | state fingerprint |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_accuracy']:.4f} | "
+            f"{r['val_loss']:.4f} | {r['val_accuracy']:.4f} | `{r['state'][:16]}` |"
+            for r in epochs
+        ]
         lines.append("")
     pc = final.get("param_count", {})
-    lines += ["## Bits", "",
-              "Two runs are bitwise identical when these hashes agree "
-              "(`final.json` lists one SHA-256 per leaf).", "",
-              f"- final state SHA-256 (params, batch stats, optimizer): "
-              f"`{final['final_state_sha256']}`",
-              f"- last per-step fingerprint: `{final['last_step_fingerprint']}`",
-              f"- config SHA-256: `{final['config_hash']}`",
-              f"- training data: `{data['train']}`",
-              f"- validation data: `{data['validation']}`",
-              f"- epoch order ({config['num_epochs']} epochs): `{data['epoch_order']}`",
-              f"- parameters: {pc.get('trainable', '?'):,} trainable, "
-              f"{pc.get('total', '?'):,} in total", ""]
+    lines += [
+        "## Bits",
+        "",
+        "Two runs are bitwise identical when these hashes agree "
+        "(`final.json` lists one SHA-256 per leaf).",
+        "",
+        f"- final state SHA-256 (params, batch stats, optimizer): `{final['final_state_sha256']}`",
+        f"- last per-step fingerprint: `{final['last_step_fingerprint']}`",
+        f"- config SHA-256: `{final['config_hash']}`",
+        f"- training data: `{data['train']}`",
+        f"- validation data: `{data['validation']}`",
+        f"- epoch order ({config['num_epochs']} epochs): `{data['epoch_order']}`",
+        f"- parameters: {pc.get('trainable', '?'):,} trainable, {pc.get('total', '?'):,} in total",
+        "",
+    ]
     if timing:
         ips = [t["images_per_second"] for t in timing]
-        lines += ["## Speed (wall clock; not part of the bits)", "",
-                  f"- training images/s per epoch: {', '.join(f'{v:.1f}' for v in ips)} "
-                  "(the first epoch includes compilation)", ""]
+        lines += [
+            "## Speed (wall clock; not part of the bits)",
+            "",
+            f"- training images/s per epoch: {', '.join(f'{v:.1f}' for v in ips)} "
+            "(the first epoch includes compilation)",
+            "",
+        ]
     if envs:
         env = envs[-1]
-        lines += ["## Environment", "",
-                  f"- Python {env['python']}, {env['platform']}",
-                  f"- backend {env['backend']}, device {env['device_kind']} "
-                  f"x{env['device_count']}, CPU {env['cpu']['model']} "
-                  f"({env['cpu']['machine']}, {len(env['cpu']['flags'])} flags)",
-                  f"- threads: {env['threads']}",
-                  f"- XLA_FLAGS: `{env['xla_flags']}`",
-                  f"- JAX config: {env['jax_config']}",
-                  "- packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
-                  f"- started {len(envs)} time(s), at steps "
-                  f"{[e['start_step'] for e in envs]}", ""]
+        lines += [
+            "## Environment",
+            "",
+            f"- Python {env['python']}, {env['platform']}",
+            f"- backend {env['backend']}, device {env['device_kind']} "
+            f"x{env['device_count']}, CPU {env['cpu']['model']} "
+            f"({env['cpu']['machine']}, {len(env['cpu']['flags'])} flags)",
+            f"- threads: {env['threads']}",
+            f"- XLA_FLAGS: `{env['xla_flags']}`",
+            f"- JAX config: {env['jax_config']}",
+            "- packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+            f"- started {len(envs)} time(s), at steps {[e['start_step'] for e in envs]}",
+            "",
+        ]
     run.report.write_text("\n".join(lines))
     return run.report

@@ -92,15 +92,18 @@ def locate(path: str | Path) -> tuple[Path, int | None]:
     if not path.exists():
         if path.name.isdigit() and path.parent.name == "checkpoints" and path.parent.is_dir():
             steps = sorted(int(p.name) for p in path.parent.iterdir() if p.name.isdigit())
-            raise RunNotFound(f"{path.parent.parent} has no checkpoint at step {path.name}; "
-                              f"it has {steps}")
+            raise RunNotFound(
+                f"{path.parent.parent} has no checkpoint at step {path.name}; it has {steps}"
+            )
         raise RunNotFound(f"{path} does not exist")
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
     if (path / "config.json").exists():
         return path, None
-    raise RunNotFound(f"{path} is neither a run directory (with config.json and checkpoints/) "
-                      "nor a checkpoint directory (<run>/checkpoints/<step>)")
+    raise RunNotFound(
+        f"{path} is neither a run directory (with config.json and checkpoints/) "
+        "nor a checkpoint directory (<run>/checkpoints/<step>)"
+    )
 
 
 def checkpoint_step(run: Path, step: int | None) -> int:
@@ -111,29 +114,42 @@ def checkpoint_step(run: Path, step: int | None) -> int:
         if step is None:
             raise RunNotFound(f"{run} has no checkpoint yet")
     elif step not in mngr.all_steps():
-        raise RunNotFound(f"{run} has no checkpoint at step {step}; it has "
-                          f"{sorted(mngr.all_steps())}")
+        raise RunNotFound(
+            f"{run} has no checkpoint at step {step}; it has {sorted(mngr.all_steps())}"
+        )
     return int(step)
 
 
 # ---------------------------------------------------------------- start, resume
 
 
-def prepare(run: RunDir, config: ml_collections.ConfigDict, config_file: str | None,
-            resume: bool, overwrite: bool) -> None:
+def prepare(
+    run: RunDir,
+    config: ml_collections.ConfigDict,
+    config_file: str | None,
+    resume: bool,
+    overwrite: bool,
+) -> None:
     """Create the run directory, or check that a resumed run has the same config."""
     if run.config.exists() and overwrite:
         shutil.rmtree(run.path)
     if run.config.exists():
         if not resume:
-            raise RunError(f"run directory {run.path} already holds a run. Pass --resume to "
-                           "continue it, --overwrite to start it again, or another --workdir.")
+            raise RunError(
+                f"run directory {run.path} already holds a run. Pass --resume to "
+                "continue it, --overwrite to start it again, or another --workdir."
+            )
         old = json.loads(run.config.read_text())
-        changed = [c for c in configlib.diff_keys(old, json.loads(configlib.to_json(config)))
-                   if not c.startswith(PLACEMENT_ONLY)]
+        changed = [
+            c
+            for c in configlib.diff_keys(old, json.loads(configlib.to_json(config)))
+            if not c.startswith(PLACEMENT_ONLY)
+        ]
         if changed:
-            raise RunError(f"cannot resume {run.path}: the config differs from the saved one:\n  "
-                           + "\n  ".join(changed))
+            raise RunError(
+                f"cannot resume {run.path}: the config differs from the saved one:\n  "
+                + "\n  ".join(changed)
+            )
         return
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(configlib.to_json(config) + "\n")
@@ -144,15 +160,20 @@ def prepare(run: RunDir, config: ml_collections.ConfigDict, config_file: str | N
 def check_data(run: RunDir, record: dict) -> None:
     """Write `data.json`, refusing a resume whose data differ from the saved record."""
     if run.data.exists() and json.loads(run.data.read_text()) != record:
-        raise RunError(f"cannot resume {run.path}: the data differ from the run's data.json "
-                       "(different images, labels or epoch order)")
+        raise RunError(
+            f"cannot resume {run.path}: the data differ from the run's data.json "
+            "(different images, labels or epoch order)"
+        )
     run.data.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def checkpoint_meta(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
     """The metadata every checkpoint of a run carries besides its cursor."""
-    return {"steps_per_epoch": steps_per_epoch, "root_key": root_key_data(config.seed),
-            "config_hash": configlib.config_hash(config)}
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "root_key": root_key_data(config.seed),
+        "config_hash": configlib.config_hash(config),
+    }
 
 
 def root_key_data(seed: int) -> list:
@@ -160,13 +181,18 @@ def root_key_data(seed: int) -> list:
     return np.asarray(jax.random.key_data(rng.root_key(seed))).tolist()
 
 
-def check_checkpoint(run: RunDir, step: int, meta: dict, config: ml_collections.ConfigDict,
-                     steps_per_epoch: int) -> None:
+def check_checkpoint(
+    run: RunDir, step: int, meta: dict, config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> None:
     """Refuse a checkpoint of another run (root key or data cursor differ)."""
-    if meta.get("root_key") != root_key_data(config.seed) or \
-            meta.get("steps_per_epoch") != steps_per_epoch:
-        raise RunError(f"checkpoint {step} in {run.path} belongs to another run "
-                       "(root key or data cursor do not match)")
+    if (
+        meta.get("root_key") != root_key_data(config.seed)
+        or meta.get("steps_per_epoch") != steps_per_epoch
+    ):
+        raise RunError(
+            f"checkpoint {step} in {run.path} belongs to another run "
+            "(root key or data cursor do not match)"
+        )
 
 
 def truncate_records(run: RunDir, step: int) -> tuple[list[dict], list[dict]]:
@@ -181,8 +207,11 @@ def truncate_records(run: RunDir, step: int) -> tuple[list[dict], list[dict]]:
 
 def fingerprint_record(prints: dict) -> dict:
     """Host record of `steps.state_fingerprints`: per-leaf hex and their combined SHA-256."""
-    leaves = {f"{group}.{k}" if k else group: v for group, tree in prints.items()
-              for k, v in fingerprint.to_hex(tree).items()}
+    leaves = {
+        f"{group}.{k}" if k else group: v
+        for group, tree in prints.items()
+        for k, v in fingerprint.to_hex(tree).items()
+    }
     return {"state": fingerprint.combine_hex(leaves), "leaves": leaves}
 
 
@@ -198,8 +227,13 @@ def fork_source(parent: str | Path) -> tuple[Path, int]:
         raise RunError(f"--fork-from: {e}") from None
 
 
-def fork(parent_run: Path, step: int, run: RunDir, config: ml_collections.ConfigDict,
-         abstract: setup.TrainState) -> setup.TrainState:
+def fork(
+    parent_run: Path,
+    step: int,
+    run: RunDir,
+    config: ml_collections.ConfigDict,
+    abstract: setup.TrainState,
+) -> setup.TrainState:
     """Start `run` from checkpoint `step` of another run; its state.
 
     The parent's step and epoch records up to that step are copied, so `jaxrepro.analysis
@@ -212,13 +246,18 @@ def fork(parent_run: Path, step: int, run: RunDir, config: ml_collections.Config
         state, _ = ckpt.restore(parent.manager(), step, abstract)
     except ckpt.CheckpointError as e:  # also a tree that does not fit this config's model
         raise RunError(f"--fork-from: {e}") from None
-    changes = configlib.diff_keys(json.loads(parent.config.read_text()),
-                                  json.loads(configlib.to_json(config)))
+    changes = configlib.diff_keys(
+        json.loads(parent.config.read_text()), json.loads(configlib.to_json(config))
+    )
     write_jsonl(run.steps, [r for r in read_jsonl(parent.steps) if r["step"] <= step])
     write_jsonl(run.metrics, [r for r in read_jsonl(parent.metrics) if r["step"] <= step])
-    run.fork.write_text(json.dumps(
-        {"parent": str(parent_run.resolve()), "step": int(step), "config_changes": changes},
-        indent=2) + "\n")
+    run.fork.write_text(
+        json.dumps(
+            {"parent": str(parent_run.resolve()), "step": int(step), "config_changes": changes},
+            indent=2,
+        )
+        + "\n"
+    )
     return state
 
 
@@ -232,9 +271,9 @@ class TrainedModel:
     run: Path
     step: int
     config: ml_collections.FrozenConfigDict
-    model: nn.Module        # dropout is off in `apply(..., train=False)`
-    variables: dict         # {'params': ..., 'batch_stats': ...}
-    state: Any              # the whole TrainState (with optimizer state)
+    model: nn.Module  # dropout is off in `apply(..., train=False)`
+    variables: dict  # {'params': ..., 'batch_stats': ...}
+    state: Any  # the whole TrainState (with optimizer state)
 
     @property
     def image_size(self) -> int:
@@ -247,5 +286,11 @@ def load(path: str | Path, step: int | None = None) -> TrainedModel:
     step = checkpoint_step(run, path_step if step is None else step)
     config = RunDir(run).read_config()
     state, _ = ckpt.restore(RunDir(run).manager(), step, setup.abstract_state(config))
-    return TrainedModel(run=run, step=step, config=config, model=setup.build_model(config),
-                        variables=state.variables, state=state)
+    return TrainedModel(
+        run=run,
+        step=step,
+        config=config,
+        model=setup.build_model(config),
+        variables=state.variables,
+        state=state,
+    )

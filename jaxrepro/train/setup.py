@@ -7,7 +7,8 @@ restored or compared: `build_model`, `build_optimizer`, `stream_keys` and
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,19 +52,22 @@ def stream_keys(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
     return rng.stream_keys(config.seed, {k: v for k, v in config.rng.items() if v >= 0})
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, init_key: jax.Array,
-               image_size: int) -> TrainState:
+def init_state(
+    model: nn.Module, tx: optax.GradientTransformation, init_key: jax.Array, image_size: int
+) -> TrainState:
     """Initial train state: weights from the `init` stream only."""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init({"params": init_key}, dummy, train=False)
     params = variables["params"]
-    return TrainState(step=jnp.int32(0), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.int32(0),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
 
 
 def abstract_state(config: ml_collections.ConfigDict) -> TrainState:
     """The shapes and dtypes of `config`'s train state (what a checkpoint restores into)."""
     model, tx = build_model(config), build_optimizer(config)
-    return jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0),
-                                             config.data.image_size))
+    return jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0), config.data.image_size))

@@ -42,37 +42,74 @@ sets "highest").
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 
-def _supported(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
-               lhs_dilation: Sequence[int] | None, rhs_dilation: Sequence[int] | None,
-               dimension_numbers: Any, feature_group_count: int) -> bool:
+def _supported(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None,
+    rhs_dilation: Sequence[int] | None,
+    dimension_numbers: Any,
+    feature_group_count: int,
+) -> bool:
     if not _nhwc_hwio(lhs, rhs, dimension_numbers):
         return False
     channels = lhs.shape[-1]
     ones = (None, (1, 1), [1, 1])
-    return (feature_group_count == channels and rhs.shape[2] == 1
-            and rhs.shape[3] == channels and tuple(window_strides) == (1, 1)
-            and padding == "SAME" and lhs_dilation in ones and rhs_dilation in ones)
+    return (
+        feature_group_count == channels
+        and rhs.shape[2] == 1
+        and rhs.shape[3] == channels
+        and tuple(window_strides) == (1, 1)
+        and padding == "SAME"
+        and lhs_dilation in ones
+        and rhs_dilation in ones
+    )
 
 
-def depthwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                   padding: Any, lhs_dilation: Sequence[int] | None = None,
-                   rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
-                   feature_group_count: int = 1, precision: Any = None,
-                   **kwargs: Any) -> jax.Array:
+def depthwise_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
     """`lax.conv_general_dilated`, with depthwise SAME stride-1 NHWC as shifted sums."""
-    if kwargs or not _supported(lhs, rhs, window_strides, padding, lhs_dilation,
-                                rhs_dilation, dimension_numbers, feature_group_count):
+    if kwargs or not _supported(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+    ):
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kwargs)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
     return _depthwise_same(lhs, rhs[:, :, 0])
 
 
@@ -82,7 +119,7 @@ def _shifted_sum(padded: jax.Array, taps: jax.Array, h: int, w: int) -> jax.Arra
     out = None
     for i in range(kh):
         for j in range(kw):
-            term = padded[:, i:i + h, j:j + w, :] * taps[i, j]
+            term = padded[:, i : i + h, j : j + w, :] * taps[i, j]
             out = term if out is None else out + term
     return out
 
@@ -121,8 +158,7 @@ def batch_chunk(n: int, image_bytes: int, budget: int | None = None) -> int:
     """The largest divisor of the batch size `n` whose images fit in `budget` bytes
     (default `CHUNK_BYTES`; at least 1)."""
     budget = CHUNK_BYTES if budget is None else budget
-    return max([b for b in range(1, n + 1) if n % b == 0 and b * image_bytes <= budget],
-               default=1)
+    return max([b for b in range(1, n + 1) if n % b == 0 and b * image_bytes <= budget], default=1)
 
 
 def _depthwise_backward(residuals, g: jax.Array):
@@ -160,8 +196,14 @@ def _tap_gradients(x: jax.Array, g: jax.Array, window: tuple[int, int]) -> jax.A
     kh, kw = window
     h, w = g.shape[1:3]
     padded = _pad_same(x, kh, kw)
-    return jnp.stack([jnp.stack([jnp.sum(padded[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2))
-                                 for j in range(kw)]) for i in range(kh)])
+    return jnp.stack(
+        [
+            jnp.stack(
+                [jnp.sum(padded[:, i : i + h, j : j + w, :] * g, axis=(0, 1, 2)) for j in range(kw)]
+            )
+            for i in range(kh)
+        ]
+    )
 
 
 _depthwise_same.defvjp(_depthwise_forward, _depthwise_backward)
@@ -174,32 +216,61 @@ def _nhwc_hwio(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
     return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
 
 
-def pointwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                   padding: Any, lhs_dilation: Sequence[int] | None = None,
-                   rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
-                   feature_group_count: int = 1, precision: Any = None,
-                   **kwargs: Any) -> jax.Array:
+def pointwise_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
     """`lax.conv_general_dilated`, with a strided 1x1 NHWC convolution as every s-th
     pixel's stride-1 1x1 convolution, whose kernel gradient is a matrix product."""
     ones = (None, (1, 1), [1, 1])
-    if (kwargs or not _nhwc_hwio(lhs, rhs, dimension_numbers) or rhs.shape[:2] != (1, 1)
-            or feature_group_count != 1 or padding not in ("SAME", "VALID")
-            or lhs_dilation not in ones or rhs_dilation not in ones):
+    if (
+        kwargs
+        or not _nhwc_hwio(lhs, rhs, dimension_numbers)
+        or rhs.shape[:2] != (1, 1)
+        or feature_group_count != 1
+        or padding not in ("SAME", "VALID")
+        or lhs_dilation not in ones
+        or rhs_dilation not in ones
+    ):
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kwargs)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
     sh, sw = window_strides
     x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-    return patch_grad_conv(x, rhs, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                           precision=precision)
+    return patch_grad_conv(
+        x, rhs, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+    )
 
 
-def patch_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                    padding: Any, lhs_dilation: Sequence[int] | None = None,
-                    rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
-                    feature_group_count: int = 1, precision: Any = None,
-                    **kwargs: Any) -> jax.Array:
+def patch_grad_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
     """`lax.conv_general_dilated`, whose kernel gradient, for a stride-1 NHWC convolution,
     is one matrix product of the input's patches (im2col) with the output gradient.
 
@@ -210,20 +281,34 @@ def patch_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int
     `dot_general`, is faster (figures in the module docstring).
     """
     ones = (None, (1, 1), [1, 1])
-    if (kwargs or not _nhwc_hwio(lhs, rhs, dimension_numbers) or padding not in ("SAME", "VALID")
-            or tuple(window_strides) != (1, 1) or feature_group_count != 1
-            or lhs_dilation not in ones or rhs_dilation not in ones):
+    if (
+        kwargs
+        or not _nhwc_hwio(lhs, rhs, dimension_numbers)
+        or padding not in ("SAME", "VALID")
+        or tuple(window_strides) != (1, 1)
+        or feature_group_count != 1
+        or lhs_dilation not in ones
+        or rhs_dilation not in ones
+    ):
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kwargs)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
     return _conv_patch_grad(lhs, rhs, padding, precision)
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, padding: str, precision: Any) -> jax.Array:
-    return lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=precision)
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -243,10 +328,10 @@ def _conv_patch_grad_backward(padding, precision, residuals, g):
     x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     h, w = g.shape[1:3]
     # Columns in (row, column, input channel) order: the HWIO kernel's, flattened.
-    patches = jnp.concatenate([x[:, i:i + h, j:j + w, :]
-                               for i in range(kh) for j in range(kw)], axis=-1)
-    dkernel = lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                              precision=precision)
+    patches = jnp.concatenate(
+        [x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    dkernel = lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision)
     return dx, dkernel.reshape(kh, kw, cin, cout)
 
 

@@ -79,13 +79,13 @@ def _backward(residuals, g: jax.Array):
     g = _as_scattered(g)
     taken = jnp.zeros(y.shape, bool)
     parts = []
-    for i in (0, 1):          # window positions in row-major order, as select-and-scatter
+    for i in (0, 1):  # window positions in row-major order, as select-and-scatter
         for j in (0, 1):
-            candidate = x[:, i:2 * h2:2, j:2 * w2:2]
+            candidate = x[:, i : 2 * h2 : 2, j : 2 * w2 : 2]
             chosen = (candidate == y) & ~taken
             taken = taken | chosen
             parts.append(jnp.where(chosen, g, zero))
-    rows = [jnp.stack(parts[2 * i:2 * i + 2], axis=3) for i in (0, 1)]  # [n, h2, w2, 2, c]
+    rows = [jnp.stack(parts[2 * i : 2 * i + 2], axis=3) for i in (0, 1)]  # [n, h2, w2, 2, c]
     dx = jnp.stack(rows, axis=2).reshape(n, 2 * h2, 2 * w2, c)
     # VALID pooling ignores an odd last row / column: their gradient is zero.
     return (jnp.pad(dx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0))),)
@@ -130,8 +130,9 @@ def _interleave(even: jax.Array, odd: jax.Array, axis: int) -> jax.Array:
     pairs = jnp.stack([lax.slice_in_dim(even, 0, m, axis=axis), odd], axis=axis + 1)
     shape = list(odd.shape)
     shape[axis] = 2 * m
-    return jnp.concatenate([pairs.reshape(shape), lax.slice_in_dim(even, m, m + 1, axis=axis)],
-                           axis=axis)
+    return jnp.concatenate(
+        [pairs.reshape(shape), lax.slice_in_dim(even, m, m + 1, axis=axis)], axis=axis
+    )
 
 
 def _backward_3x3(residuals, g: jax.Array):
@@ -161,14 +162,17 @@ def _backward_3x3(residuals, g: jax.Array):
     # chose one input, their gradients are added in row-major window order, as
     # select-and-scatter adds them; the zeros between do not change a sum.
     rows_, cols_ = 1, 2
-    even_even = ((_prev(_prev(c[2, 2], rows_), cols_) + _prev(_this(c[2, 0], cols_), rows_))
-                 + _this(_prev(c[0, 2], cols_), rows_)) + _this(_this(c[0, 0], rows_), cols_)
+    even_even = (
+        (_prev(_prev(c[2, 2], rows_), cols_) + _prev(_this(c[2, 0], cols_), rows_))
+        + _this(_prev(c[0, 2], cols_), rows_)
+    ) + _this(_this(c[0, 0], rows_), cols_)
     even_odd = _prev(c[2, 1], rows_) + _this(c[0, 1], rows_)
     odd_even = _prev(c[1, 2], cols_) + _this(c[1, 0], cols_)
     odd_odd = c[1, 1]
-    dx = _interleave(_interleave(even_even, even_odd, cols_),
-                     _interleave(odd_even, odd_odd, cols_), rows_)
-    return (dx[:, top:top + h, left:left + w],)
+    dx = _interleave(
+        _interleave(even_even, even_odd, cols_), _interleave(odd_even, odd_odd, cols_), rows_
+    )
+    return (dx[:, top : top + h, left : left + w],)
 
 
 max_pool_3x3_s2.defvjp(_forward_3x3, _backward_3x3)
