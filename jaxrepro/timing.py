@@ -1,4 +1,4 @@
-"""Wall-clock and memory measurements for the benchmarks, and the machine they ran on.
+"""Wall-clock and memory measurements for the benchmarks.
 
 NumPy-free and framework-free, so the JAX and the TensorFlow halves of
 `python -m jaxrepro.analysis.bench` measure the same way.
@@ -11,7 +11,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 
@@ -34,16 +33,3 @@ def peak_memory_mib() -> float:
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity)."""
     return len(os.sched_getaffinity(0))
-
-
-def machine() -> str:
-    """A one-line description of this machine's CPU."""
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {usable_cpus()} cores usable, CPU only"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 from jaxrepro import cli
 from jaxrepro.errors import UserError
@@ -67,7 +68,36 @@ def test_the_readme_names_commands():
     assert "jaxrepro.train" in _readme_modules()
 
 
-@pytest.mark.parametrize("module", _readme_modules())
-def test_every_readme_command_has_a_help(module):
-    r = run_cli(module, "--help", timeout=300)
-    assert "usage:" in r.stdout
+HELP_RUNNER = """
+import contextlib, io, json, runpy, sys
+out = {}
+for module in sys.argv[1:]:
+    sys.argv = [module, "--help"]
+    buffer = io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(buffer):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code
+    out[module] = [code, buffer.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_every_readme_command_runs_and_explains_itself():
+    """`python -m MODULE --help` for every module the README names, run as `-m` runs
+    them (runpy) in one fresh process: exit 0 and a usage line."""
+    modules = _readme_modules()
+    r = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER, *modules],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    results = json.loads(r.stdout.splitlines()[-1])
+    assert sorted(results) == modules
+    for module, (code, text) in results.items():
+        assert code in (0, None) and "usage:" in text, (module, code, text[-500:])

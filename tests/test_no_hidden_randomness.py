@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxrepro"
 # Explicit generator constructors are allowed: they take a seed and hold no global state.
 EXPLICIT = {"Generator", "PCG64", "Philox", "SeedSequence", "default_rng", "BitGenerator"}
-# The one exception: the TensorFlow reference applies the paper's recipe (seeds/000
+# The one exception: the TensorFlow reference applies the paper's recipe (its
 # Listing 2), which is global seeding, in a TF process of its own (never the JAX one).
 PAPER_RECIPE = {"tfref/runtime.py"}
 

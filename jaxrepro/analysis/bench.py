@@ -50,12 +50,11 @@ from pathlib import Path
 
 import matplotlib
 
-from jaxrepro import cli, models
+from jaxrepro import cli, models, provenance
 from jaxrepro import config as configlib
 from jaxrepro.analysis import variants
 from jaxrepro.errors import UserError
 from jaxrepro.tfref import process
-from jaxrepro.timing import machine
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -181,10 +180,10 @@ def _cell(values: list[float] | None, spec: str = ".1f") -> str:
     return f"{s['median']:{spec}} ({s['min']:{spec}}-{s['max']:{spec}})"
 
 
-def table(rows: list[dict], machine: str) -> str:
-    """Markdown: one row per (model, system), then the ratios."""
+def table(rows: list[dict], made_by: dict) -> str:
+    """Markdown: the provenance, one row per (model, system), then the ratios."""
     lines = [
-        f"Measured on: {machine}",
+        provenance.markdown(made_by),
         "",
         "| model | system | train img/s | compile s | inference img/s | Grad-CAM /s | "
         "LRP /s | peak MiB | repeats bitwise |",
@@ -276,7 +275,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: measure every (config, system), print and write the table."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    made_by = provenance.record("python -m jaxrepro.analysis.bench", argv)
     todo = plan(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,11 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    text = table(rows, machine())
+    text = table(rows, made_by)
     settings = {k: getattr(args, k) for k in ("image_size", "batch_size", "steps", "repeats")}
     (out / "bench.json").write_text(
         json.dumps(
-            {"machine": machine(), **settings, "rows": rows, "ratios": ratios(rows)}, indent=1
+            {"provenance": made_by, **settings, "rows": rows, "ratios": ratios(rows)}, indent=1
         )
         + "\n"
     )

@@ -43,7 +43,7 @@ import matplotlib
 import numpy as np
 import optax
 
-from jaxrepro import cli, models
+from jaxrepro import cli, models, provenance
 from jaxrepro import config as configlib
 from jaxrepro.analysis import matched
 from jaxrepro.errors import UserError
@@ -340,8 +340,16 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def compare(config, num_steps: int, out: Path, probe: int = 8, keep_exchange: bool = False) -> dict:
-    """Run both halves, write compare.json and trajectory.png into `out`; the report."""
+def compare(
+    config,
+    num_steps: int,
+    out: Path,
+    probe: int = 8,
+    keep_exchange: bool = False,
+    made_by: dict | None = None,
+) -> dict:
+    """Run both halves, write compare.json (with `made_by`, the provenance) and
+    trajectory.png into `out`; the report."""
     if num_steps < 1:
         raise CompareError("--steps must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -353,6 +361,7 @@ def compare(config, num_steps: int, out: Path, probe: int = 8, keep_exchange: bo
     keras_result = run_keras(config.model, exchange, exchange / "keras")
     jx = run_jax(inputs, setup.build_optimizer(config))
     report = build_report(config, num_steps, jx, exchange / "keras", keras_result)
+    report = {"provenance": made_by, **report}
     (out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, out / "trajectory.png")
     if keep_exchange:  # the JAX half's arrays next to the Keras ones, for inspection
@@ -370,7 +379,8 @@ def compare(config, num_steps: int, out: Path, probe: int = 8, keep_exchange: bo
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 done, 2 a user error, 1 if the Keras process fails."""
-    rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(
         prog="python -m jaxrepro.analysis.compare",
         description=__doc__,
@@ -391,7 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CompareError(f"--against {args.against!r}: only {AGAINST} is supported")
     config = configlib.resolve(args.config_file, overrides)
     try:
-        report = compare(config, args.steps, Path(args.out), args.probe, args.keep_exchange)
+        made_by = provenance.record("python -m jaxrepro.analysis.compare", argv)
+        report = compare(
+            config, args.steps, Path(args.out), args.probe, args.keep_exchange, made_by
+        )
     except cli.ChildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

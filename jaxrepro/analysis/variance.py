@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from jaxrepro import cli
+from jaxrepro import cli, provenance
 from jaxrepro import config as configlib
 from jaxrepro.analysis import matched
 from jaxrepro.analysis import variants as variantslib
@@ -270,8 +270,10 @@ def decompose(
     variant_names: Sequence[str],
     out: Path,
     progress: bool = True,
+    made_by: dict | None = None,
 ) -> dict:
-    """Train every run of `plan`, measure every pair; write variance.{json,md,png}."""
+    """Train every run of `plan`, measure every pair; write variance.{json,md,png}
+    (`made_by`: the provenance the files carry)."""
     if k < 2:
         raise VarianceError("--k must be at least 2 (a factor needs two runs)")
     if num_steps < 1:
@@ -323,6 +325,7 @@ def decompose(
     }
     pairs = {f: p for f, p in pairs.items() if p}
     report = {
+        "provenance": made_by,
         "model": config.model,
         "experiment": config.experiment,
         "seed": config.seed,
@@ -340,7 +343,8 @@ def decompose(
         "pairs": pairs,
     }
     (out / "variance.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "variance.md").write_text(table(report["factors"]) + "\n")
+    head = provenance.markdown(made_by) + "\n" if made_by else ""
+    (out / "variance.md").write_text(head + table(report["factors"]) + "\n")
     plot(report, out / "variance.png")
     return report
 
@@ -348,7 +352,8 @@ def decompose(
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 done, 2 a user error, 1 if a trainer process fails."""
-    rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(
         prog="python -m jaxrepro.analysis.variance",
         description=__doc__,
@@ -395,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             names,
             args.out,
             progress=not args.no_progress,
+            made_by=provenance.record("python -m jaxrepro.analysis.variance", argv),
         )
     except cli.ChildError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jaxrepro import cli
+from jaxrepro import cli, provenance
 from jaxrepro import config as configlib
 from jaxrepro.analysis import diff as difflib
 from jaxrepro.errors import UserError
@@ -174,18 +174,21 @@ def compare_variants(
     names: Sequence[str],
     out: Path,
     progress: bool = True,
+    made_by: dict | None = None,
 ) -> list[dict]:
     """Train every variant into `out/<name>`, diff each against the first; write
-    variants.md and variants.json into `out`; the table's rows."""
+    variants.md and variants.json (with `made_by`, the provenance) into `out`; the rows."""
     check_names(names)
     for name in names:
         print(f"== variant {name}: {VARIANTS[name].description}", file=sys.stderr)
         run_variant(name, config_file, overrides, out / name, progress)
     rows = [summarize(name, difflib.diff(out / names[0], out / name)) for name in names[1:]]
-    (out / "variants.md").write_text(table(rows, names[0]) + "\n")
+    head = provenance.markdown(made_by) + "\n" if made_by else ""
+    (out / "variants.md").write_text(head + table(rows, names[0]) + "\n")
     (out / "variants.json").write_text(
         json.dumps(
             {
+                "provenance": made_by,
                 "baseline": names[0],
                 "config_file": config_file,
                 "overrides": list(overrides),
@@ -201,7 +204,8 @@ def compare_variants(
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI; exit 0 when every variant ran (whatever their bits), 2 on errors."""
-    rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = cli.split_overrides(argv)
     parser = argparse.ArgumentParser(
         prog="python -m jaxrepro.analysis.variants",
         description=__doc__.split("\n\n")[0],
@@ -233,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     check_names(names)
     configlib.resolve(args.config_file, overrides)  # a bad file or key fails here, not in a child
-    rows = compare_variants(args.config_file, overrides, names, args.out, not args.no_progress)
+    made_by = provenance.record("python -m jaxrepro.analysis.variants", argv)
+    rows = compare_variants(
+        args.config_file, overrides, names, args.out, not args.no_progress, made_by
+    )
     print(table(rows, names[0]))
     return 0
 

@@ -3,7 +3,7 @@
 Why: a split must not depend on how a data set happens to be stored (TFDS shards and
 shuffles records by key hash, a folder lists files in file-system order) nor on any
 random state, so that the same examples land in the same split on every machine and
-after every rebuild (seeds/001: "deterministic data partitioning by hash").
+after every rebuild ("deterministic data partitioning by hash", as reproducible-ML practice has it).
 
 Rule: within each class, order the examples by SHA-256 of their id (UTF-8), ties
 impossible in practice and broken by the id itself. The first `num_train / 2` of each

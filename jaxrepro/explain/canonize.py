@@ -5,7 +5,7 @@ is a per-channel affine map ``y = s * x + t`` with ``s = scale / sqrt(var + eps)
 ``t = bias - mean * s``. Where it follows a convolution *directly* (no branch, no
 nonlinearity between), the two are one linear layer, ``W' = W * s`` (per output
 channel) and ``b' = b * s + t``, and the rule of that convolution should see ``W'`` and
-``b'`` (seeds/004, section 3.4.2: "merge the convolutional layer before the batchnorm
+``b'`` (Heggen's thesis, section 3.4.2: "merge the convolutional layer before the batchnorm
 layer together and form a new convolutional layer").
 
 The paper's models cannot carry ``b'`` in the convolution itself (the separable

@@ -33,7 +33,7 @@ negative inputs), ``zplus``, ``alphabeta[:alpha:beta]`` (alpha - beta = 1 enforc
 ``zb[:low:high]`` (input only, default bounds 0 and 1 for the rescaled pixels),
 ``flat`` and ``wsquare`` (input only), ``pass`` (batch norm only: identity rule).
 
-Batch norm (seeds/004, section 3.4.2). Batch norms that directly follow a convolution
+Batch norm (Heggen's thesis, section 3.4.2). Batch norms that directly follow a convolution
 are folded into it (`canonize.fold_batchnorm`), the treatment the thesis recommends.
 The rest (the mini Xception's ``bn_a``, after a residual add) are per-channel affine
 maps ``y = s * x + t`` and get a rule like a diagonal linear layer; composites pick it
@@ -477,7 +477,7 @@ def parse_composite(spec: str, name: str = "custom") -> Composite:
 
 
 # Gamma for the early convolutions, epsilon for the middle, LRP-0 for the dense head,
-# z^B at the input (seeds/004 section 3.4.2). "Early" = the first two conv stages
+# z^B at the input (Heggen's thesis, section 3.4.2). "Early" = the first two conv stages
 # (ConvNet conv2-3, mini Xception blocks 1-2); epsilon 0.25 absorbs weak, noisy evidence,
 # so "thesis" does not conserve by design. z+ and alpha-beta conserve only where a
 # layer has positive contributions: not on a depthwise conv with negative outputs (it

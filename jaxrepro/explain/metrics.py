@@ -1,6 +1,6 @@
 """Scores of heatmaps: robustness (RMSE) and correctness against object masks.
 
-- `rmse`: the thesis' eq. 7.1 (seeds/004), root mean square difference of two maps.
+- `rmse`: the thesis's eq. 7.1 (Heggen), root mean square difference of two maps.
 - `pointing_game`: a hit when the heatmap's largest value lies inside the object mask
   (Zhang et al.; no tolerance margin; ties go to the first pixel in row-major order).
 - `relevance_mass`: positive relevance inside the mask over positive relevance in all
@@ -16,7 +16,7 @@ import numpy as np
 
 
 def rmse(transformed: np.ndarray, reference: np.ndarray) -> float:
-    """sqrt(mean((transformed - reference)^2)) over all pixels (seeds/004 eq. 7.1)."""
+    """sqrt(mean((transformed - reference)^2)) over all pixels (the thesis's eq. 7.1)."""
     a = np.asarray(transformed, np.float64)
     b = np.asarray(reference, np.float64)
     if a.shape != b.shape:

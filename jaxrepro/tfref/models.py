@@ -1,4 +1,4 @@
-"""The paper's Keras models (seeds/000 Listings 3 and 6), layer for layer. TF side only.
+"""The paper's Keras models (Listings 3 and 6), layer for layer. TF side only.
 
 Differences from the listings, none of which changes a parameter or a computation:
 

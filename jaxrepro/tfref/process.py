@@ -30,7 +30,7 @@ class Recipe:
     seed: int = SEED
 
 
-# The determinism modes every TF entry point offers: no recipe; seeds/000 Listings 1
+# The determinism modes every TF entry point offers: no recipe; the paper's Listings 1
 # and 2 plus enable_op_determinism(); and that plus Listing 7 (one thread).
 MODES = {
     "none": Recipe(deterministic=False),

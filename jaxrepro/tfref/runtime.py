@@ -1,6 +1,6 @@
 """Start TensorFlow in this process, with or without the paper's determinism recipe.
 
-TF side only. The recipe (seeds/000 Listings 1, 2 and 7; seeds/001): PYTHONHASHSEED
+TF side only. The recipe (the paper's Listings 1, 2 and 7): PYTHONHASHSEED
 (must be set before Python starts, so the caller sets it in the child's environment
 and `start` only checks it), TF_DETERMINISTIC_OPS / `enable_op_determinism()`, the
 Python, NumPy and TensorFlow seeds, and optionally one thread for inter- and intra-op

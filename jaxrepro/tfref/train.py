@@ -3,7 +3,7 @@
     python -m jaxrepro.tfref train CONFIG_FILE --out DIR [--mode recipe|none|single]
                                    [--init-from WEIGHTS.npz] [--config.KEY=VALUE ...]
 
-What seeds/000 ran, as it ran it: the Keras model of Listing 3 or 6 with its own
+What the paper ran, as it ran it: the Keras model of Listing 3 or 6 with its own
 augmentation layers (RandomFlip, RandomRotation(0.1), RandomZoom(0.2), seeded as in the
 listings), `model.fit(..., shuffle=True)` with the config's batch size and epochs, binary
 cross-entropy on the sigmoid, RMSprop with the config's settings, eager TF kernels
@@ -14,7 +14,7 @@ Keras shuffles, augments and draws dropout with its own generators, and runs the
 epoch's last partial batch, so this is a reference for what TF does, not a bitwise twin
 of the JAX run (`python -m jaxrepro.analysis.compare` is the matched one).
 
-Modes (`jaxrepro.tfref.determinism`): `recipe` (default; seeds/000 Listings 1 and 2 plus
+Modes (`jaxrepro.tfref.determinism`): `recipe` (default; the paper's Listings 1 and 2 plus
 `enable_op_determinism()`), `none`, `single` (the recipe plus Listing 7: one thread).
 `--init-from` starts from given Flax-named weights (e.g. a JAX run's step 0, written by
 `python -m jaxrepro.analysis.export`) instead of Keras's seeded initialisers.

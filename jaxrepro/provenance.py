@@ -1,0 +1,75 @@
+"""Where a measurement came from: the command, the commit, the machine and the date.
+
+Every file a measuring tool writes (`bench.md`, `variants.md`, `variance.md`,
+`compare.json`, ...) carries this record, so a figure in `docs/results/` can be traced
+to what made it and rerun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jaxrepro
+
+_SOURCE = Path(jaxrepro.__file__).resolve().parent  # the code that ran, not the cwd
+
+
+def commit() -> str:
+    """The git commit of the jaxrepro source that runs (`+dirty` with local changes), or
+    the package version outside a checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(_SOURCE), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        status = subprocess.run(
+            ["git", "-C", str(_SOURCE), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return f"jaxrepro {jaxrepro.__version__} (not a git checkout)"
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def machine() -> str:
+    """A one-line description of this machine's CPU and the cores this process may use."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({platform.machine()}), {len(os.sched_getaffinity(0))} cores usable"
+
+
+def record(prog: str, argv: Sequence[str]) -> dict[str, Any]:
+    """The provenance of a measurement made by `prog argv`."""
+    return {
+        "command": shlex.join([prog, *argv]),
+        "commit": commit(),
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def markdown(rec: dict[str, Any]) -> str:
+    """The record as the head of a Markdown results file."""
+    return (
+        f"Command: `{rec['command']}`  \nCommit: `{rec['commit']}`  \n"
+        f"Machine: {rec['machine']}  \nDate: {rec['date']}\n"
+    )
