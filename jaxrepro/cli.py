@@ -1,6 +1,7 @@
-"""What every command-line tool shares: override splitting, user errors, child processes.
+"""What every command-line tool shares: arguments, user errors, child processes.
 
-* `split_overrides(argv)`: the `--config.KEY=VALUE` arguments apart from the rest.
+* `command_line(argv)`: the arguments and the `--config.KEY=VALUE` overrides apart;
+  `parser(prog, description)`: the argument parser every tool's `--help` is laid out by.
 * `guarded(main)`: a `main(argv) -> int` that reports a `UserError` as `error: ...`
   and returns exit status 2.
 * `run_child(module, args, ...)`: run `python -m module args` in a fresh process, the
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import subprocess
@@ -31,6 +33,21 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return rest, overrides
+
+
+def command_line(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(arguments, overrides) of `argv`, or of this process's command line if None."""
+    return split_overrides(sys.argv[1:] if argv is None else argv)
+
+
+def parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A parser whose description and epilog keep their line breaks, as every tool's."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def as_arguments(overrides: Sequence[str]) -> list[str]:

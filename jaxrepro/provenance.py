@@ -21,27 +21,21 @@ import jaxrepro
 _SOURCE = Path(jaxrepro.__file__).resolve().parent  # the code that ran, not the cwd
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(_SOURCE), *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def commit() -> str:
     """The git commit of the jaxrepro source that runs (`+dirty` with local changes), or
     the package version outside a checkout."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(_SOURCE), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        status = subprocess.run(
-            ["git", "-C", str(_SOURCE), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
+        head = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return f"jaxrepro {jaxrepro.__version__} (not a git checkout)"
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+    return head + ("+dirty" if dirty else "")
 
 
 def machine() -> str:

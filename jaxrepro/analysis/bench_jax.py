@@ -14,7 +14,6 @@ backward pass over the whole batch at once).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -123,7 +122,7 @@ def measure(
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.analysis.bench_jax", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("config_file")

@@ -29,7 +29,6 @@ success, 2 on a user error (unknown config key, --against other than tensorflow)
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -381,10 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 done, 2 a user error, 1 if the Keras process fails."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = cli.split_overrides(argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.analysis.compare",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config_file")
     parser.add_argument("--against", required=True, help="the other framework: tensorflow")

@@ -21,7 +21,6 @@ Exit status: 0 identical, 1 different, 2 not comparable or error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -534,7 +533,7 @@ def plot_growth(report: dict, path: Path) -> None:
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 identical, 1 different, 2 not comparable or error."""
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.analysis.diff",
         description=__doc__.split("\n\n")[0],
         epilog="A and B: run directories or <run>/checkpoints/<step>. "

@@ -10,7 +10,6 @@ size, step and SHA-256 of each array. Then in a TF process:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -53,10 +52,9 @@ def export_run(path: str | Path, out: str | Path) -> dict[str, Any]:
 
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.analysis.export",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", help="run directory or <run>/checkpoints/<step>")
     parser.add_argument("out", help="the .npz to write")

@@ -43,7 +43,7 @@ from jaxrepro import data as datalib
 from jaxrepro.errors import UserError
 from jaxrepro.tfref import weights
 from jaxrepro.train import setup, steps
-from jaxrepro.train.loop import load_data
+from jaxrepro.train.loop import data_steps_per_epoch, load_data
 from jaxrepro.train.setup import TrainState
 
 
@@ -68,9 +68,7 @@ def matched_inputs(config: ml_collections.ConfigDict, num_steps: int, probe: int
     """Initial state, N augmented batches, probe and validation images of `config`."""
     data = load_data(config)
     n_train, bs = len(data.train.labels), config.batch_size
-    steps_per_epoch = n_train // bs
-    if steps_per_epoch == 0:
-        raise MatchedError(f"batch_size {bs} is larger than the {n_train} training examples")
+    steps_per_epoch = data_steps_per_epoch(data, bs)
     keys = setup.stream_keys(config)
     augment = jax.jit(lambda key, x: steps.augment_images(x, key, config.augment))
     xs, ys = [], []

@@ -34,7 +34,6 @@ a user error, 1 if a trainer process fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -354,10 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: 0 done, 2 a user error, 1 if a trainer process fails."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = cli.split_overrides(argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.analysis.variance",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Variants:\n"
         + "\n".join(
             f"  {k:20s} {v.description}" for k, v in variantslib.VARIANTS.items() if k != "default"

@@ -13,7 +13,6 @@ far apart they end. Written to DIR/variants.md and DIR/variants.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -206,10 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI; exit 0 when every variant ran (whatever their bits), 2 on errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = cli.split_overrides(argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.analysis.variants",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Variants:\n"
         + "\n".join(f"  {k:20s} {v.description}" for k, v in VARIANTS.items())
         + "\n\n--config.KEY=VALUE overrides go to every run. Each variant trains the whole "

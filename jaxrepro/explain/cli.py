@@ -40,9 +40,8 @@ def save_heatmap(
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.explain",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Explain a trained model's prediction for image files: for each image, "
         "print the prediction and write <stem>.<method>.png (overlay) and "
         "<stem>.<method>.npy (raw float32 heatmap).",

@@ -428,9 +428,8 @@ def correctness(
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.explain.robustness",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Robustness of explanations under rotation and Gaussian noise (the "
         "protocol of Heggen's thesis, ch. 7-8): RMSE between the heatmap of a "
         "transformed image and the equally transformed reference heatmap. "

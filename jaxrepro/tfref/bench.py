@@ -15,7 +15,6 @@ as a clean TF process with the recipe's environment.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -88,10 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (normally started by `python -m jaxrepro.analysis.bench`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = cli.split_overrides(argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.tfref.bench",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config_file")
     parser.add_argument("--mode", choices=list(process.MODES), default="recipe")

@@ -22,7 +22,6 @@ The JAX side writes WEIGHTS.npz with `python -m jaxrepro.analysis.export` and co
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -69,10 +68,9 @@ def mirror(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = cli.split_overrides(argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.tfref",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="parameter counts of both Keras models")
@@ -94,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train",
         help="the paper's Keras training on the config's data set",
         description=train_doc(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config_file", help="experiment config (Python; it is executed)")
     p.add_argument("--out", required=True, help="output directory")

@@ -19,7 +19,6 @@ paper's TF 2 runs, not XLA. Every training runs in a process of its own
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -98,10 +97,9 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.tfref.determinism",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))

@@ -11,7 +11,6 @@ a clean TF process with the recipe's environment.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrepro import cli
 from jaxrepro.tfref import runtime, transfer, weights
 
 DATA_SEED = 20240101  # the data are fixed; only the training may vary
@@ -62,9 +62,7 @@ def train_once(
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxrepro.tfref.rerun", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.parser(prog="python -m jaxrepro.tfref.rerun", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=("convnet", "minixception"))
     parser.add_argument("mode", choices=list(runtime.MODES))
     parser.add_argument("--out", required=True, help="where to write the result (JSON)")

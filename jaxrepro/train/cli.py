@@ -24,9 +24,8 @@ EXIT_NON_FINITE = 3
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split argv into options and `--config.KEY=VALUE` overrides."""
-    parser = argparse.ArgumentParser(
+    parser = cli.parser(
         prog="python -m jaxrepro.train",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a model deterministically from a config file "
         "(a Python file defining get_config(); it is executed).",
         epilog="Overrides: --config.KEY=VALUE for any key of the config, e.g.\n"

@@ -74,6 +74,17 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
     return Data(train=splits["train"], validation=splits["validation"])
 
 
+def data_steps_per_epoch(data: Data, batch_size: int) -> int:
+    """Full batches per epoch (the rest is dropped); a batch larger than the split is a
+    `DataError`."""
+    n_train = len(data.train.labels)
+    if batch_size > n_train:
+        raise datalib.DataError(
+            f"batch_size {batch_size} is larger than the {n_train} training examples"
+        )
+    return datalib.num_batches(n_train, batch_size)
+
+
 def make_mesh(config: ml_collections.ConfigDict):
     """The device mesh of a data-parallel run, or None for the single-device program."""
     if config.num_devices == 1 and not config.microbatches and jax.process_count() == 1:
@@ -153,10 +164,7 @@ def start(
     env = determinism.fingerprint()
 
     data = load_data(config)
-    n_train, bs = len(data.train.labels), config.batch_size
-    steps_per_epoch = n_train // bs
-    if steps_per_epoch == 0:
-        raise RunError(f"batch_size {bs} is larger than the {n_train} training examples")
+    steps_per_epoch = data_steps_per_epoch(data, config.batch_size)
     keys = setup.stream_keys(config)
     rundir.check_data(run_dir, data_record(config, data, keys["shuffle"], steps_per_epoch))
 
@@ -398,29 +406,16 @@ def write_json(path: Path, record: dict) -> None:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    config_file: str | None = None,
-    progress: bool = True,
-    fork_from: str | Path | None = None,
+    config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True, **options
 ) -> dict:
     """Train `config` in `workdir`; returns the final record (also in final.json).
 
-    `resume` continues the run in `workdir` from its latest checkpoint; `overwrite`
-    starts it again; `fork_from` (a run or checkpoint directory) starts a new run from
-    that checkpoint instead of the initial weights (see `rundir.fork`).
+    `options` are `start`'s: `resume` continues the run in `workdir` from its latest
+    checkpoint, `overwrite` starts it again, `fork_from` (a run or checkpoint directory)
+    starts a new run from that checkpoint instead of the initial weights (see
+    `rundir.fork`), `config_file` is copied into the run directory.
     """
-    run = start(
-        config,
-        workdir,
-        resume=resume,
-        overwrite=overwrite,
-        config_file=config_file,
-        fork_from=fork_from,
-    )
+    run = start(config, workdir, **options)
     saver = Checkpointer(run)
     if saver.latest() is None:
         saver.save(run.start, run.state)
