@@ -139,6 +139,19 @@ def test_variant_environment_appends_xla_flags():
     assert env["A"] == "1" and variant_env(VARIANTS["no-jit"], {})["JAX_DISABLE_JIT"] == "1"
 
 
+def test_an_emulated_cpu_variant_runs_the_child_under_qemu():
+    variant = variants.get_variant("cpu:Haswell")
+    assert variant.prefix == ("qemu-x86_64", "-cpu", "Haswell")
+    with pytest.raises(variants.VariantError, match="unknown CPU model 'Pentium9'"):
+        variants.get_variant("cpu:Pentium9")
+
+
+def test_a_missing_emulator_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(variants.shutil, "which", lambda name: None)
+    assert variants.main(["experiments/convnet.py", "--variants", "default,cpu:Haswell"]) == 2
+    assert "apt-get install qemu-user" in capsys.readouterr().err
+
+
 def test_unknown_variant_is_an_error(capsys):
     assert variants.main(["experiments/convnet.py", "--variants", "default,gpu9"]) == 2
     err = capsys.readouterr().err

@@ -143,7 +143,10 @@ def test_plan_pairs_runs_that_exist():
     "args, message",
     [
         (["--k", "1"], "--k must be at least 2"),
-        (["--variants", "warp-drive"], "valid: ['ynn'"),
+        (
+            ["--variants", "warp-drive"],
+            "unknown variant 'warp-drive'; valid variants: default, ynn",
+        ),
         (["--config.no_such_key=1"], "no_such_key"),
     ],
 )

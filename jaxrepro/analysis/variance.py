@@ -134,7 +134,7 @@ def train_run(
         last = sorted((out / "keras").glob("weights_*.npz"))[-1]
         shutil.copyfile(last, out / "final.npz")
         return
-    variant = variantslib.VARIANTS[run.variant]
+    variant = variantslib.get_variant(run.variant)
     cli.run_child(
         "jaxrepro.analysis.matched",
         [
@@ -146,6 +146,7 @@ def train_run(
         ],
         env=variantslib.variant_env(variant, os.environ),
         cpus=variant.cpus,
+        prefix=variant.prefix,
         what=f"JAX run {run.name}",
     )
 
@@ -277,11 +278,12 @@ def decompose(
         raise VarianceError("--k must be at least 2 (a factor needs two runs)")
     if num_steps < 1:
         raise VarianceError("--steps must be at least 1")
-    unknown = [v for v in variant_names if v not in variantslib.VARIANTS or v == "default"]
-    if unknown:
+    for name in variant_names:
+        variantslib.get_variant(name)  # unknown names and a missing emulator fail here
+    if "default" in variant_names:
         raise VarianceError(
-            f"unknown variant(s) {unknown}; valid: "
-            f"{[v for v in variantslib.VARIANTS if v != 'default']}"
+            "the code path factor compares each variant with the default: "
+            "give other variants than 'default'"
         )
     config = configlib.resolve(config_file, overrides)
     runs, pair_names = plan(config.seed, k, variant_names)

@@ -1,11 +1,14 @@
 """Train one experiment under several CPU "device variants" and diff each against the first.
 
-    python -m jaxrepro.analysis.variants CONFIG_FILE [--variants default,ynn,one-core]
+    python -m jaxrepro.analysis.variants CONFIG_FILE [--variants default,one-core,cpu:Haswell]
                                          [--out DIR] [--config.KEY=VALUE ...]
 
 Cross-device differences can be produced on one CPU machine: another XLA:CPU code
-path, another number of cores, op-by-op execution. Each variant runs the same
-config in its own process (XLA reads its flags once, at start), into DIR/<variant>;
+path, another number of cores, op-by-op execution, or another CPU altogether:
+`cpu:<model>` runs the process under `qemu-x86_64 -cpu <model>` (Debian package
+`qemu-user`), an emulated CPU of that model's vendor, ISA and cache sizes (QEMU 7.2
+emulates up to AVX2, so an AVX-512 model runs without AVX-512). Each variant runs the
+same config in its own process (XLA reads its flags once, at start), into DIR/<variant>;
 then `jaxrepro.analysis.diff` compares every variant with the first one. The table says
 which variants keep the bits, where the others first part (step and layer), and how
 far apart they end. Written to DIR/variants.md and DIR/variants.json.
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +39,7 @@ class Variant:
     xla_flags: str = ""  # appended to XLA_FLAGS
     env: Mapping[str, str] = field(default_factory=dict)
     cpus: int | None = None  # restrict the process to its first N CPUs
+    prefix: tuple[str, ...] = ()  # the command the interpreter runs under (an emulator)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -66,6 +72,55 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+EMULATOR = "qemu-x86_64"
+CPU_PREFIX = "cpu:"
+
+
+class VariantError(UserError, ValueError):
+    """A variant list that cannot run."""
+
+
+def emulated_cpus() -> list[str]:
+    """The CPU models `qemu-x86_64 -cpu` knows (VariantError if it is not installed)."""
+    if shutil.which(EMULATOR) is None:
+        raise VariantError(
+            f"{EMULATOR} is not installed: the cpu:<model> variants run the "
+            "process on an emulated CPU; install it with "
+            "`apt-get install qemu-user` (Debian, Ubuntu)"
+        )
+    # `-cpu help` prints the list and exits 1 (QEMU 7.2)
+    listing = subprocess.run(
+        [EMULATOR, "-cpu", "help"], capture_output=True, text=True, check=False, timeout=60
+    ).stdout
+    return [
+        line.split()[1]
+        for line in listing.splitlines()
+        if line.startswith("x86 ") and len(line.split()) > 1
+    ]
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called `name`: a `VARIANTS` entry or `cpu:<qemu CPU model>`."""
+    if name.startswith(CPU_PREFIX):
+        model = name[len(CPU_PREFIX) :]
+        known = emulated_cpus()
+        if model not in known:
+            raise VariantError(
+                f"unknown CPU model {model!r} for {EMULATOR}; e.g. "
+                f"{', '.join(m for m in known if '-' not in m)}"
+            )
+        return Variant(
+            f"the process on an emulated {model} CPU ({EMULATOR} -cpu {model})",
+            prefix=(EMULATOR, "-cpu", model),
+        )
+    if name not in VARIANTS:
+        raise VariantError(
+            f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}, "
+            f"{CPU_PREFIX}<model> (an emulated CPU, e.g. cpu:Haswell)"
+        )
+    return VARIANTS[name]
+
+
 def variant_env(variant: Variant, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of a variant's process, from `base` (usually os.environ)."""
     env = {**base, **variant.env}
@@ -83,7 +138,7 @@ def run_variant(
     name: str, config_file: str, overrides: Sequence[str], workdir: Path, progress: bool
 ) -> None:
     """Train `config_file` under variant `name` into `workdir` (a new run)."""
-    variant = VARIANTS[name]
+    variant = get_variant(name)
     args = [
         config_file,
         *cli.as_arguments(overrides),
@@ -95,6 +150,7 @@ def run_variant(
     cli.run_child(
         "jaxrepro.train",
         args,
+        prefix=variant.prefix,
         env=variant_env(variant, os.environ),
         cpus=variant.cpus,
         capture=False,
@@ -109,7 +165,7 @@ def summarize(name: str, report: dict) -> dict:
     growth = report.get("checkpoint_growth") or []
     return {
         "variant": name,
-        "description": VARIANTS[name].description,
+        "description": get_variant(name).description,
         "verdict": report["verdict"],
         "first_divergent_step": (report.get("first_divergence") or {}).get("step"),
         "first_divergent_leaves": (report.get("first_divergence") or {}).get("leaves"),
@@ -155,16 +211,14 @@ def table(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-class VariantError(UserError, ValueError):
-    """A variant list that cannot run."""
-
-
 def check_names(names: Sequence[str]) -> None:
     """Raise VariantError unless there are two or more names, all known."""
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or len(names) < 2:
-        problem = f"unknown variant(s) {', '.join(unknown)}" if unknown else "give two or more"
-        raise VariantError(f"{problem}; valid variants: {', '.join(VARIANTS)}")
+    if len(names) < 2:
+        raise VariantError(
+            f"give two or more variants; valid variants: {', '.join(VARIANTS)}, {CPU_PREFIX}<model>"
+        )
+    for name in names:
+        get_variant(name)
 
 
 def compare_variants(
@@ -179,7 +233,7 @@ def compare_variants(
     variants.md and variants.json (with `made_by`, the provenance) into `out`; the rows."""
     check_names(names)
     for name in names:
-        print(f"== variant {name}: {VARIANTS[name].description}", file=sys.stderr)
+        print(f"== variant {name}: {get_variant(name).description}", file=sys.stderr)
         run_variant(name, config_file, overrides, out / name, progress)
     rows = [summarize(name, difflib.diff(out / names[0], out / name)) for name in names[1:]]
     head = provenance.markdown(made_by) + "\n" if made_by else ""
