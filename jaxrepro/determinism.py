@@ -1,10 +1,19 @@
 """Determinism settings, applied once, before JAX initialises its backends.
 
-Bitwise reproducibility needs three things fixed before the first array exists:
-the XLA flags (read once, when a backend starts), the PRNG implementation and the
-default matmul precision. `apply()` sets all three; `jaxrepro/__init__.py` calls it,
-so importing anything from the package is enough. `fingerprint()` records what a
-run actually ran with, so two runs can be told apart later.
+Bitwise reproducibility needs three things fixed before the first array exists: the
+XLA flags (read once, when a backend starts), the PRNG implementation and the default
+matmul precision. `apply()` sets all three; `jaxrepro/__init__.py` calls it, so
+importing anything from the package is enough. `fingerprint()` records what a run
+actually ran with, so two runs can be told apart later.
+
+Two modes (`MODES`), chosen by the config key `determinism` (the training CLI applies
+it before the backend starts) or, for any process, by `$JAXREPRO_DETERMINISM`:
+
+* `machine`: the fastest flags whose bits repeat on one machine, with its core count.
+* `portable`: flags under which every contraction and reduction is code XLA generates
+  for the AVX cap, the same on every x86-64 CPU (with the convolutions rewritten as
+  matrix products by the models, `jaxrepro.models.ops.portable`); see
+  docs/portable.md for what depends on the machine and why, op by op.
 """
 
 from __future__ import annotations
@@ -15,30 +24,48 @@ import platform
 import sys
 from typing import Any
 
+from numpy._core._multiarray_umath import __cpu_features__
+
+from jaxrepro.errors import UserError
+
+ENV_VARIABLE = "JAXREPRO_DETERMINISM"
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
 # Flags every backend parses (XLA registers all debug options on every build).
 GPU_FLAGS = (
     "--xla_gpu_deterministic_ops=true",  # deterministic scatter/reductions/convolutions
     "--xla_gpu_exclude_nondeterministic_ops=true",  # fail rather than run a racy kernel
 )
-# CPU (x86-64): generate code for AVX at most. XLA:CPU otherwise compiles for the
-# host's best ISA, so the bits depend on whether the machine has FMA, AVX2 or
-# AVX-512, and under jit it contracts a*b+c into one FMA where op-by-op execution
-# rounds twice. Capped at AVX there is no FMA: the optimizer matches Keras's formula
-# bitwise under jit, and every x86-64 CPU with AVX runs the same generated code.
-# Measured here: no slower for the ConvNet, about 10% slower for the mini Xception.
-#
-# CPU (all): YNNPACK for dot products and reductions only. jax 0.10.2's XLA:CPU sends
-# convolutions to YNNPACK too unless the list is set; XLA's Eigen convolutions were 4x
-# faster on a forward convolution here (the ConvNet's conv2 at 180 px, batch 32, 2
-# cores: 99 against 467 ms). Measured training steps at 180 px, batch 32, before ->
-# after: ConvNet 2.1 s -> 0.8-0.9 s, mini Xception 7.1 s -> 4.4 s. Leaving reductions to
-# XLA's own loops (an empty list) was slower and made a jitted step differ from an
-# op-by-op one (the mini Xception's batch-norm gradients); so did adding `eltwise`
-# (the ConvNet's bias gradients). With `dot,reduce` both keep that equality (tested).
+# x86-64: generate code for AVX at most. XLA:CPU otherwise compiles for the host's best
+# ISA, so its generated code depends on whether the machine has FMA, AVX2 or AVX-512,
+# and under jit it contracts a*b+c into one FMA where op-by-op execution rounds twice.
+# Capped at AVX there is no FMA: the optimizer matches Keras's formula bitwise under jit,
+# and every x86-64 CPU with AVX runs the same generated code.
+ISA_CAP = ("--xla_cpu_max_isa=AVX",) if X86 else ()
+# machine: YNNPACK for dot products and reductions, XLA's Eigen convolutions (4x faster
+# than YNNPACK's on a forward convolution here). An empty list (XLA's own reduction
+# loops) or adding `eltwise` makes a jitted step differ from an op-by-op one. YNNPACK
+# picks its kernels for the CPU it runs on and splits long reductions over the thread
+# pool; Eigen blocks its contractions by the cache sizes it reads: other CPUs, other bits.
 YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
-CPU_FLAGS: tuple[str, ...] = (
-    ("--xla_cpu_max_isa=AVX",) if platform.machine().lower() in ("x86_64", "amd64") else ()
-) + (YNN_FUSIONS,)
+MACHINE_FLAGS = (*ISA_CAP, YNN_FUSIONS)
+# portable: no kernel library at all. No YNNPACK (empty fusion list) and no XNNPACK;
+# dot products as XLA's own tiled LLVM-IR GEMM (a backend option of dot_op_emitter.cc)
+# instead of Eigen; Eigen single-threaded for what would still reach it; no
+# platform-dependent math. Reductions are then XLA's own loops, split over the thread
+# pool by their output elements only, so the core count changes no sum.
+PORTABLE_FLAGS = (
+    *ISA_CAP,
+    "--xla_cpu_experimental_ynn_fusion_type=",
+    "--xla_cpu_use_xnnpack=false",
+    "--xla_cpu_multi_thread_eigen=false",
+    "--xla_backend_extra_options=xla_force_enable_experimental_llvm_ir_gemm",
+    "--xla_cpu_enable_platform_dependent_math=false",
+)
+MODES: dict[str, tuple[str, ...]] = {"machine": MACHINE_FLAGS, "portable": PORTABLE_FLAGS}
+DEFAULT_MODE = "machine"
+# Kept for callers that want "the CPU flags of the default mode".
+CPU_FLAGS: tuple[str, ...] = MODES[DEFAULT_MODE]
 
 JAX_CONFIG = {
     "jax_default_matmul_precision": "highest",
@@ -64,20 +91,49 @@ PACKAGES = (
 )
 
 _applied = False
+_mode: str | None = None
 
 
-def xla_flags(extra: tuple[str, ...] = ()) -> str:
-    """The XLA_FLAGS value jaxrepro runs with: the user's own flags, then ours."""
-    user = os.environ.get("XLA_FLAGS", "").split()
+class ModeError(UserError, RuntimeError):
+    """A determinism mode that cannot take effect in this process."""
+
+
+def requested_mode() -> str:
+    """The mode `$JAXREPRO_DETERMINISM` asks for (the default if unset)."""
+    mode = os.environ.get(ENV_VARIABLE) or DEFAULT_MODE
+    check_mode(mode)
+    return mode
+
+
+def check_mode(mode: str) -> None:
+    """Raise ModeError for an unknown mode name."""
+    if mode not in MODES:
+        raise ModeError(f"unknown determinism mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+def mode() -> str | None:
+    """The mode this process runs in (None before `apply`)."""
+    return _mode
+
+
+def own_flags() -> set[str]:
+    """Every flag jaxrepro adds, in any mode."""
+    return {*GPU_FLAGS, *(f for flags in MODES.values() for f in flags)}
+
+
+def xla_flags(mode_name: str, current: str | None = None) -> str:
+    """The XLA_FLAGS value of `mode_name`: the user's own flags (those of `current`,
+    default $XLA_FLAGS, that jaxrepro did not add), then the mode's."""
+    current = os.environ.get("XLA_FLAGS", "") if current is None else current
+    user = [f for f in current.split() if f not in own_flags()]
     named = {f.split("=")[0] for f in user}  # a flag the user set keeps the user's value
-    wanted = [f for f in (*GPU_FLAGS, *CPU_FLAGS, *extra) if f.split("=")[0] not in named]
+    wanted = [f for f in (*GPU_FLAGS, *MODES[mode_name]) if f.split("=")[0] not in named]
     return " ".join(user + wanted)
 
 
 def without_own_flags(value: str) -> str:
     """XLA_FLAGS minus the flags jaxrepro adds (for a process that is not JAX's)."""
-    own = {*GPU_FLAGS, *CPU_FLAGS}
-    return " ".join(f for f in value.split() if f not in own)
+    return " ".join(f for f in value.split() if f not in own_flags())
 
 
 def backend_started() -> bool:
@@ -89,20 +145,25 @@ def backend_started() -> bool:
     return bool(getattr(xla_bridge, "_backends", {}))
 
 
-def apply(extra_xla_flags: tuple[str, ...] = ()) -> None:
-    """Set XLA flags and JAX config for bitwise-deterministic runs.
+def apply(mode_name: str | None = None) -> str:
+    """Set the XLA flags of a determinism mode and the JAX config; returns the mode.
 
-    Raises RuntimeError if a backend already started with other flags, because
-    then the flags could no longer take effect and the run would silently differ.
+    `mode_name`: "machine" or "portable" (default: `$JAXREPRO_DETERMINISM`, else
+    `DEFAULT_MODE`). Before a backend starts, a later call may change the mode. Once a
+    backend runs, its flags can no longer change: asking for other flags then raises
+    ModeError, because the run would silently differ.
     """
-    global _applied
-    flags = xla_flags(tuple(extra_xla_flags))
+    global _applied, _mode
+    mode_name = requested_mode() if mode_name is None else mode_name
+    check_mode(mode_name)
+    flags = xla_flags(mode_name)
     if backend_started():
         if flags != os.environ.get("XLA_FLAGS", ""):
-            raise RuntimeError(
-                "jaxrepro: a JAX backend is already running, so XLA flags can no longer "
-                f"change. Wanted XLA_FLAGS={flags!r}. Import jaxrepro (or call "
-                "jaxrepro.determinism.apply) before creating any JAX array."
+            raise ModeError(
+                f"jaxrepro: determinism mode {mode_name!r} needs other XLA flags than this "
+                f"process's JAX backend started with (mode {_mode!r}); they can no longer "
+                f"change. Set {ENV_VARIABLE}={mode_name} before starting Python, or apply "
+                "the mode before creating any JAX array."
             )
     else:
         os.environ["XLA_FLAGS"] = flags
@@ -110,7 +171,17 @@ def apply(extra_xla_flags: tuple[str, ...] = ()) -> None:
 
     for name, value in JAX_CONFIG.items():
         jax.config.update(name, value)
-    _applied = True
+    _applied, _mode = True, mode_name
+    return mode_name
+
+
+def apply_config(config: Any) -> str:
+    """Run in the mode a (run's) config names; a config without the key ran `machine`.
+
+    A no-op when the process already runs in that mode; else `apply` (ModeError once a
+    backend runs with the other mode's flags)."""
+    wanted = config.get("determinism") or "machine"
+    return wanted if _mode == wanted else apply(wanted)
 
 
 def _cpu_info() -> dict[str, Any]:
@@ -127,7 +198,13 @@ def _cpu_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"model": model, "flags": flags, "machine": platform.machine()}
+    return {"model": model, "flags": flags, "machine": platform.machine(), "isa": cpu_isa()}
+
+
+def cpu_isa() -> list[str]:
+    """The vector ISA features this process's CPU reports through CPUID, as NumPy detects
+    them at run time (an emulated CPU shows its own; /proc/cpuinfo shows the host's)."""
+    return sorted(name for name, present in __cpu_features__.items() if present)
 
 
 def _version(name: str) -> str | None:
@@ -165,6 +242,7 @@ def fingerprint() -> dict[str, Any]:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "cpu": _cpu_info(),
+        "determinism": _mode,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_config": {k: getattr(jax.config, k) for k in (*JAX_CONFIG, *RECORDED_CONFIG)},
         "threads": {"cpu_count": os.cpu_count(), "affinity": affinity, **threads},

@@ -9,7 +9,9 @@ the same data: the config's images (the paper's pipeline: uint8 images, flip / r
 0.1 / zoom 0.2 augmentation inside the step, RMSprop), read by `jaxrepro.data` on both
 sides. Systems:
 
-  jax              jaxrepro as it trains by default (deterministic)
+  jax              jaxrepro as the config trains it (its determinism mode)
+  jax-machine      jaxrepro in the machine mode (the same bits on this machine)
+  jax-portable     jaxrepro in the portable mode (the same bits on every x86-64 CPU)
   jax-ynn          the same with XLA:CPU's YNNPACK fusions for elementwise ops too
                    (`jaxrepro.analysis.variants` "ynn")
   jax-ynn-convs    the same with XLA:CPU's default YNNPACK use, convolutions included
@@ -61,7 +63,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DEFAULT_CONFIGS = ("experiments/convnet.py", "experiments/minixception.py")
 SYSTEMS = {
-    "jax": "jaxrepro, deterministic (default)",
+    "jax": "jaxrepro in the config's determinism mode",
+    "jax-machine": "jaxrepro, machine mode (same bits on this machine)",
+    "jax-portable": "jaxrepro, portable mode (same bits on every x86-64 CPU)",
     "jax-ynn": "jaxrepro + YNNPACK fusions",
     "jax-ynn-convs": "jaxrepro with YNNPACK convolutions (before)",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
@@ -79,11 +83,13 @@ CHILD_SWITCHES = {
 }
 # Systems that change the `fast_convs` convolutions only (a model spec's config option).
 FAST_CONVS_ONLY = ("jax-xla-convs", "jax-one-chunk")
+# The determinism mode a JAX system runs in (the others: the config's).
+JAX_MODES = {"jax-machine": "machine", "jax-portable": "portable"}
 # The `jaxrepro.analysis.variants` variant each JAX system runs under.
 JAX_VARIANTS = {"jax-ynn": "ynn", "jax-ynn-convs": "ynn-convs"}
 TF_MODES = {"tf-recipe": "recipe", "tf-none": "none", "tf-single": "single"}
-# The ratios the issue asks for: jaxrepro over each TF baseline.
-RATIOS = {"jaxrepro/TF-deterministic": "tf-recipe", "jaxrepro/TF-default": "tf-none"}
+# The TF baselines every JAX system is compared with.
+RATIOS = {"tf-recipe": "TF-deterministic", "tf-none": "TF-default", "tf-single": "TF-single-thread"}
 
 
 class BenchError(UserError, ValueError):
@@ -128,7 +134,12 @@ def child_command(
             models.get_spec(model).keras_gradcam_layer,
         ]
     switch = CHILD_SWITCHES.get(system)
-    return "jaxrepro.analysis.bench_jax", [*common, *([switch] if switch else [])]
+    mode = JAX_MODES.get(system)
+    return "jaxrepro.analysis.bench_jax", [
+        *common,
+        *([switch] if switch else []),
+        *([f"--config.determinism={mode}"] if mode else []),
+    ]
 
 
 def child_environment(system: str) -> dict[str, str]:
@@ -156,20 +167,23 @@ def summary(values: list[float] | None) -> dict | None:
 
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per model: jaxrepro's median training images/s over each TF baseline's."""
+    """Per model: median training images/s of each JAX system over each TF baseline's,
+    portable over machine mode, and jaxrepro over each of its "before" systems."""
     by = {(r["model"], r["system"]): summary(r["train_images_per_s"])["median"] for r in rows}
     out: dict[str, dict[str, float]] = {}
+
+    def ratio(model: str, a: str, b: str, label: str) -> None:
+        if (model, a) in by and (model, b) in by:
+            out.setdefault(model, {})[label] = by[model, a] / by[model, b]
+
     for model in dict.fromkeys(r["model"] for r in rows):
-        for jax_system in ("jax", "jax-ynn"):
-            for name, tf_system in RATIOS.items():
-                if (model, jax_system) in by and (model, tf_system) in by:
-                    label = name if jax_system == "jax" else name.replace("jaxrepro", "jax-ynn")
-                    out.setdefault(model, {})[label] = by[model, jax_system] / by[model, tf_system]
+        for jax_system in ("jax", "jax-machine", "jax-portable", "jax-ynn"):
+            name = "jaxrepro" if jax_system == "jax" else jax_system
+            for tf_system, tf_name in RATIOS.items():
+                ratio(model, jax_system, tf_system, f"{name}/{tf_name}")
+        ratio(model, "jax-portable", "jax-machine", "portable/machine")
         for before in (*CHILD_SWITCHES, "jax-ynn-convs"):
-            if (model, "jax") in by and (model, before) in by:
-                out.setdefault(model, {})[f"jaxrepro/{before}"] = (
-                    by[model, "jax"] / by[model, before]
-                )
+            ratio(model, "jax", before, f"jaxrepro/{before}")
     return out
 
 

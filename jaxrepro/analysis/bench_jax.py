@@ -51,6 +51,7 @@ def measure(
     config = configlib.resolve(
         config_file, [*overrides, *(["fast_convs=False"] if xla_convs else [])]
     )
+    determinism.apply_config(config)  # before any JAX work
     data = load_data(config)
     model, tx = setup.build_model(config), setup.build_optimizer(config)
     if flax_pool:

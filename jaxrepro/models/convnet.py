@@ -53,6 +53,9 @@ class ConvNet(nn.Module):
     # The convolutions (`lax.conv_general_dilated`'s signature): XLA's own, the fastest
     # for 3x3 kernels with convolutions outside YNNPACK (`jaxrepro.determinism`).
     conv: Callable[..., jax.Array] = lax.conv_general_dilated
+    # The dense layer's product (`lax.dot_general`'s signature); the portable mode's is
+    # `jaxrepro.models.ops.portable.dot_general`.
+    dot: Callable[..., jax.Array] = lax.dot_general
 
     INTERMEDIATES: ClassVar[tuple[str, ...]] = (
         "conv1_out",
@@ -88,7 +91,9 @@ class ConvNet(nn.Module):
                 self.sow("intermediates", f"pool{i}_out", x)
         x = x.reshape((x.shape[0], -1))  # Keras Flatten, channels_last (H, W, C) order
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
-        x = nn.Dense(1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense")(x)
+        x = nn.Dense(
+            1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense", dot_general=self.dot
+        )(x)
         return x[:, 0]
 
 

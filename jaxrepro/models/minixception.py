@@ -16,6 +16,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
 from jaxrepro.models.ops import convolutions
@@ -40,6 +41,9 @@ class SeparableConv(nn.Module):
     # product (`jaxrepro.models.ops.convolutions`, several times faster on CPU, other bits);
     # False: XLA convolutions (`lax.conv_general_dilated`).
     fast_convs: bool = False
+    # Every convolution's implementation, if given (the portable mode's), whatever
+    # `fast_convs` says.
+    conv: Callable[..., jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -54,7 +58,7 @@ class SeparableConv(nn.Module):
             use_bias=False,
             kernel_init=KERNEL_INIT,
             name="depthwise",
-            conv_general_dilated=_impl(self.fast_convs, convolutions.depthwise_conv),
+            conv_general_dilated=_impl(self, convolutions.depthwise_conv),
         )(x)
         return nn.Conv(
             self.features,
@@ -63,13 +67,16 @@ class SeparableConv(nn.Module):
             use_bias=False,
             kernel_init=KERNEL_INIT,
             name="pointwise",
-            conv_general_dilated=_impl(self.fast_convs, convolutions.pointwise_conv),
+            conv_general_dilated=_impl(self, convolutions.pointwise_conv),
         )(x)
 
 
-def _impl(fast: bool, conv: Callable[..., jax.Array]) -> Callable[..., jax.Array] | None:
-    """`conv` for `nn.Conv(conv_general_dilated=...)`, or None (Flax's own) when not fast."""
-    return conv if fast else None
+def _impl(module: nn.Module, fast: Callable[..., jax.Array]) -> Callable[..., jax.Array] | None:
+    """The convolution for `nn.Conv(conv_general_dilated=...)`: the module's `conv` if
+    set, else `fast` if its `fast_convs`, else None (Flax's own, XLA's convolution)."""
+    if module.conv is not None:
+        return module.conv
+    return fast if module.fast_convs else None
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
@@ -94,6 +101,7 @@ class XceptionBlock(nn.Module):
     activation: Callable[[jax.Array], jax.Array] = nn.relu
     fast_convs: bool = False
     pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
+    conv: Callable[..., jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -101,11 +109,15 @@ class XceptionBlock(nn.Module):
         residual = x
         x = self.activation(_batch_norm(train, "bn_a")(x))
         self.sow("intermediates", "act_a", x)
-        x = SeparableConv(self.features, fast_convs=self.fast_convs, name="sepconv_a")(x)
+        x = SeparableConv(
+            self.features, fast_convs=self.fast_convs, conv=self.conv, name="sepconv_a"
+        )(x)
         self.sow("intermediates", "sepconv_a_out", x)
         x = self.activation(_batch_norm(train, "bn_b")(x))
         self.sow("intermediates", "act_b", x)
-        x = SeparableConv(self.features, fast_convs=self.fast_convs, name="sepconv_b")(x)
+        x = SeparableConv(
+            self.features, fast_convs=self.fast_convs, conv=self.conv, name="sepconv_b"
+        )(x)
         self.sow("intermediates", "sepconv_b_out", x)
         x = self.pool(x)
         self.sow("intermediates", "pool_out", x)
@@ -117,7 +129,7 @@ class XceptionBlock(nn.Module):
             use_bias=False,
             kernel_init=KERNEL_INIT,
             name="residual",
-            conv_general_dilated=_impl(self.fast_convs, convolutions.pointwise_conv),
+            conv_general_dilated=_impl(self, convolutions.pointwise_conv),
         )(residual)
         self.sow("intermediates", "residual_out", residual)
         return x + residual  # keras.layers.add([x, residual])
@@ -147,6 +159,11 @@ class MiniXception(nn.Module):
     # 3x3 max pooling, stride 2, SAME; `max_pool_3x3_s2` is `nn.max_pool` with a cheaper
     # backward pass that gives the same bits (see `jaxrepro.models.ops.pooling`).
     pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
+    # Every convolution's implementation, if given (the portable mode's,
+    # `jaxrepro.models.ops.portable`); None: the stem is XLA's, the others by `fast_convs`.
+    conv: Callable[..., jax.Array] | None = None
+    # The dense layer's product (`lax.dot_general`'s signature).
+    dot: Callable[..., jax.Array] = lax.dot_general
 
     INTERMEDIATES: ClassVar[tuple[str, ...]] = (
         "stem_out",
@@ -171,6 +188,7 @@ class MiniXception(nn.Module):
             use_bias=False,
             kernel_init=KERNEL_INIT,
             name="stem",
+            conv_general_dilated=self.conv,
         )(x)
         self.sow("intermediates", "stem_out", x)
         for i, size in enumerate(self.sizes, start=1):
@@ -179,13 +197,16 @@ class MiniXception(nn.Module):
                 activation=self.activation,
                 fast_convs=self.fast_convs,
                 pool=self.pool,
+                conv=self.conv,
                 name=f"block{i}",
             )(x, train=train)
             self.sow("intermediates", f"block{i}_out", x)
         x = jnp.mean(x, axis=(1, 2))  # GlobalAveragePooling2D
         self.sow("intermediates", "gap_out", x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
-        x = nn.Dense(1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense")(x)
+        x = nn.Dense(
+            1, kernel_init=KERNEL_INIT, bias_init=BIAS_INIT, name="dense", dot_general=self.dot
+        )(x)
         return x[:, 0]
 
 

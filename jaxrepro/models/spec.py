@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import flax.linen as nn
 
+from jaxrepro.models.ops import portable
+
 
 @dataclasses.dataclass(frozen=True)
 class GradcamLayer:
@@ -61,9 +63,15 @@ class ModelSpec:
     config_options: tuple[str, ...] = ()
 
     def build(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
-        """The module, with `dropout_rate` and `config_options` from `config`, then `kwargs`."""
+        """The module, with `dropout_rate` and `config_options` from `config`, then `kwargs`.
+
+        A config in the portable determinism mode gets the portable convolutions and
+        dense product (`jaxrepro.models.ops.portable`).
+        """
         settings: dict[str, Any] = {}
         if config is not None:
             settings["dropout_rate"] = config["dropout_rate"]
             settings.update({k: config[k] for k in self.config_options if k in config})
+            if config.get("determinism") == "portable":
+                settings.update(portable.FIELDS)
         return self.module(**{**settings, **kwargs})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from jaxrepro import cli
+from jaxrepro import cli, determinism
 from jaxrepro import config as configlib
 from jaxrepro.train import loop, rundir
 
@@ -85,12 +85,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.coordinator:  # before any JAX computation; CPU collectives: gloo (JAX's default)
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = configlib.resolve(args.config_file, overrides)
     if args.show_config:
         print(configlib.to_json(config))
         return 0
+    determinism.apply_config(config)  # before any JAX computation: XLA reads its flags once
+    if args.coordinator:  # CPU collectives: gloo (JAX's default)
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     workdir = Path(args.workdir) if args.workdir else rundir.default_workdir(config)
     try:
         final = loop.train_and_evaluate(

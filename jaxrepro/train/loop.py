@@ -157,6 +157,7 @@ def start(
     run_dir = RunDir(workdir)
     if fork_from is not None and resume:
         raise RunError("--fork-from starts a new run; to continue a fork, pass --resume alone")
+    determinism.apply_config(config)  # before any JAX work: XLA reads its flags once
     fork_at = rundir.fork_source(fork_from) if fork_from is not None else None
     mesh = make_mesh(config)
     model, tx = setup.build_model(config), setup.build_optimizer(config)  # a bad name fails here

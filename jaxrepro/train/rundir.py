@@ -38,8 +38,14 @@ from jaxrepro.train import setup
 
 # Keys a resumed run may change: where it runs, not what it computes (with
 # microbatches > 0 not even the bits). A config saved without `microbatches` ran the
-# plain program, one without `fast_convs` ran what fast_convs=False runs.
-PLACEMENT_ONLY = ("num_devices: ", "microbatches: None -> 0", "fast_convs: None -> False")
+# plain program, one without `fast_convs` what fast_convs=False runs, one without
+# `determinism` the machine mode.
+PLACEMENT_ONLY = (
+    "num_devices: ",
+    "microbatches: None -> 0",
+    "fast_convs: None -> False",
+    "determinism: None -> 'machine'",
+)
 
 
 class RunError(UserError, RuntimeError):
