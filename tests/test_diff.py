@@ -270,7 +270,10 @@ def test_code_path_variant_differs_and_names_the_first_layer(tmp_path, capsys, d
     assert row["probe_step"] == 0 and row["state_equal_at_probe"] is True
     first = row["first_forward_layer"] or row["first_gradient_layer"]
     assert first is not None and first in out
-    d = diff(tmp_path / "default", tmp_path / "avx2")
+    assert (row["mode"], row["experiment"]) == ("machine", "convnet")
+    d = diff(
+        tmp_path / "machine" / "default" / "convnet", tmp_path / "machine" / "avx2" / "convnet"
+    )
     assert d.returncode == 1 and "computed differently by the two environments" in d.stdout
     assert "--xla_cpu_max_isa=AVX2" in d.stdout  # the cause, by name
 

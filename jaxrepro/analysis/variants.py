@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jaxrepro import cli, provenance
+from jaxrepro import cli, determinism, provenance
 from jaxrepro import config as configlib
 from jaxrepro.analysis import diff as difflib
 from jaxrepro.errors import UserError
@@ -135,21 +135,19 @@ def variant_env(variant: Variant, base: Mapping[str, str]) -> dict[str, str]:
 
 
 def run_variant(
-    name: str, config_file: str, overrides: Sequence[str], workdir: Path, progress: bool
+    name: str, config_files: Sequence[str], overrides: Sequence[str], out: Path, progress: bool
 ) -> None:
-    """Train `config_file` under variant `name` into `workdir` (a new run)."""
+    """Train every config under variant `name` into `out/<experiment>`, in one process
+    (`jaxrepro.analysis.train_configs`: the start-up is paid once)."""
     variant = get_variant(name)
-    args = [
-        config_file,
-        *cli.as_arguments(overrides),
-        "--workdir",
-        str(workdir),
-        "--overwrite",
-        *([] if progress else ["--no-progress"]),
-    ]
     cli.run_child(
-        "jaxrepro.train",
-        args,
+        "jaxrepro.analysis.train_configs",
+        [
+            str(out),
+            *config_files,
+            *cli.as_arguments(overrides),
+            *([] if progress else ["--no-progress"]),
+        ],
         prefix=variant.prefix,
         env=variant_env(variant, os.environ),
         cpus=variant.cpus,
@@ -158,12 +156,14 @@ def run_variant(
     )
 
 
-def summarize(name: str, report: dict) -> dict:
+def summarize(name: str, report: dict, experiment: str = "", mode: str = "") -> dict:
     """One row of the table from a diff report against the baseline."""
     layers = report.get("layers") or {}
     pred = report.get("predictions") or {}
     growth = report.get("checkpoint_growth") or []
     return {
+        "mode": mode,
+        "experiment": experiment,
         "variant": name,
         "description": get_variant(name).description,
         "verdict": report["verdict"],
@@ -187,9 +187,10 @@ def _cell(value, spec: str = "") -> str:
 def table(rows: list[dict], baseline: str) -> str:
     """A Markdown table of `summarize` rows."""
     lines = [
-        f"| variant | bits vs {baseline} | first divergent step | first layer that differs "
-        "(forward / gradient @ checkpoint) | final max ULP | val acc | predictions changed |",
-        "|---|---|---|---|---|---|---|",
+        f"| mode | experiment | variant | bits vs {baseline} | first divergent step | first "
+        "layer that differs (forward / gradient @ checkpoint) | final max ULP | val acc | "
+        "predictions changed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         where = "-"
@@ -204,7 +205,7 @@ def table(rows: list[dict], baseline: str) -> str:
             leaves = r["first_divergent_leaves"]
             step += f" ({len(leaves)} leaves, e.g. {leaves[0]})"
         lines.append(
-            f"| {r['variant']} | {r['verdict']} | {step} | "
+            f"| {r['mode']} | {r['experiment']} | {r['variant']} | {r['verdict']} | {step} | "
             f"{where} | {_cell(r['final_max_ulp'])} | {_cell(r['val_accuracy'], '.4f')} | "
             f"{_cell(r['predictions_changed'])} |"
         )
@@ -222,20 +223,32 @@ def check_names(names: Sequence[str]) -> None:
 
 
 def compare_variants(
-    config_file: str,
+    config_files: Sequence[str],
     overrides: Sequence[str],
     names: Sequence[str],
     out: Path,
+    modes: Sequence[str | None] = (None,),
     progress: bool = True,
     made_by: dict | None = None,
 ) -> list[dict]:
-    """Train every variant into `out/<name>`, diff each against the first; write
-    variants.md and variants.json (with `made_by`, the provenance) into `out`; the rows."""
+    """Train every config under every variant in every mode (None: the configs' own)
+    into `out/<mode>/<variant>/<experiment>`, diff each against the first variant of its
+    mode; write variants.md and variants.json (with `made_by`, the provenance); the rows."""
     check_names(names)
-    for name in names:
-        print(f"== variant {name}: {get_variant(name).description}", file=sys.stderr)
-        run_variant(name, config_file, overrides, out / name, progress)
-    rows = [summarize(name, difflib.diff(out / names[0], out / name)) for name in names[1:]]
+    rows = []
+    for mode in modes:
+        mode_overrides = [*overrides, *([f"determinism={mode}"] if mode else [])]
+        experiments = [configlib.resolve(f, mode_overrides).experiment for f in config_files]
+        label = mode or configlib.resolve(config_files[0], overrides).get("determinism", "")
+        base = out / label
+        for name in names:
+            print(f"== {label}, variant {name}: {get_variant(name).description}", file=sys.stderr)
+            run_variant(name, config_files, mode_overrides, base / name, progress)
+        rows += [
+            summarize(name, difflib.diff(base / names[0] / e, base / name / e), e, label)
+            for e in experiments
+            for name in names[1:]
+        ]
     head = provenance.markdown(made_by) + "\n" if made_by else ""
     (out / "variants.md").write_text(head + table(rows, names[0]) + "\n")
     (out / "variants.json").write_text(
@@ -243,7 +256,7 @@ def compare_variants(
             {
                 "provenance": made_by,
                 "baseline": names[0],
-                "config_file": config_file,
+                "config_files": list(config_files),
                 "overrides": list(overrides),
                 "rows": rows,
             },
@@ -264,19 +277,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="Variants:\n"
         + "\n".join(f"  {k:20s} {v.description}" for k, v in VARIANTS.items())
+        + f"\n  {CPU_PREFIX + '<model>':20s} the process on an emulated CPU (qemu-x86_64 -cpu "
+        "<model>; `qemu-x86_64 -cpu help` lists the models)"
         + "\n\n--config.KEY=VALUE overrides go to every run. Each variant trains the whole "
-        "config (no-jit is many times slower), so a short run is usually what you want:\n"
-        "  python -m jaxrepro.analysis.variants experiments/minixception.py:tiny "
-        "--out /tmp/variants",
+        "config (no-jit and emulated CPUs are many times slower), so a short run is usually "
+        "what you want:\n"
+        "  python -m jaxrepro.analysis.variants experiments/convnet.py:tiny "
+        "experiments/minixception.py:tiny \\\n"
+        "    --variants default,one-core,cpu:Haswell --modes machine,portable --out /tmp/v",
     )
     parser.add_argument(
-        "config_file",
-        help="experiment config, e.g. experiments/convnet.py (Python; it is executed)",
+        "configs",
+        nargs="+",
+        metavar="CONFIG_FILE",
+        help="experiment configs, e.g. experiments/convnet.py (Python; "
+        "executed); every variant trains them all in one process",
     )
     parser.add_argument(
         "--variants",
         default="default,ynn,one-core,no-jit",
         help="comma-separated; the first is the baseline (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="",
+        help="comma-separated determinism modes to run every variant in "
+        "(default: the configs' own)",
     )
     parser.add_argument(
         "--out",
@@ -287,11 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(rest)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] or [None]
     check_names(names)
-    configlib.resolve(args.config_file, overrides)  # a bad file or key fails here, not in a child
+    for mode in modes:
+        if mode is not None:
+            determinism.check_mode(mode)
+    for config_file in args.configs:  # a bad file or key fails here, not in a child
+        configlib.resolve(config_file, overrides)
     made_by = provenance.record("python -m jaxrepro.analysis.variants", argv)
     rows = compare_variants(
-        args.config_file, overrides, names, args.out, not args.no_progress, made_by
+        args.configs, overrides, names, args.out, modes, not args.no_progress, made_by
     )
     print(table(rows, names[0]))
     return 0

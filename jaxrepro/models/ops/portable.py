@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrepro import determinism
 from jaxrepro.models.ops import convolutions
 
 # Contraction part: a K longer than this is cut into parts of this length (zero padded),
@@ -75,9 +76,30 @@ def _materialised(x: jax.Array, perm: Sequence[int]) -> jax.Array:
     return x if perm == sorted(perm) else lax.optimization_barrier(x.transpose(perm))
 
 
+# XLA's LLVM-IR GEMM tile in elements (`determinism.GEMM_TILE`, columns in vectors of 8
+# floats): the GEMM computes wrong results when N is not a multiple of the tile's
+# columns, so every operand is zero-padded to whole tiles.
+TILE = (determinism.GEMM_TILE[0], determinism.GEMM_TILE[1], determinism.GEMM_TILE[2] * 8)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _canonical(a: jax.Array, b: jax.Array) -> jax.Array:
-    """[B, M, K] x [B, K, N] -> [B, M, N] as one dot (XLA's LLVM-IR GEMM)."""
-    return lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), precision=lax.Precision.HIGHEST)
+    """[B, M, K] x [B, K, N] -> [B, M, N] as one dot (XLA's LLVM-IR GEMM), the operands
+    zero-padded to whole tiles (zeros add nothing to a sum)."""
+    _, m, k = a.shape
+    n = b.shape[2]
+    if n == 1:  # a matrix-vector product: XLA's tiled GEMV
+        return lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), precision=lax.Precision.HIGHEST)
+    mp, kp, np_ = _round_up(m, TILE[0]), _round_up(k, TILE[1]), _round_up(n, TILE[2])
+    if (mp, kp) != (m, k):
+        a = jnp.pad(a, ((0, 0), (0, mp - m), (0, kp - k)))
+    if (kp, np_) != (k, n):
+        b = jnp.pad(b, ((0, 0), (0, kp - k), (0, np_ - n)))
+    out = lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), precision=lax.Precision.HIGHEST)
+    return out if (mp, np_) == (m, n) else out[:, :m, :n]
 
 
 def _in_parts(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -97,12 +119,14 @@ def _in_parts(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _blocked(a: jax.Array, b: jax.Array) -> jax.Array:
-    """`_in_parts` over row blocks of the output (each row's sum is unchanged)."""
+    """`_in_parts` over row blocks of the output (each row's sum is unchanged); the
+    blocks start at whole tiles, so only the last one may need padding."""
     m = a.shape[1]
     blocks = max(1, min(MAX_BLOCKS, m // BLOCK_ROWS))
     if blocks == 1:
         return _in_parts(a, b)
-    bounds = [m * i // blocks for i in range(blocks + 1)]
+    rows = _round_up(-(-m // blocks), TILE[0])
+    bounds = list(range(0, m, rows)) + [m]
     return jnp.concatenate(
         [_in_parts(a[:, lo:hi], b) for lo, hi in zip(bounds, bounds[1:])], axis=1
     )
