@@ -70,8 +70,10 @@ PORTABLE_FLAGS = (
 )
 MODES: dict[str, tuple[str, ...]] = {"machine": MACHINE_FLAGS, "portable": PORTABLE_FLAGS}
 DEFAULT_MODE = "machine"
-# Kept for callers that want "the CPU flags of the default mode".
-CPU_FLAGS: tuple[str, ...] = MODES[DEFAULT_MODE]
+CPU_FLAGS: tuple[str, ...] = MODES[DEFAULT_MODE]  # the CPU flags of the default mode
+# What portable mode needs of the CPU: x86-64 with AVX (the ISA cap). jaxlib's own
+# wheels need AVX too; FMA, AVX2 and AVX-512 are not used.
+PORTABLE_FEATURES = ("AVX",)
 
 JAX_CONFIG = {
     "jax_default_matmul_precision": "highest",
@@ -115,6 +117,24 @@ def check_mode(mode: str) -> None:
     """Raise ModeError for an unknown mode name."""
     if mode not in MODES:
         raise ModeError(f"unknown determinism mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+def check_cpu(mode_name: str) -> None:
+    """Raise ModeError if this CPU cannot give `mode_name`'s bits (portable: x86-64 with
+    AVX; the mode would otherwise run other code and silently give other bits)."""
+    if mode_name != "portable":
+        return
+    if not X86:
+        raise ModeError(
+            f"determinism mode 'portable' gives its bits on x86-64 CPUs only; this machine "
+            f"is {platform.machine()}. Use 'machine' here."
+        )
+    missing = [f for f in PORTABLE_FEATURES if not __cpu_features__.get(f)]
+    if missing:
+        raise ModeError(
+            f"determinism mode 'portable' needs the CPU feature(s) {', '.join(missing)}, "
+            "which this CPU does not report"
+        )
 
 
 def mode() -> str | None:
@@ -162,6 +182,7 @@ def apply(mode_name: str | None = None) -> str:
     global _applied, _mode
     mode_name = requested_mode() if mode_name is None else mode_name
     check_mode(mode_name)
+    check_cpu(mode_name)
     flags = xla_flags(mode_name)
     if backend_started():
         if flags != os.environ.get("XLA_FLAGS", ""):
@@ -185,8 +206,15 @@ def apply_config(config: Any) -> str:
     """Run in the mode a (run's) config names; a config without the key ran `machine`.
 
     A no-op when the process already runs in that mode; else `apply` (ModeError once a
-    backend runs with the other mode's flags)."""
+    backend runs with the other mode's flags, or when `$JAXREPRO_DETERMINISM` asks for
+    another mode: the config is what the run records, so it must say the mode)."""
     wanted = config.get("determinism") or "machine"
+    asked = os.environ.get(ENV_VARIABLE)
+    if asked and asked != wanted:
+        raise ModeError(
+            f"{ENV_VARIABLE}={asked} but the config asks for determinism mode {wanted!r}; "
+            f"pass --config.determinism={asked} (or unset {ENV_VARIABLE})"
+        )
     return wanted if _mode == wanted else apply(wanted)
 
 

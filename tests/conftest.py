@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 
 from jaxrepro import config as configlib
 from jaxrepro import train
+from jaxrepro.analysis import variants
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("convnet", "minixception")
@@ -41,6 +44,35 @@ def train_tiny(model: str, workdir: Path, *overrides: str, **kwargs) -> dict:
         config_file=str(ROOT / f"experiments/{model}.py"),
         **kwargs,
     )
+
+
+# The portable-mode tests' runs: the smallest that still take every op (both models,
+# augmentation, dropout, batch norm, two optimizer steps, an evaluation and a
+# checkpoint); an emulated CPU compiles and runs both in about 7 minutes.
+SHORT_RUN = [
+    "data.num_train=8",
+    "data.num_val=4",
+    "batch_size=4",
+    "eval_batch_size=4",
+    "num_epochs=1",
+    "checkpoint_every_steps=2",
+]
+
+
+def short_variants(out, names, mode, **options) -> list[dict]:
+    """`jaxrepro.analysis.variants` rows of both models' SHORT_RUN under `names`, in
+    `mode`, every variant's process at once."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return variants.compare_variants(
+            [tiny_spec(m) for m in MODELS],
+            SHORT_RUN,
+            names,
+            out,
+            modes=[mode],
+            progress=False,
+            jobs=len(names),
+            **options,
+        )
 
 
 def _leaf_bytes(leaf) -> bytes | object:

@@ -152,6 +152,29 @@ def test_a_missing_emulator_is_a_clear_error(monkeypatch, capsys):
     assert "apt-get install qemu-user" in capsys.readouterr().err
 
 
+def test_explanations_are_compared_bitwise(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    maps = {"gradcam": np.zeros((1, 4, 4), np.float32), "ig": np.ones((1, 4, 4), np.float32)}
+    np.savez(a / "explanations.npz", **maps)
+    np.savez(b / "explanations.npz", **{k: v.copy() for k, v in maps.items()})
+    assert variants.explanations_differing(a, b) == []
+    signed_zero = {**maps, "gradcam": -maps["gradcam"]}  # equal values, other bits
+    np.savez(b / "explanations.npz", **signed_zero)
+    assert variants.explanations_differing(a, b) == ["gradcam"]
+    np.savez(b / "explanations.npz", gradcam=maps["gradcam"])  # a method missing
+    assert variants.explanations_differing(a, b) == ["ig"]
+    assert variants.explanations_differing(a, c) is None  # nothing explained in c
+
+
+def test_an_unknown_mode_is_an_error_before_any_run(capsys):
+    assert variants.main(["experiments/convnet.py", "--modes", "machine,fast"]) == 2
+    assert "valid modes: machine, portable" in capsys.readouterr().err
+    assert variants.main(["experiments/convnet.py", "--explain=1", "--explain-methods=cam"]) == 2
+    assert "valid methods: gradcam" in capsys.readouterr().err
+
+
 def test_unknown_variant_is_an_error(capsys):
     assert variants.main(["experiments/convnet.py", "--variants", "default,gpu9"]) == 2
     err = capsys.readouterr().err

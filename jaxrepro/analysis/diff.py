@@ -247,13 +247,14 @@ def checkpoint_growth(a: Side, b: Side, steps: list[int]) -> list[dict]:
 
 
 def predictions_diff(a: Side, b: Side) -> dict:
-    """Both checkpoints evaluated on A's validation split, on this machine.
+    """Both checkpoints evaluated on A's validation split, on this machine, in this
+    process's determinism mode (the runs may have been trained in two modes).
 
     Accuracy of each, how many images change their predicted class, and whether the
     logits are bitwise equal. Evaluating both on one device isolates the weights from
     the device that trained them.
     """
-    ma, mb = rundir.load(a.run, a.step), rundir.load(b.run, b.step)
+    ma, mb = (rundir.load(s.run, s.step, take_mode=False) for s in (a, b))
     try:
         val = load_data(ma.config).validation
     except UserError as e:  # the data set is not prepared on this machine

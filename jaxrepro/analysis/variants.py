@@ -1,17 +1,19 @@
 """Train one experiment under several CPU "device variants" and diff each against the first.
 
-    python -m jaxrepro.analysis.variants CONFIG_FILE [--variants default,one-core,cpu:Haswell]
+    python -m jaxrepro.analysis.variants CONFIG_FILE... [--variants default,one-core,cpu:Haswell]
+                                         [--modes machine,portable] [--explain N]
                                          [--out DIR] [--config.KEY=VALUE ...]
 
 Cross-device differences can be produced on one CPU machine: another XLA:CPU code
 path, another number of cores, op-by-op execution, or another CPU altogether:
 `cpu:<model>` runs the process under `qemu-x86_64 -cpu <model>` (Debian package
 `qemu-user`), an emulated CPU of that model's vendor, ISA and cache sizes (QEMU 7.2
-emulates up to AVX2, so an AVX-512 model runs without AVX-512). Each variant runs the
-same config in its own process (XLA reads its flags once, at start), into DIR/<variant>;
-then `jaxrepro.analysis.diff` compares every variant with the first one. The table says
-which variants keep the bits, where the others first part (step and layer), and how
-far apart they end. Written to DIR/variants.md and DIR/variants.json.
+emulates up to AVX2, so an AVX-512 model runs without AVX-512). Each variant trains the
+configs in a process of its own (XLA reads its flags once, at start), for each
+determinism mode, into DIR/<mode>/<variant>/<experiment>; then `jaxrepro.analysis.diff`
+compares every variant with the first one. The table says which variants keep the bits
+(and, with --explain, the heatmaps), where the others first part (step and layer), and
+how far apart they end. Written to DIR/variants.md and DIR/variants.json.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from jaxrepro import cli, determinism, provenance
 from jaxrepro import config as configlib
 from jaxrepro.analysis import diff as difflib
+from jaxrepro.analysis import train_configs
 from jaxrepro.errors import UserError
 
 
@@ -135,7 +141,13 @@ def variant_env(variant: Variant, base: Mapping[str, str]) -> dict[str, str]:
 
 
 def run_variant(
-    name: str, config_files: Sequence[str], overrides: Sequence[str], out: Path, progress: bool
+    name: str,
+    config_files: Sequence[str],
+    overrides: Sequence[str],
+    out: Path,
+    progress: bool,
+    explain_images: int = 0,
+    explain_methods: Sequence[str] = (),
 ) -> None:
     """Train every config under variant `name` into `out/<experiment>`, in one process
     (`jaxrepro.analysis.train_configs`: the start-up is paid once)."""
@@ -146,6 +158,8 @@ def run_variant(
             str(out),
             *config_files,
             *cli.as_arguments(overrides),
+            *([f"--explain={explain_images}"] if explain_images else []),
+            *([f"--explain-methods={','.join(explain_methods)}"] if explain_methods else []),
             *([] if progress else ["--no-progress"]),
         ],
         prefix=variant.prefix,
@@ -156,8 +170,29 @@ def run_variant(
     )
 
 
-def summarize(name: str, report: dict, experiment: str = "", mode: str = "") -> dict:
-    """One row of the table from a diff report against the baseline."""
+def explanations_differing(a: Path, b: Path) -> list[str] | None:
+    """The methods whose heatmaps (`train_configs.EXPLANATIONS`) differ in any bit
+    between runs `a` and `b`; None if either run has none."""
+    fa, fb = a / train_configs.EXPLANATIONS, b / train_configs.EXPLANATIONS
+    if not (fa.exists() and fb.exists()):
+        return None
+    with np.load(fa, allow_pickle=False) as ea, np.load(fb, allow_pickle=False) as eb:
+        methods = sorted(set(ea.files) | set(eb.files))
+        return [
+            m
+            for m in methods
+            if m not in ea.files
+            or m not in eb.files
+            or ea[m].shape != eb[m].shape
+            or ea[m].tobytes() != eb[m].tobytes()
+        ]
+
+
+def summarize(
+    name: str, report: dict, experiment: str = "", mode: str = "", explanations=None
+) -> dict:
+    """One row of the table from a diff report against the baseline (and the methods
+    whose explanations differ, from `explanations_differing`)."""
     layers = report.get("layers") or {}
     pred = report.get("predictions") or {}
     growth = report.get("checkpoint_growth") or []
@@ -177,6 +212,7 @@ def summarize(name: str, report: dict, experiment: str = "", mode: str = "") -> 
         "final_max_rel_diff": growth[-1]["max_rel_diff"] if growth else None,
         "val_accuracy": pred.get("accuracy_b"),
         "predictions_changed": pred.get("predictions_changed"),
+        "explanations_differing": explanations,
     }
 
 
@@ -189,8 +225,8 @@ def table(rows: list[dict], baseline: str) -> str:
     lines = [
         f"| mode | experiment | variant | bits vs {baseline} | first divergent step | first "
         "layer that differs (forward / gradient @ checkpoint) | final max ULP | val acc | "
-        "predictions changed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "predictions changed | explanations |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         where = "-"
@@ -204,10 +240,16 @@ def table(rows: list[dict], baseline: str) -> str:
         if r.get("first_divergent_leaves"):
             leaves = r["first_divergent_leaves"]
             step += f" ({len(leaves)} leaves, e.g. {leaves[0]})"
+        differing = r.get("explanations_differing")
+        explained = (
+            "-"
+            if differing is None
+            else ("identical" if not differing else "differ: " + ", ".join(differing))
+        )
         lines.append(
             f"| {r['mode']} | {r['experiment']} | {r['variant']} | {r['verdict']} | {step} | "
             f"{where} | {_cell(r['final_max_ulp'])} | {_cell(r['val_accuracy'], '.4f')} | "
-            f"{_cell(r['predictions_changed'])} |"
+            f"{_cell(r['predictions_changed'])} | {explained} |"
         )
     return "\n".join(lines)
 
@@ -230,10 +272,18 @@ def compare_variants(
     modes: Sequence[str | None] = (None,),
     progress: bool = True,
     made_by: dict | None = None,
+    explain_images: int = 0,
+    jobs: int = 1,
+    explain_methods: Sequence[str] = (),
 ) -> list[dict]:
     """Train every config under every variant in every mode (None: the configs' own)
     into `out/<mode>/<variant>/<experiment>`, diff each against the first variant of its
-    mode; write variants.md and variants.json (with `made_by`, the provenance); the rows."""
+    mode; write variants.md and variants.json (with `made_by`, the provenance); the rows.
+
+    `explain_images`: every run also explains that many validation images with every
+    method (or `explain_methods`), and the rows say which methods' heatmaps differ from
+    the baseline's. `jobs`: how many variants' processes run at once (the bits do not
+    depend on it; an emulated CPU's process mostly waits on one core)."""
     check_names(names)
     rows = []
     for mode in modes:
@@ -241,11 +291,34 @@ def compare_variants(
         experiments = [configlib.resolve(f, mode_overrides).experiment for f in config_files]
         label = mode or configlib.resolve(config_files[0], overrides).get("determinism", "")
         base = out / label
-        for name in names:
-            print(f"== {label}, variant {name}: {get_variant(name).description}", file=sys.stderr)
-            run_variant(name, config_files, mode_overrides, base / name, progress)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            running = []
+            for name in names:
+                print(
+                    f"== {label}, variant {name}: {get_variant(name).description}", file=sys.stderr
+                )
+                running.append(
+                    pool.submit(
+                        run_variant,
+                        name,
+                        config_files,
+                        mode_overrides,
+                        base / name,
+                        progress,
+                        explain_images,
+                        explain_methods,
+                    )
+                )
+            for done in running:
+                done.result()
         rows += [
-            summarize(name, difflib.diff(base / names[0] / e, base / name / e), e, label)
+            summarize(
+                name,
+                difflib.diff(base / names[0] / e, base / name / e),
+                e,
+                label,
+                explanations_differing(base / names[0] / e, base / name / e),
+            )
             for e in experiments
             for name in names[1:]
         ]
@@ -310,6 +383,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path("checkpoints/variants"),
         help="directory for the runs and the table (default: %(default)s)",
     )
+    parser.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every run also explains its first N validation images with every method; "
+        "the table says which methods' heatmaps differ",
+    )
+    parser.add_argument(
+        "--explain-methods",
+        default="",
+        help="comma-separated methods for --explain (default: all)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N variants' processes at once (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(rest)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -318,11 +411,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for mode in modes:
         if mode is not None:
             determinism.check_mode(mode)
+    explain_methods = [m.strip() for m in args.explain_methods.split(",") if m.strip()]
+    train_configs.check_methods(explain_methods)
     for config_file in args.configs:  # a bad file or key fails here, not in a child
         configlib.resolve(config_file, overrides)
     made_by = provenance.record("python -m jaxrepro.analysis.variants", argv)
     rows = compare_variants(
-        args.configs, overrides, names, args.out, modes, not args.no_progress, made_by
+        args.configs,
+        overrides,
+        names,
+        args.out,
+        modes,
+        not args.no_progress,
+        made_by,
+        args.explain,
+        args.jobs,
+        explain_methods,
     )
     print(table(rows, names[0]))
     return 0

@@ -32,10 +32,11 @@ per call, so an image's heatmap does not depend on the other images given with i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 # Modules, not their functions, are the package's attributes (`explain.gradcam` is
 # the module gradcam.py, `explain.lrp` the module lrp.py).
@@ -92,4 +93,25 @@ def explain(
     return method(model, variables, images, sign=sign, **accepted)
 
 
-__all__ = ["METHODS", "OPTIONS", "UNSIGNED", "explain", "get_method", "lrp_heatmap"]
+def explain_each(
+    model: Any, variables: Any, images: np.ndarray, methods: Sequence[str] = tuple(METHODS)
+) -> dict[str, np.ndarray]:
+    """Heatmaps [N, H, W] of `images` by each method, explaining "dog" (sign +1), every
+    image in a batch of one as the CLI explains it: what two runs' explanations are
+    compared by (`jaxrepro.analysis.variants`)."""
+    pixels = np.asarray(images, np.float32)
+    return {
+        name: np.stack([np.asarray(explain(name, model, variables, x[None]))[0] for x in pixels])
+        for name in methods
+    }
+
+
+__all__ = [
+    "METHODS",
+    "OPTIONS",
+    "UNSIGNED",
+    "explain",
+    "explain_each",
+    "get_method",
+    "lrp_heatmap",
+]

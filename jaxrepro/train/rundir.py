@@ -30,7 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxrepro import config as configlib
-from jaxrepro import fingerprint, rng
+from jaxrepro import determinism, fingerprint, rng
 from jaxrepro.errors import UserError
 from jaxrepro.records import read_jsonl, write_jsonl
 from jaxrepro.train import checkpoint as ckpt
@@ -286,11 +286,18 @@ class TrainedModel:
         return int(self.config.data.image_size)
 
 
-def load(path: str | Path, step: int | None = None) -> TrainedModel:
-    """The trained model of a run or checkpoint directory, verified against its manifest."""
+def load(path: str | Path, step: int | None = None, *, take_mode: bool = True) -> TrainedModel:
+    """The trained model of a run or checkpoint directory, verified against its manifest.
+
+    `take_mode`: the process takes the run's determinism mode first
+    (`determinism.apply_config`), so that what is computed with the model has the run's
+    guarantee (ModeError if this process already runs the other mode). Without it the
+    model computes in this process's mode: a measurement here, as diff makes."""
     run, path_step = locate(path)
-    step = checkpoint_step(run, path_step if step is None else step)
     config = RunDir(run).read_config()
+    if take_mode:  # before Orbax, which starts the backend
+        determinism.apply_config(config)
+    step = checkpoint_step(run, path_step if step is None else step)
     state, _ = ckpt.restore(RunDir(run).manager(), step, setup.abstract_state(config))
     return TrainedModel(
         run=run,

@@ -7,6 +7,7 @@ restored or compared: `build_model`, `build_optimizer`, `stream_keys` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,7 +56,18 @@ def stream_keys(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
 def init_state(
     model: nn.Module, tx: optax.GradientTransformation, init_key: jax.Array, image_size: int
 ) -> TrainState:
-    """Initial train state: weights from the `init` stream only."""
+    """Initial train state: weights from the `init` stream only.
+
+    Compiled as one function: the same bits as op by op (both models, both determinism
+    modes), and one compilation instead of one per op, which is what an emulated CPU
+    spends minutes on."""
+    return _init_state(model, tx, init_key, image_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _init_state(
+    model: nn.Module, tx: optax.GradientTransformation, init_key: jax.Array, image_size: int
+) -> TrainState:
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init({"params": init_key}, dummy, train=False)
     params = variables["params"]
