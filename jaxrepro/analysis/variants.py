@@ -150,8 +150,12 @@ def run_variant(
     explain_methods: Sequence[str] = (),
 ) -> None:
     """Train every config under variant `name` into `out/<experiment>`, in one process
-    (`jaxrepro.analysis.train_configs`: the start-up is paid once)."""
+    (`jaxrepro.analysis.train_configs`: the start-up is paid once). The child takes its
+    determinism mode from the configs (and `overrides`), never from this process's
+    `$JAXREPRO_DETERMINISM`."""
     variant = get_variant(name)
+    env = variant_env(variant, os.environ)
+    env.pop(determinism.ENV_VARIABLE, None)
     cli.run_child(
         "jaxrepro.analysis.train_configs",
         [
@@ -163,7 +167,7 @@ def run_variant(
             *([] if progress else ["--no-progress"]),
         ],
         prefix=variant.prefix,
-        env=variant_env(variant, os.environ),
+        env=env,
         cpus=variant.cpus,
         capture=False,
         what=f"variant {name}",
