@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import tiny_config
 from PIL import Image
 
 import jaxrepro.data as data
@@ -492,3 +493,14 @@ def test_unknown_source_lists_valid_names():
     assert sorted(data.SOURCES) == ["cats_vs_dogs", "folder", "shapes"]
     with pytest.raises(data.DataError, match="validation"):
         data.load("shapes", "test")
+
+
+def test_preparing_a_configs_data_builds_it_once(tmp_path):
+    """What jaxrepro.analysis.variants does before starting processes side by side."""
+    cfg = tiny_config("convnet", "data.num_train=8", "data.num_val=4", f"data.data_dir={tmp_path}")
+    data.prepare_config_data(cfg.data)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    assert any(p.endswith("dataset_info.json") for p, _ in before)
+    data.prepare_config_data(cfg.data)  # already there: nothing written
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    assert len(data.load_config_splits(cfg.data)["train"].labels) == 8

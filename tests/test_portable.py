@@ -166,6 +166,33 @@ def test_the_explain_cli_takes_the_runs_mode(portable_runs, tmp_path):
         assert np.load(out / "val0.gradcam.npy").tobytes() == made["gradcam"][0].tobytes()
 
 
+def test_portable_bits_do_not_depend_on_the_device_count(tmp_path):
+    """With fixed micro-batches, one simulated device and two give the same portable bits
+    (both models' short runs, each device count a process of its own)."""
+    finals = {}
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        run_cli(
+            "jaxrepro.analysis.train_configs",
+            str(out),
+            *(tiny_spec(m) for m in MODELS),
+            *(f"--config.{o}" for o in SHORT_RUN),
+            "--config.determinism=portable",
+            f"--config.num_devices={devices}",
+            "--config.microbatches=2",
+            "--no-progress",
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        )
+        finals[devices] = {
+            m: (
+                json.loads((out / m / "final.json").read_text())["final_state_sha256"],
+                (out / m / "steps.jsonl").read_text(),  # every step's fingerprints
+            )
+            for m in MODELS
+        }
+    assert finals[1] == finals[2]
+
+
 def test_machine_bits_change_with_the_core_count(tmp_path):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.fail("this check needs 2 cores (one core against several)")

@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxrepro import cli, determinism, provenance
 from jaxrepro import config as configlib
+from jaxrepro import data as datalib
 from jaxrepro.analysis import diff as difflib
 from jaxrepro.analysis import train_configs
 from jaxrepro.errors import UserError
@@ -292,7 +293,10 @@ def compare_variants(
     rows = []
     for mode in modes:
         mode_overrides = [*overrides, *([f"determinism={mode}"] if mode else [])]
-        experiments = [configlib.resolve(f, mode_overrides).experiment for f in config_files]
+        configs = [configlib.resolve(f, mode_overrides) for f in config_files]
+        experiments = [c.experiment for c in configs]
+        for c in configs:  # ready before the variants' processes start side by side
+            datalib.prepare_config_data(c.data)
         label = mode or configlib.resolve(config_files[0], overrides).get("determinism", "")
         base = out / label
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

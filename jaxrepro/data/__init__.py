@@ -56,6 +56,7 @@ from jaxrepro.data.sources import (
     load,
     load_config_splits,
     load_splits,
+    prepare_config_data,
     register_source,
 )
 from jaxrepro.data.split import SPLITS, SplitError, partition, split_key
@@ -74,6 +75,7 @@ __all__ = [
     "epoch_order",
     "load",
     "load_config_splits",
+    "prepare_config_data",
     "load_splits",
     "num_batches",
     "order_fingerprint",

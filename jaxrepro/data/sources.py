@@ -386,6 +386,21 @@ def load_splits(
     }
 
 
+def prepare_config_data(data: Mapping[str, Any]) -> None:
+    """Open a config's `data` source without loading it, generating or preparing it on
+    first use: processes started next then find it ready instead of all building it at
+    once (TFDS's final rename fails for all but one of them)."""
+    _index(
+        data["source"],
+        data["image_size"],
+        data["num_train"],
+        data["num_val"],
+        data["data_dir"] or None,
+        data["folder"] or None,
+        None,
+    )
+
+
 def load_config_splits(data: Mapping[str, Any]) -> dict[str, DataSplit]:
     """Both splits named by a config's `data` block (what every trainer reads)."""
     return load_splits(
