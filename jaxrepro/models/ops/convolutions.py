@@ -60,7 +60,7 @@ def _supported(
     dimension_numbers: Any,
     feature_group_count: int,
 ) -> bool:
-    if not _nhwc_hwio(lhs, rhs, dimension_numbers):
+    if not is_nhwc_hwio(lhs, rhs, dimension_numbers):
         return False
     channels = lhs.shape[-1]
     ones = (None, (1, 1), [1, 1])
@@ -209,7 +209,8 @@ def _tap_gradients(x: jax.Array, g: jax.Array, window: tuple[int, int]) -> jax.A
 _depthwise_same.defvjp(_depthwise_forward, _depthwise_backward)
 
 
-def _nhwc_hwio(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
+def is_nhwc_hwio(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
+    """Whether a convolution's operands and dimension numbers are NHWC / HWIO."""
     if lhs.ndim != 4 or rhs.ndim != 4:
         return False
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
@@ -233,7 +234,7 @@ def pointwise_conv(
     ones = (None, (1, 1), [1, 1])
     if (
         kwargs
-        or not _nhwc_hwio(lhs, rhs, dimension_numbers)
+        or not is_nhwc_hwio(lhs, rhs, dimension_numbers)
         or rhs.shape[:2] != (1, 1)
         or feature_group_count != 1
         or padding not in ("SAME", "VALID")
@@ -283,7 +284,7 @@ def patch_grad_conv(
     ones = (None, (1, 1), [1, 1])
     if (
         kwargs
-        or not _nhwc_hwio(lhs, rhs, dimension_numbers)
+        or not is_nhwc_hwio(lhs, rhs, dimension_numbers)
         or padding not in ("SAME", "VALID")
         or tuple(window_strides) != (1, 1)
         or feature_group_count != 1

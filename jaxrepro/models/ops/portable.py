@@ -180,13 +180,6 @@ def dot_general(
     return matmul(a, b).reshape(batch + left + right)
 
 
-def _nhwc_hwio(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
-    if lhs.ndim != 4 or rhs.ndim != 4:
-        return False
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
-
-
 def _patches(
     x: jax.Array, kh: int, kw: int, strides: tuple[int, int], pads: Sequence[tuple[int, int]]
 ) -> jax.Array:
@@ -233,7 +226,7 @@ def conv_general_dilated(
     if (
         kwargs
         or batch_group_count != 1
-        or not _nhwc_hwio(lhs, rhs, dimension_numbers)
+        or not convolutions.is_nhwc_hwio(lhs, rhs, dimension_numbers)
         or lhs_dilation not in ones
         or rhs_dilation not in ones
     ):
