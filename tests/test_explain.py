@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import json
 from pathlib import Path
 
 import jax
@@ -145,11 +146,15 @@ def test_gradcam_all_zero_map_stays_zero_and_max_is_one():
     np.testing.assert_array_equal(out[1], [[0.0, 1.0], [0.5, 0.25]])
 
 
-def test_gradcam_rejects_an_unknown_model_and_a_layer_it_does_not_meet(monkeypatch):
-    with pytest.raises(ValueError, match="registered models"):
+def test_gradcam_rejects_a_model_without_spec_untraced_and_a_layer_it_does_not_meet(
+    monkeypatch,
+):
+    with pytest.raises(ValueError, match="needs the variables and images"):
         gc.gradcam_layer(models.SeparableConv(4))
     monkeypatch.setattr(
-        gc, "gradcam_layer", lambda model: GradcamLayer("conv5_out", "conv9", "output")
+        gc,
+        "gradcam_layer",
+        lambda model, *args: GradcamLayer("conv5_out", "conv9", "output"),
     )
     model, variables, images = tiny("convnet")
     with pytest.raises(ValueError, match="met 0 times"):
@@ -353,11 +358,15 @@ def test_cli_writes_png_and_npy_prints_prediction_and_resizes(
     assert f"square.png: predicted {expected}" in printed
     assert f"p={expected.probability:.4f}, logit={expected.logit:+.6g}" in printed
     assert "[resized 64x50 -> 80x80]" in printed
-    for stem in ("square", "small", "small_resized"):
+    for stem, size in (("square", (80, 80)), ("small", (64, 50)), ("small_resized", (80, 80))):
         heat = np.load(out / f"{stem}.gradcam.npy", allow_pickle=False)
-        assert heat.shape == (80, 80) and heat.dtype == np.float32
-        with Image.open(out / f"{stem}.gradcam.png") as png:
-            assert png.size == (80, 80) and png.mode == "RGB"
+        assert heat.shape == (80, 80) and heat.dtype == np.float32  # the model's size
+        with Image.open(out / f"{stem}.gradcam.png") as png:  # drawn on the original
+            assert png.size == size and png.mode == "RGB"
+        placed = json.loads((out / f"{stem}.gradcam.json").read_text())
+        assert placed["map_shape"] == [80, 80]
+        assert placed["original_size"] == {"width": size[0], "height": size[1]}
+        assert placed["map_pixel_to_original"]["col_scale"] == size[0] / 80
     # the 64x50 image went through the one resize rule: same pixels, same heatmap bytes
     assert (out / "small.gradcam.npy").read_bytes() == (
         out / "small_resized.gradcam.npy"

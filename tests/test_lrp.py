@@ -1,4 +1,4 @@
-"""Tests of LRP (jaxrepro.explain.lrp) and batch-norm folding (jaxrepro.explain.canonize).
+"""Tests of LRP (jaxrepro.explain.lrp) and batch-norm merging (jaxrepro.explain.canonize).
 
 Rules are checked against re-implementations written directly in matrix form (the way
 zennit tests its rules): weights come from the layer's Jacobian, relevance at the layer's
@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_bitwise_equal
 
 from jaxrepro.explain import lrp as L
-from jaxrepro.explain.canonize import fold_batchnorm, fold_pairs, unit_variance
+from jaxrepro.explain.canonize import UnmergedBatchNorm
 from jaxrepro.models import ConvNet, MiniXception
 
 
@@ -451,38 +451,36 @@ def _model(name, small=True, with_bias=True):
     return model, variables, images
 
 
-def test_folding_keeps_minixception_output_and_leaves_params_untouched():
-    model, variables, images = _model("minixception", small=False)
+def test_minixception_batch_norms_are_found_from_the_call_order():
+    """bn_b directly follows the pointwise conv and merges; block1's bn_a directly follows
+    the stem (whose output also feeds the residual conv: that branch keeps the stem's own
+    rule) and merges; the other bn_a follow a residual add, keep their own rule and are
+    named in the warning."""
+    model, variables, images = _model("minixception")
+    plan = L.batchnorm_plan(model, variables, images)
+    blocks = range(1, len(model.sizes) + 1)
+    pointwise = tuple((f"block{i}/sepconv_a/pointwise", f"block{i}/bn_b") for i in blocks)
+    assert plan.merged == (("stem", "block1/bn_a"), *pointwise)
+    assert plan.unmerged == tuple(f"block{i}/bn_a" for i in blocks[1:])
+    with pytest.warns(UnmergedBatchNorm, match="block2/bn_a"):
+        jax.eval_shape(
+            lambda v, x: L.attribute(model, v, x, composite="epsilon"), variables, images
+        )
+
+
+def test_convnet_has_no_batch_norm_to_merge():
+    model, variables, images = _model("convnet")
+    assert L.batchnorm_plan(model, variables, images) == L.BatchNormPlan((), ())
+
+
+def test_merging_leaves_the_forward_value_and_the_variables_untouched():
+    model, variables, images = _model("minixception")
     before = jax.tree.map(np.array, variables)
-    folded = fold_batchnorm(model, variables)
-    assert_bitwise_equal(variables, before)  # the caller's params are untouched
-    ref = _apply(model, variables, images)
-    out = _apply(model, folded.variables, images)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
-    assert sorted(folded.biases) == [f"block{i}/sepconv_a/pointwise" for i in range(1, 6)]
-    bn_b = folded.variables["params"]["block3"]["bn_b"]
-    assert np.all(np.asarray(bn_b["scale"]) == 1)
-    assert not np.allclose(
-        folded.variables["params"]["block3"]["sepconv_a"]["pointwise"]["kernel"],
-        variables["params"]["block3"]["sepconv_a"]["pointwise"]["kernel"],
-    )
-    # bn_a is not foldable: left exactly as it was
-    assert_bitwise_equal(
-        folded.variables["params"]["block3"]["bn_a"], variables["params"]["block3"]["bn_a"]
-    )
-
-
-def test_unit_variance_makes_rsqrt_exactly_one():
-    for eps in (1e-3, 1e-5, 0.1):
-        v = unit_variance(eps)
-        assert v + np.float32(eps) == np.float32(1)
-        assert float(jax.lax.rsqrt(jnp.float32(v) + jnp.float32(eps))) == 1.0
-
-
-def test_convnet_has_nothing_to_fold():
-    model, variables, _ = _model("convnet")
-    assert fold_pairs(model) == ()
-    assert_bitwise_equal(fold_batchnorm(model, variables).variables, variables)
+    logits = jax.jit(
+        lambda v, x: L.lrp(lambda v, x: model.apply(v, x, train=False), v, x, composite="thesis")[0]
+    )(variables, images)
+    assert_bitwise_equal(variables, before)
+    assert_bitwise_equal(logits, _apply(model, variables, images))
 
 
 CONSERVING_MODEL = (
@@ -493,7 +491,7 @@ CONSERVING_MODEL = (
 @pytest.mark.parametrize("name", ["minixception", "convnet"])
 def test_thesis_structure_conserves_on_the_bias_free_models(name):
     """The thesis composite's rules with epsilon -> 0 and the identity rule for the
-    unfoldable batch norms conserve exactly when the models have no biases (BN means and
+    unmerged batch norms conserve exactly when the models have no biases (BN means and
     betas zero, scales and variances perturbed)."""
     model, variables, images = _model(name, with_bias=False)
     logits = _apply(model, variables, images)
@@ -503,7 +501,7 @@ def test_thesis_structure_conserves_on_the_bias_free_models(name):
 
 
 def test_minixception_lrp0_conserves_up_to_the_bias_share():
-    """With BN biases and means (folded and unfolded) and the dense bias: LRP-0 is
+    """With BN biases and means (merged and unmerged) and the dense bias: LRP-0 is
     gradient x input, and sum(R) = logit - sum_b b * dlogit/db."""
     model, variables, images = _model("minixception")
     logits = _apply(model, variables, images)

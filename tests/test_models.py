@@ -125,10 +125,6 @@ def test_each_spec_names_recorded_activations_and_real_layers():
         # every sown activation has its Keras layer, and the Grad-CAM layer is one of them
         assert list(spec.keras_layers(model)) == list(acts)
         assert spec.keras_gradcam_layer == spec.keras_layers(model)[layer]
-        params = variables["params"]
-        for pair in spec.fold_pairs(model):  # the fold pairs name real layers
-            assert _leaf(params, pair.conv + "/kernel") is not None
-            assert _leaf(params, pair.bn + "/scale") is not None
 
 
 def _leaf(tree: dict, path: str):

@@ -1,16 +1,20 @@
-"""Explanations of the paper's models: heatmaps that come out the same bits every time.
+"""Explanations of any Flax Linen model: heatmaps that come out the same bits every time.
 
 Every method has one signature, registered by name in `METHODS`:
 
-    fn(model, variables, images, *, sign, **options) -> heatmap float32 [N, H, W]
+    fn(model, variables, images, *, sign, target, **options) -> heatmap [N, H, W]
 
-`images` are float32 pixels 0..255, [N, H, W, 3] (what the models take). The models
-return one logit per image (> 0: class 1, "dog"); a method explains `sign * logit`,
-with `sign` a number or an [N] array of +-1: `+1` explains "dog", `-1` explains
-"cat". Methods:
+`images` [N, H, W, C] are what the model takes (the paper's models: pixels 0..255);
+the heatmap has their float dtype (float64 with `jax_enable_x64`). A method explains one
+score per image (`heads.py`): for a one-logit head ([N] or [N, 1]) `sign * logit`, with
+`sign` a number or an [N] array of +-1 (the paper's models: `+1` explains "dog", `-1`
+"cat"); for a multi-class head [N, C] the logit of class `target` (an int or [N] ints;
+default the predicted class). Nothing has to be registered: the paper's models carry a
+spec (`jaxrepro.models`) that names their Grad-CAM layer, any other model is traced.
+Methods:
 
-  gradcam          gradcam.py  Grad-CAM at the last conv, ReLU, max-normalised, bilinear
-                               upsampled: [0, 1]
+  gradcam          gradcam.py  Grad-CAM at the last conv-like layer (option layer), ReLU,
+                               max-normalised, bilinear upsampled: [0, 1]
   guided-backprop  gradcam.py  guided gradient w.r.t. the pixels, summed over channels
                                (signed)
   guided-gradcam   gradcam.py  guided backprop x Grad-CAM (signed)
@@ -19,7 +23,8 @@ with `sign` a number or an [N] array of +-1: `+1` explains "dog", `-1` explains
   lrp              lrp.py      Layer-wise Relevance Propagation summed over channels
                                (signed); option composite
 
-Other modules: `canonize.py` (batch-norm folding for LRP), `render.py` (colour-map
+Other modules: `heads.py` (the explained score of any head, inference mode),
+`canonize.py` (batch norms merged into the layer before them for LRP), `render.py` (colour-map
 overlays as PNG), `metrics.py` (pointing game, relevance mass in the object mask),
 `robustness.py` (the thesis's rotation and noise protocol, `python -m
 jaxrepro.explain.robustness`), `prediction.py`, `inputs.py` and the CLI `cli.py`
@@ -48,10 +53,18 @@ Method = Callable[..., jax.Array]
 
 
 def lrp_heatmap(
-    model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0, composite: str = "thesis"
+    model: Any,
+    variables: Any,
+    images: jax.Array,
+    *,
+    sign: Any = 1.0,
+    target: Any = None,
+    composite: str = "thesis",
 ) -> jax.Array:
     """LRP heatmap [N, H, W] (`jaxrepro.explain.lrp`) summed over the colour channels."""
-    relevance = _lrp.attribute(model, variables, images, sign=sign, composite=composite)
+    relevance = _lrp.attribute(
+        model, variables, images, sign=sign, target=target, composite=composite
+    )
     return _lrp.heatmap(relevance)
 
 
@@ -65,9 +78,9 @@ METHODS: dict[str, Method] = {
 
 # Options each method accepts (the CLIs pass only these).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "gradcam": (),
+    "gradcam": ("layer",),
     "guided-backprop": (),
-    "guided-gradcam": (),
+    "guided-gradcam": ("layer",),
     "ig": ("baseline", "steps", "rule", "chunk"),
     "lrp": ("composite",),
 }
@@ -85,12 +98,19 @@ def get_method(name: str) -> Method:
 
 
 def explain(
-    name: str, model: Any, variables: Any, images: jax.Array, *, sign: Any = 1.0, **options: Any
+    name: str,
+    model: Any,
+    variables: Any,
+    images: jax.Array,
+    *,
+    sign: Any = 1.0,
+    target: Any = None,
+    **options: Any,
 ) -> jax.Array:
     """Heatmaps [N, H, W] of method `name`; options it does not take are dropped."""
     method = get_method(name)
     accepted = {k: v for k, v in options.items() if k in OPTIONS[name] and v is not None}
-    return method(model, variables, images, sign=sign, **accepted)
+    return method(model, variables, images, sign=sign, target=target, **accepted)
 
 
 def explain_each(

@@ -1,117 +1,67 @@
-"""Batch-norm folding for LRP (a canoniser in zennit's sense, done on parameters).
+"""Batch norm for LRP: merged into the layer before it (canonisation), or given its own rule.
 
 LRP rules are defined for linear layers ``z = W x + b``. A batch norm in inference mode
-is a per-channel affine map ``y = s * x + t`` with ``s = scale / sqrt(var + eps)`` and
-``t = bias - mean * s``. Where it follows a convolution *directly* (no branch, no
-nonlinearity between), the two are one linear layer, ``W' = W * s`` (per output
-channel) and ``b' = b * s + t``, and the rule of that convolution should see ``W'`` and
-``b'`` (Heggen's thesis, section 3.4.2: "merge the convolutional layer before the batchnorm
-layer together and form a new convolutional layer").
+is a per-channel affine map ``y = s * x + t`` with ``s = scale * rsqrt(var + eps)`` and
+``t = bias - mean * s`` (`affine`). Where it follows a convolution or dense layer
+*directly* (its input is that layer's output, no nonlinearity between), the two are one
+linear layer, ``W' = W * s`` (per output channel) and ``b' = b * s + t`` (`merge`), and
+the rule of that layer should see ``W'`` and ``b'`` (Heggen's thesis, section 3.4.2:
+"merge the convolutional layer before the batchnorm layer together and form a new
+convolutional layer"; zennit's `SequentialMergeBatchNorm`).
 
-The paper's models cannot carry ``b'`` in the convolution itself (the separable
-convolutions are bias-free), so folding keeps the architecture and moves the numbers:
+How pairs are found: from the traced call order, for any Flax model, with nothing
+registered. While `jaxrepro.explain.lrp` runs the model, it remembers the output of every
+`nn.Conv` and `nn.Dense` call; a `nn.BatchNorm` whose input *is* one of those outputs (the
+same traced array) is merged with that layer. A batch norm after anything else (a residual
+add, as the mini Xception's ``bn_a``; a ReLU) is not, keeps its own rule (composite
+selector ``bn``) and is named in an `UnmergedBatchNorm` warning. (The mini Xception's
+``blockK/bn_b`` merge into the pointwise conv before them, ``block1/bn_a`` into the stem;
+``bn_a`` of blocks 2-5 follow a residual add.)
 
-* the convolution's kernel becomes ``W * s``;
-* the batch norm becomes a pure bias add: scale 1, mean 0, and a variance chosen so
-  that ``rsqrt(var + eps)`` is exactly 1 in float32, with bias ``t``.
-
-The folded variables run through the unchanged model and give the same logits up to
-float rounding; `Folded.biases` tells the LRP code which convolution owns which bias
-(the LRP rule of that convolution then treats ``t`` as its own bias, and the bias add
-itself passes the gradient unchanged).
-
-Which pairs are foldable is a property of the architecture, so each model's spec
-declares them next to the model (`ModelSpec.fold_pairs`, `jaxrepro.models`): the ConvNet
-has no batch norm; the mini Xception's ``blockK/bn_b`` follows a pointwise convolution
-and folds, its ``bn_a`` follows a residual add and stays a batch norm, which
-`jaxrepro.explain.lrp` treats as a per-channel affine layer with its own rule.
-
-Folding is pure: it returns new variables and leaves the caller's untouched, so there is
-nothing to restore afterwards.
+How merging is done: in the LRP pass, not in the variables. The model runs unchanged, so
+its forward values (and the explained logit) are bit for bit the plain model's; the
+batch norm's relevance is propagated by the rule of the layer before it, computed with
+``W'`` and ``b'`` in the parameters' own dtype (float32 or float64, nothing assumed
+about either), straight to that layer's input. If the layer's output has other
+consumers besides the batch norm, their share goes through the layer's own rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
-
-from jaxrepro import models
-from jaxrepro.models.spec import FoldPair
+from jax import lax
 
 
-class Folded(NamedTuple):
-    """Result of `fold_batchnorm`.
+class UnmergedBatchNorm(UserWarning):
+    """Batch norms LRP could not merge into the layer before them (own rule instead)."""
 
-    `variables`: new model variables (same tree structure) with the folds applied.
-    `biases`: {conv path: bias} for every folded convolution; the bias lives in the
-    following (now identity-scaled) batch norm and belongs to the convolution for LRP.
-    `batchnorms`: paths of the batch norms that became pure bias adds.
+
+def affine(module: Any) -> tuple[jax.Array, jax.Array]:
+    """(s, t) of a bound inference-mode `nn.BatchNorm`: ``y = s * x + t`` per channel.
+
+    The same operation order as Flax's BatchNorm (``rsqrt(var + eps) * scale``); a batch
+    norm without scale (`use_scale=False`) or bias (`use_bias=False`) has s without the
+    scale factor, t without the bias.
     """
-
-    variables: dict
-    biases: dict[str, jax.Array]
-    batchnorms: frozenset[str]
-
-
-def fold_pairs(model: nn.Module) -> tuple[FoldPair, ...]:
-    """The exactly foldable (conv, batch norm) pairs of `model`; none for unknown classes."""
-    spec = models.spec_of(model)
-    return spec.fold_pairs(model) if spec is not None else ()
-
-
-def unit_variance(epsilon: float) -> np.float32:
-    """A float32 variance `v` with `v + epsilon == 1` exactly, so `rsqrt(v + eps) == 1`."""
-    eps = np.float32(epsilon)
-    v = np.float32(1) - eps
-    for _ in range(8):
-        total = v + eps
-        if total == np.float32(1):
-            return v
-        v = np.nextafter(
-            v, np.float32(-np.inf) if total > 1 else np.float32(np.inf), dtype=np.float32
-        )
-    raise ValueError(f"no float32 variance makes var + {epsilon} exactly 1")
+    stats = module.variables["batch_stats"]
+    params = module.variables.get("params", {})
+    var = stats["var"]
+    mul = lax.rsqrt(var + jnp.asarray(module.epsilon, var.dtype))
+    if module.use_scale:
+        mul = mul * params["scale"]
+    shift = -stats["mean"] * mul
+    if module.use_bias:
+        shift = shift + params["bias"]
+    return mul, shift
 
 
-def _key(path: str) -> tuple[str, ...]:
-    return tuple(path.split("/"))
-
-
-def fold_batchnorm(model: nn.Module, variables: Mapping[str, Any]) -> Folded:
-    """Fold every batch norm that directly follows a convolution into it (see module doc).
-
-    Returns new variables; `variables` itself is not modified. The folded model's logits
-    equal the original's up to float rounding. Jit-compatible.
-    """
-    pairs = fold_pairs(model)
-    flat = traverse_util.flatten_dict(flax.core.unfreeze(variables))
-    flat = dict(flat)  # a new top-level mapping; leaves are immutable arrays
-    biases: dict[str, jax.Array] = {}
-    for pair in pairs:
-        conv, bn = _key(pair.conv), _key(pair.bn)
-        kernel = flat[("params", *conv, "kernel")]
-        scale = flat[("params", *bn, "scale")]
-        shift = flat[("params", *bn, "bias")]
-        mean = flat[("batch_stats", *bn, "mean")]
-        var = flat[("batch_stats", *bn, "var")]
-        # Same operation order as flax's BatchNorm: rsqrt(var + eps) * scale.
-        mul = jax.lax.rsqrt(var + jnp.asarray(pair.epsilon, var.dtype)) * scale
-        if ("params", *conv, "bias") in flat:
-            bias = flat[("params", *conv, "bias")] * mul + (shift - mean * mul)
-            flat[("params", *conv, "bias")] = jnp.zeros_like(bias)
-        else:
-            bias = shift - mean * mul
-        flat[("params", *conv, "kernel")] = kernel * mul
-        flat[("params", *bn, "scale")] = jnp.ones_like(scale)
-        flat[("params", *bn, "bias")] = bias
-        flat[("batch_stats", *bn, "mean")] = jnp.zeros_like(mean)
-        flat[("batch_stats", *bn, "var")] = jnp.full_like(var, unit_variance(pair.epsilon))
-        biases[pair.conv] = bias
-    return Folded(traverse_util.unflatten_dict(flat), biases, frozenset(pair.bn for pair in pairs))
+def merge(
+    kernel: jax.Array, bias: jax.Array | None, mul: jax.Array, shift: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(W', b') of a conv/dense layer (kernel [..., out], bias [out] or None) followed by
+    the batch norm ``y = mul * z + shift``: ``W' = W * mul``, ``b' = b * mul + shift``."""
+    merged_bias = shift if bias is None else bias * mul + shift
+    return kernel * mul, merged_bias

@@ -4,20 +4,26 @@
                                [--steps N] [--composite NAME] [--out DIR]
 
 For each IMAGE it prints the prediction (class, probability, logit) and writes
-`<stem>.<method>.png` (the heatmap laid over the image) and `<stem>.<method>.npy` (the
-raw float32 heatmap [H, W]). Images of another size are resized by the project's one
-rule (`jaxrepro.data.images.decode_rgb`: Pillow, RGB, bilinear, whole image). Each
-image is explained on its own (batch of 1), so its heatmap does not depend on the
-other images named; two runs of the same command write byte-identical .npy files.
+`<stem>.<method>.npy` (the raw float32 heatmap at the model's input size [S, S]),
+`<stem>.<method>.json` (how that map lies on the original image) and
+`<stem>.<method>.png` (the heatmap laid over the original image, at its own size and
+aspect, as keras.io draws it). The model sees the image resized by the project's one
+rule (`jaxrepro.data.images.decode_rgb`: Pillow, RGB, bilinear, whole image, aspect
+not kept), so map pixel (i, j) covers the original's rows i*H/S..(i+1)*H/S and columns
+j*W/S..(j+1)*W/S. Each image is explained on its own (batch of 1), so its heatmap does
+not depend on the other images named; two runs of the same command write
+byte-identical .npy files.
 Exit status: 0 done, 2 user error (bad run path, damaged checkpoint, unreadable image).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -29,13 +35,32 @@ from jaxrepro.explain.prediction import CLASS_CHOICES, class_sign, predict
 from jaxrepro.train import rundir
 
 
+def mapping(heatmap_size: tuple[int, int], original_size: tuple[int, int]) -> dict[str, Any]:
+    """How a map at the model's input size lies on the original image (the .json file)."""
+    (rows, cols), (width, height) = heatmap_size, original_size
+    return {
+        "map_shape": [rows, cols],
+        "original_size": {"width": width, "height": height},
+        "resize": "the whole original resized to the map's shape by Pillow, bilinear, "
+        "aspect ratio not kept (jaxrepro.data.images.decode_rgb)",
+        "map_pixel_to_original": {"row_scale": height / rows, "col_scale": width / cols},
+        "overlay": "colours at the map's shape, resized to the original by Pillow, bicubic",
+    }
+
+
 def save_heatmap(
-    out: Path, stem: str, method: str, image: np.ndarray, heatmap: np.ndarray
+    out: Path, stem: str, method: str, original: np.ndarray, heatmap: np.ndarray
 ) -> tuple[Path, Path]:
-    """Write `<stem>.<method>.npy` (raw float32) and `.png` (overlay); returns the paths."""
+    """Write `<stem>.<method>.npy` (raw float32 at the model's size), `.json` (its mapping
+    to the original) and `.png` (overlay on the original); returns the png and npy paths."""
     npy, png = out / f"{stem}.{method}.npy", out / f"{stem}.{method}.png"
-    np.save(npy, np.asarray(heatmap, np.float32), allow_pickle=False)
-    render.save_png(render.overlay(image, heatmap, signed=method not in UNSIGNED), png)
+    heatmap = np.asarray(heatmap, np.float32)
+    np.save(npy, heatmap, allow_pickle=False)
+    size = (original.shape[1], original.shape[0])
+    (out / f"{stem}.{method}.json").write_text(
+        json.dumps(mapping(heatmap.shape, size), indent=2) + "\n"
+    )
+    render.save_png(render.overlay(original, heatmap, signed=method not in UNSIGNED), png)
     return png, npy
 
 
@@ -48,8 +73,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         epilog="Methods: gradcam (Grad-CAM at the last conv, [0, 1]); guided-backprop; "
         "guided-gradcam; ig (Integrated Gradients, black baseline, trapezoid rule); "
         "lrp (Layer-wise Relevance Propagation, --composite).\n"
-        "Images of another size are resized as in training data preparation "
-        "(Pillow, RGB, bilinear, whole image, aspect ratio not kept).\n"
+        "The model sees each image resized as in training data preparation "
+        "(Pillow, RGB, bilinear, whole image, aspect ratio not kept); the .npy map is at "
+        "that size, the .json says how it lies on the original, and the .png draws it on "
+        "the original at the original's size.\n"
         "Exit status: 0 done, 2 bad run path, damaged checkpoint or unreadable image.\n"
         "Example:\n  python -m jaxrepro.explain checkpoints/convnet/seed1001 "
         "cat.jpg dog.png --method gradcam --class predicted --out heatmaps",
@@ -85,6 +112,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--composite", default="thesis", help="lrp: rule composite (default thesis)"
     )
     parser.add_argument(
+        "--layer",
+        default=None,
+        help="gradcam, guided-gradcam: module path of A (default: the model's Grad-CAM "
+        "layer; a wrong path lists the candidates)",
+    )
+    parser.add_argument(
         "--out", default="explanations", help="output directory (default ./explanations)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,17 +145,23 @@ def run(args: argparse.Namespace) -> int:
         f"run {trained.run} step {trained.step} ({trained.config.model}, "
         f"{image_size}x{image_size}); method {args.method}"
     )
-    options = {"steps": args.steps, "rule": args.rule, "composite": args.composite}
-    for path, (pixels, (width, height)) in zip(
+    options = {
+        "steps": args.steps,
+        "rule": args.rule,
+        "composite": args.composite,
+        "layer": args.layer,
+    }
+    for path, picture in zip(
         tqdm(paths, disable=args.no_progress, unit="image", file=sys.stderr), pictures
     ):
+        pixels, (width, height) = picture.pixels, picture.size
         batch = pixels[None].astype(np.float32)
         prediction = predict(trained.model, trained.variables, batch)[0]
         sign = class_sign(args.target, prediction)
         heatmap = np.asarray(
             explain(args.method, trained.model, trained.variables, batch, sign=sign, **options)
         )[0]
-        png, npy = save_heatmap(out, path.stem, args.method, pixels, heatmap)
+        png, npy = save_heatmap(out, path.stem, args.method, picture.original, heatmap)
         resized = (
             ""
             if (width, height) == (image_size, image_size)

@@ -100,3 +100,17 @@ def class_probability(
     if target is None:
         target = jnp.argmax(logits, axis=-1)
     return jnp.take_along_axis(probs, target[:, None], axis=-1)[:, 0]
+
+
+def fixed_targets(
+    model: nn.Module, variables: Any, images: jax.Array, target: jax.Array | None
+) -> jax.Array | None:
+    """`target`, or for a multi-class head without one, each image's predicted class.
+
+    For methods that evaluate the model at other inputs than `images` (IG's path, LIME's
+    perturbations): the explained class is the one of the image itself, fixed before.
+    """
+    shape = jax.eval_shape(lambda: inference_apply(model, variables, images)).shape
+    if target is not None or len(shape) == 1 or shape[-1] == 1:
+        return target
+    return jnp.argmax(inference_apply(model, variables, images), axis=-1).astype(jnp.int32)

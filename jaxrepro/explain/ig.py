@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrepro.explain import heads
+
 RULES = ("trapezoid", "midpoint")
 
 
@@ -90,11 +92,11 @@ def _integrated_gradients(
     score, images: jax.Array, baseline: Any, steps: jax.Array, rule: str, chunk: int
 ) -> jax.Array:
     """(x - b) * path-averaged grad of `score` (a scalar function of a [K*N, ...] batch)."""
-    images = jnp.asarray(images, jnp.float32)
+    images = heads.as_input(images)
     baseline = (
         jnp.zeros_like(images)
         if baseline is None
-        else jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), images.shape)
+        else jnp.broadcast_to(jnp.asarray(baseline, images.dtype), images.shape)
     )
     return (images - baseline) * _path_gradient(
         jax.grad(score), images, baseline, jnp.asarray(steps, jnp.int32), rule, chunk
@@ -134,12 +136,14 @@ def integrated_gradients_fn(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rule", "chunk"))
-def _ig_model(model, variables, images, signs, baseline, steps, rule, chunk):
+def _ig_model(model, variables, images, signs, targets, baseline, steps, rule, chunk):
     n = images.shape[0]
+    targets = heads.fixed_targets(model, variables, images, targets)
 
     def score(x):  # x: [K*N, H, W, 3], path point k of image i at row k*N + i
-        logits = model.apply(variables, x, train=False).reshape(-1, n)
-        return jnp.sum(signs[None] * logits)
+        rows = None if targets is None else jnp.tile(targets, x.shape[0] // n)
+        logits = heads.inference_apply(model, variables, x)
+        return jnp.sum(signs[None] * heads.selected_logit(logits, rows).reshape(-1, n))
 
     return _integrated_gradients(score, images, baseline, steps, rule, chunk)
 
@@ -150,20 +154,34 @@ def integrated_gradients_attribution(
     images: jax.Array,
     *,
     sign: Any = 1.0,
+    target: Any = None,
     baseline: Any = None,
     steps: int = 32,
     rule: str = "trapezoid",
     chunk: int = 8,
 ) -> jax.Array:
-    """IG attributions [N, H, W, 3] of sign*logit w.r.t. the pixels (0..255).
+    """IG attributions [N, H, W, C] of the explained score w.r.t. the model's input.
 
-    `baseline`: None (black image) or an array broadcastable to `images`. One
-    compilation per (model, shapes, rule, chunk): `steps` is a traced argument.
+    The score is `jaxrepro.explain.heads.score` (`sign * logit`, or the logit of class
+    `target` of a multi-class head, by default the class predicted for the image
+    itself, kept along the path). `baseline`: None (black image) or an array
+    broadcastable to `images`. The images' float dtype is kept. One compilation per
+    (model, shapes, rule, chunk): `steps` is a traced argument.
     """
     _check(steps, rule, chunk)
-    images = jnp.asarray(images, jnp.float32)
-    signs = jnp.broadcast_to(jnp.asarray(sign, jnp.float32), images.shape[:1])
-    return _ig_model(model, variables, images, signs, baseline, steps, rule, chunk)
+    images = heads.as_input(images)
+    n = images.shape[0]
+    return _ig_model(
+        model,
+        variables,
+        images,
+        heads.signs(sign, n, images.dtype),
+        heads.targets(target, n),
+        baseline,
+        steps,
+        rule,
+        chunk,
+    )
 
 
 def integrated_gradients(
@@ -172,6 +190,7 @@ def integrated_gradients(
     images: jax.Array,
     *,
     sign: Any = 1.0,
+    target: Any = None,
     baseline: Any = None,
     steps: int = 32,
     rule: str = "trapezoid",
@@ -179,7 +198,7 @@ def integrated_gradients(
 ) -> jax.Array:
     """Integrated Gradients heatmap [N, H, W]: the attributions summed over channels.
 
-    The heatmap sums to sign * (logit(x) - logit(baseline)) up to the quadrature error.
+    The heatmap sums to score(x) - score(baseline) up to the quadrature error.
     """
     return jnp.sum(
         integrated_gradients_attribution(
@@ -187,6 +206,7 @@ def integrated_gradients(
             variables,
             images,
             sign=sign,
+            target=target,
             baseline=baseline,
             steps=steps,
             rule=rule,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -15,12 +16,23 @@ class InputError(UserError, RuntimeError):
     """An image or option the user can fix; the CLIs report it with exit status 2."""
 
 
-def read_image(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(uint8 [S, S, 3] pixels, original (width, height)) of an image file.
+class Picture(NamedTuple):
+    """An image file as the model sees it (`pixels`, uint8 [S, S, 3]) and as it is
+    (`original`, uint8 [H, W, 3]), both decoded by the one rule."""
 
-    Decoded and resized by `jaxrepro.data.images.decode_rgb` (Pillow, RGB, bilinear,
-    whole image), the rule the training data went through.
-    """
+    pixels: np.ndarray
+    original: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The original (width, height)."""
+        return self.original.shape[1], self.original.shape[0]
+
+
+def read_image(path: Path, image_size: int) -> Picture:
+    """An image file, decoded and resized by `jaxrepro.data.images.decode_rgb` (Pillow,
+    RGB, bilinear, whole image, aspect ratio not kept), the rule the training data went
+    through; the original is kept for drawing the explanation on it."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -35,4 +47,4 @@ def read_image(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]
             else f"{type(e).__name__}: {e}"
         )
         raise InputError(f"cannot read image {path}: {why}") from None
-    return pixels, (original.shape[1], original.shape[0])
+    return Picture(pixels, original)

@@ -2,8 +2,8 @@
 
 How it works. The real Flax model runs under `flax.linen.intercept_methods`; every
 `nn.Conv` (plain, depthwise via `feature_group_count`, pointwise) and `nn.Dense` call,
-and every batch norm that was not folded (see `jaxrepro.explain.canonize`), is replaced
-by
+and every batch norm that was not merged into the layer before it (see
+`jaxrepro.explain.canonize`), is replaced by
 
     out = stop_gradient(z) + sum_g (z_g - stop_gradient(z_g)) * stop_gradient(c_g)
 
@@ -31,19 +31,25 @@ Rules (`RULES`; matrix forms as in zennit, `stabilize` adds `eps * sign(z)`):
 ``lrp0``, ``epsilon[:eps]``, ``gamma[:gamma]`` (zennit's generalised gamma, also for
 negative inputs), ``zplus``, ``alphabeta[:alpha:beta]`` (alpha - beta = 1 enforced),
 ``zb[:low:high]`` (input only, default bounds 0 and 1 for the rescaled pixels),
-``flat`` and ``wsquare`` (input only), ``pass`` (batch norm only: identity rule).
+``flat`` and ``wsquare`` (input only), ``pass`` and ``zabs[:eps]`` (batch norm only: the
+identity rule and the |z| rule of Hui & Binder 2019).
 
-Batch norm (Heggen's thesis, section 3.4.2). Batch norms that directly follow a convolution
-are folded into it (`canonize.fold_batchnorm`), the treatment the thesis recommends.
-The rest (the mini Xception's ``bn_a``, after a residual add) are per-channel affine
-maps ``y = s * x + t`` and get a rule like a diagonal linear layer; composites pick it
-with the ``bn`` selector. The built-in composites use ``epsilon``: the thesis lists the
+Any Flax Linen model works, with nothing registered: layers are recognised by their
+Flax classes (`nn.Conv`, `nn.Dense`, `nn.BatchNorm`) as the model calls them.
+
+Batch norm (Heggen's thesis, section 3.4.2). Batch norms that directly follow a conv or
+dense layer are merged into it (`jaxrepro.explain.canonize`: pairs found from the traced
+call order, merged in the parameters' dtype), the treatment the thesis recommends.
+The rest (the mini Xception's ``bn_a`` after a residual add) are per-channel affine
+maps ``y = s * x + t``, named in an `UnmergedBatchNorm` warning, and get a rule like a
+diagonal linear layer; composites pick it with the ``bn`` selector. The built-in
+composites use ``epsilon``: the thesis lists the
 identity and epsilon rules as the original recommendations, notes that the identity rule
-ignores the bias, and the epsilon rule treats ``t`` exactly as a folded conv bias is
+ignores the bias, and the epsilon rule treats ``t`` exactly as a merged conv bias is
 treated (its share ``t / y`` of the relevance is absorbed, like every bias), without
 dividing by the batch norm's input. ``bn=pass`` gives the identity rule (relevance passes
-unchanged, conserving) for users who want it. (The |z| rule of the thesis's reference
-[28] is not implemented.)
+unchanged, conserving) for users who want it, ``bn=zabs`` the |z| rule of the thesis's
+reference [28] (Hui & Binder 2019; see `ZAbs` for the variant).
 
 Composites map layers to rules; see `parse_composite` for the string syntax and
 `COMPOSITES` for the named ones.
@@ -53,7 +59,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+import functools
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -61,10 +69,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrepro.explain.canonize import fold_batchnorm
+from jaxrepro.explain import canonize, heads
 
 __all__ = [
     "AlphaBeta",
+    "BatchNormPlan",
     "COMPOSITES",
     "Composite",
     "Epsilon",
@@ -77,7 +86,9 @@ __all__ = [
     "WSquare",
     "ZBox",
     "ZPlus",
+    "ZAbs",
     "attribute",
+    "batchnorm_plan",
     "get_composite",
     "heatmap",
     "lrp",
@@ -139,7 +150,7 @@ class _Layer:
     path: str
     x: Array  # layer input
     z: Array  # real output of the module call
-    y: Array  # output including a folded bias (the pre-activation relevance refers to)
+    y: Array  # output including a merged bias (the pre-activation relevance refers to)
     kernel: Array
     bias: Array | None
     linear: Callable[[Array, Array], Array]  # (input, kernel) -> output without bias
@@ -358,6 +369,43 @@ class Pass(Rule):
         return lax.stop_gradient(layer.z) + (x - lax.stop_gradient(x)) * lax.stop_gradient(coef)
 
 
+@dataclasses.dataclass(frozen=True)
+class ZAbs(Rule):
+    """The |z| rule for a batch norm ``y = s * x + t`` (Hui & Binder 2019).
+
+    L. Y. W. Hui and A. Binder, "BatchNorm Decomposition for Deep Neural Network
+    Interpretation", IWANN 2019, LNCS 11507, pp. 280-291: per channel,
+    ``R_x = |s x| / (|s x| + |t| + eps) * R_y``. The input's share is the magnitude of
+    its term against the bias's, so the relevance keeps its sign (the epsilon rule's
+    ``s x / y`` flips it where the bias outweighs and opposes ``s x``) and never grows
+    (the share is at most 1); the bias's share is absorbed. This is the rule on the
+    batch norm's affine form, ``s = scale / sqrt(var + eps)`` and
+    ``t = bias - mean * s``, i.e. on the map the layer computes; torchexplain
+    (explain/autograd.py) applies the same formula to the raw ``scale`` and ``bias``
+    parameters, without the running mean and variance.
+    """
+
+    epsilon: float = 1e-6
+    name = "zabs"
+    linear = False
+
+    def __post_init__(self) -> None:
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+
+    def propagate(self, layer: _Layer) -> Array:
+        if layer.probe is not None:
+            raise ValueError(f"rule 'zabs' cannot be used at the input layer {layer.path!r}")
+        x = layer.x
+        sx = jnp.abs(layer.kernel * x)
+        t = jnp.abs(layer.bias) if layer.bias is not None else jnp.zeros_like(sx)
+        den = sx + t + jnp.asarray(self.epsilon, sx.dtype)
+        share = jnp.where(den == 0, 0, sx / jnp.where(den == 0, 1, den))
+        # R_x = x * coef * c with c = R_y / y, so coef = share * y / x (0 where x == 0).
+        coef = jnp.where(x == 0, 0, share * layer.y / jnp.where(x == 0, 1, x))
+        return lax.stop_gradient(layer.z) + (x - lax.stop_gradient(x)) * lax.stop_gradient(coef)
+
+
 # name -> (constructor, parameter names) for the composite syntax
 RULES: dict[str, tuple[type[Rule], tuple[str, ...]]] = {
     "lrp0": (LRP0, ()),
@@ -369,6 +417,7 @@ RULES: dict[str, tuple[type[Rule], tuple[str, ...]]] = {
     "flat": (Flat, ()),
     "wsquare": (WSquare, ()),
     "pass": (Pass, ()),
+    "zabs": (ZAbs, ("epsilon",)),
 }
 
 
@@ -533,12 +582,37 @@ def _conv_tags(module: nn.Conv) -> frozenset[str]:
     return frozenset(tags)
 
 
-def _interceptor(
-    composite: Composite, probe: Array, biases: Mapping[str, Array], plain: frozenset[str]
-) -> Callable[..., Any]:
+@dataclasses.dataclass
+class _Linear:
+    """A conv/dense call as the LRP pass saw it, kept for merging a batch norm into it."""
+
+    output: Array  # what the call returned (a batch norm merges if its input is this)
+    path: str
+    tags: frozenset[str]
+    x: Array
+    kernel: Array
+    bias: Array | None
+    linear: Callable[[Array, Array], Array]
+    probe: Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormPlan:
+    """How the LRP pass treated a model's batch norms (`batchnorm_plan`).
+
+    `merged`: (layer path, batch norm path) pairs, each batch norm merged into the conv or
+    dense layer before it; `unmerged`: batch norms with their own rule (selector ``bn``).
+    """
+
+    merged: tuple[tuple[str, str], ...]
+    unmerged: tuple[str, ...]
+
+
+def _interceptor(composite: Composite, probe: Array, plan: dict[str, list]) -> Callable[..., Any]:
     # Trace-time bookkeeping local to one `lrp` call: whether the input layer has been
-    # seen, and whether we are inside our own modified-term computation.
-    state = {"seen_input": False, "busy": False}
+    # seen, whether we are inside our own modified-term computation, and the conv/dense
+    # calls a batch norm may merge into.
+    state: dict[str, Any] = {"seen_input": False, "busy": False, "linears": []}
 
     def linear_of(module: nn.Module) -> Callable[[Array, Array], Array]:
         bare = module.clone(parent=None, use_bias=False)
@@ -569,18 +643,16 @@ def _interceptor(
             z = next_fun(*args, **kwargs)
             params = module.variables["params"]
             bias = params.get("bias") if module.use_bias else None
-            if path in biases:
-                bias = biases[path] if bias is None else bias + biases[path]
-            y = z if path not in biases else z + biases[path]
             tags = frozenset({"dense"}) if isinstance(module, nn.Dense) else _conv_tags(module)
             u = input_probe(x)
-            rule = composite.rule_for(LayerInfo(path, tags, u is not None))
-            if not rule.linear:
-                raise ValueError(f"rule {rule.name!r} is for batch norm only, not {path!r}")
-            return rule.propagate(
-                _Layer(path, x, z, y, params["kernel"], bias, linear_of(module), u)
+            rule = _linear_rule(composite, path, tags, u)
+            layer = _Layer(path, x, z, z, params["kernel"], bias, linear_of(module), u)
+            out = rule.propagate(layer)
+            state["linears"].append(
+                _Linear(out, path, tags, x, params["kernel"], bias, layer.linear, u)
             )
-        if isinstance(module, nn.BatchNorm) and path not in plain:
+            return out
+        if isinstance(module, nn.BatchNorm):
             return _batchnorm(module, path, args, kwargs, next_fun)
         return next_fun(*args, **kwargs)
 
@@ -591,19 +663,39 @@ def _interceptor(
             raise NotImplementedError(f"batch norm {path!r}: only axis=-1 is supported")
         x = args[0]
         y = next_fun(*args, **kwargs)
-        stats = module.variables["batch_stats"]
-        params = module.variables.get("params", {})
-        mul = lax.rsqrt(stats["var"] + jnp.asarray(module.epsilon, stats["var"].dtype))
-        if module.use_scale:
-            mul = mul * params["scale"]
-        shift = -stats["mean"] * mul
-        if module.use_bias:
-            shift = shift + params["bias"]
+        mul, shift = canonize.affine(module)
+        source = next((s for s in reversed(state["linears"]) if s.output is x), None)
+        if source is not None:  # merged: the layer before's rule, with W' and b'
+            plan["merged"].append((source.path, path))
+            kernel, bias = canonize.merge(source.kernel, source.bias, mul, shift)
+            rule = _linear_rule(composite, source.path, source.tags, source.probe)
+            return rule.propagate(
+                _Layer(source.path, source.x, y, y, kernel, bias, source.linear, source.probe)
+            )
+        plan["unmerged"].append(path)
         u = input_probe(x)
         rule = composite.rule_for(LayerInfo(path, frozenset({"bn"}), u is not None))
         return rule.propagate(_Layer(path, x, y, y, mul, shift, lambda a, w: a * w, u))
 
     return intercept
+
+
+def _linear_rule(composite: Composite, path: str, tags: frozenset[str], probe: Any) -> Rule:
+    rule = composite.rule_for(LayerInfo(path, tags, probe is not None))
+    if not rule.linear:
+        raise ValueError(f"rule {rule.name!r} is for batch norm only, not {path!r}")
+    return rule
+
+
+def _warn_unmerged(plan: dict[str, list]) -> None:
+    if plan["unmerged"]:
+        warnings.warn(
+            f"LRP: batch norm(s) {', '.join(plan['unmerged'])} do not directly follow a "
+            "convolution or dense layer, so they are not merged into one; each keeps its "
+            "own rule (composite selector 'bn')",
+            canonize.UnmergedBatchNorm,
+            stacklevel=3,
+        )
 
 
 # --- public entry points -------------------------------------------------------------
@@ -616,29 +708,41 @@ def lrp(
     cotangent: Array | float = 1.0,
     *,
     composite: str | Composite = "thesis",
-    biases: Mapping[str, Array] | None = None,
-    plain: frozenset[str] = frozenset(),
+    plan: dict[str, list] | None = None,
 ) -> tuple[Array, Array]:
     """(outputs, relevance of `inputs`) for explaining `sum(cotangent * outputs)`.
 
     `apply_fn(variables, inputs)` runs a Flax model; its Dense/Conv/BatchNorm calls follow
-    the composite's rules. `biases` assigns folded batch-norm biases to convolutions and
-    `plain` lists batch norms to leave alone (both from `canonize.fold_batchnorm`).
-    General form behind `attribute`; jit-compatible.
+    the composite's rules, batch norms merged into the layer before them where they
+    directly follow one (`jaxrepro.explain.canonize`). If `plan` is a dict, it receives
+    the lists "merged" and "unmerged" (see `BatchNormPlan`). General form behind
+    `attribute`; jit-compatible.
     """
     comp = get_composite(composite)
     inputs = jnp.asarray(inputs)
+    plan = {"merged": [], "unmerged": []} if plan is None else plan
+    plan.setdefault("merged", [])
+    plan.setdefault("unmerged", [])
 
     def forward(probe: Array) -> Array:
         # The probe scales the inputs too (exactly: times 1), so relevance that reaches
         # the input other than through the input layer is gradient x input as well.
-        with nn.intercept_methods(_interceptor(comp, probe, biases or {}, plain)):
+        with nn.intercept_methods(_interceptor(comp, probe, plan)):
             return apply_fn(variables, inputs * probe)
 
     outputs, vjp = jax.vjp(forward, jnp.ones_like(inputs))
+    _warn_unmerged(plan)
     seed = jnp.broadcast_to(jnp.asarray(cotangent, outputs.dtype), outputs.shape)
     (relevance,) = vjp(seed)
     return outputs, relevance
+
+
+@functools.partial(jax.jit, static_argnames=("model", "composite"))
+def _attribute(model, variables, images, signs, targets, composite):
+    def score(v, x):
+        return heads.score(heads.inference_apply(model, v, x), signs, targets)
+
+    return lrp(score, variables, images, composite=composite)[1]
 
 
 def attribute(
@@ -647,29 +751,47 @@ def attribute(
     images: Array,
     *,
     sign: float | Array = 1.0,
+    target: int | Array | None = None,
     composite: str | Composite = "thesis",
 ) -> Array:
-    """LRP relevance [N, H, W, 3] (float32) of `sign * logit` w.r.t. the model's input.
+    """LRP relevance [N, H, W, C] of the explained score w.r.t. the model's input.
 
-    `images`: float32 [N, H, W, 3], pixels 0..255. `sign`: +1 explains the logit (class 1,
-    "dog"), -1 its negation ("cat"); a float or an [N] array. `composite`: a name in
-    `COMPOSITES`, a spec string (`parse_composite`) or a `Composite`. Batch norms next to
-    a convolution are folded first. For conserving rules `relevance.sum()` is about
-    `sign * logit` minus what biases (and epsilon) absorb. Deterministic and jittable.
+    Any Flax Linen model: `images` [N, H, W, C] in the model's own input units (the
+    paper's models: pixels 0..255), float32 or float64 (the relevance has their dtype;
+    integer pixels are taken as float32). The explained score is `heads.score`:
+    `sign * logit` for a one-logit head ([N] or [N, 1]; +1 explains class 1, -1 class 0;
+    a float or an [N] array), the logit of class `target` for a multi-class head
+    (default: the predicted class). `composite`: a name in `COMPOSITES`, a spec string
+    (`parse_composite`) or a `Composite`. Batch norms that directly follow a conv or
+    dense layer are merged into it; the others get their own rule, with an
+    `UnmergedBatchNorm` warning. For conserving rules `relevance.sum()` is about the
+    score minus what biases (and epsilon) absorb. Jitted (the model static); same
+    inputs, same bits.
     """
-    images = jnp.asarray(images, jnp.float32)
-    sign = jnp.broadcast_to(jnp.asarray(sign, jnp.float32), images.shape[:1])
-    folded = fold_batchnorm(model, variables)
-    _, relevance = lrp(
-        lambda v, x: model.apply(v, x, train=False),
-        folded.variables,
+    images = heads.as_input(images)
+    n = images.shape[0]
+    return _attribute(
+        model,
+        variables,
         images,
-        sign,
-        composite=composite,
-        biases=folded.biases,
-        plain=folded.batchnorms,
+        heads.signs(sign, n, images.dtype),
+        heads.targets(target, n),
+        get_composite(composite),
     )
-    return relevance
+
+
+def batchnorm_plan(model: nn.Module, variables: Any, images: Array) -> BatchNormPlan:
+    """Which batch norms of `model` LRP merges into the layer before them, found by
+    tracing it on `images` (shapes only; nothing is computed)."""
+    plan: dict[str, list] = {"merged": [], "unmerged": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", canonize.UnmergedBatchNorm)
+        jax.eval_shape(
+            lambda v, x: lrp(lambda v, x: heads.inference_apply(model, v, x), v, x, plan=plan)[1],
+            variables,
+            heads.as_input(images),
+        )
+    return BatchNormPlan(tuple(plan["merged"]), tuple(plan["unmerged"]))
 
 
 def heatmap(relevance: Array) -> Array:

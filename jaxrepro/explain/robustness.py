@@ -535,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir, _ = rundir.locate(args.run)
     image_size = int(rundir.RunDir(run_dir).read_config().data.image_size)
     if args.files:
-        pictures = [read_image(Path(p), image_size)[0] for p in args.files]
+        pictures = [read_image(Path(p), image_size).pixels for p in args.files]
         images, names = np.stack(pictures), [Path(p).stem for p in args.files]
     trained = rundir.load(args.run)
     out = Path(args.out)

@@ -18,7 +18,7 @@ import numpy as np
 from jaxrepro.models import convnet, minixception
 from jaxrepro.models.convnet import ConvNet
 from jaxrepro.models.minixception import MiniXception, SeparableConv, XceptionBlock
-from jaxrepro.models.spec import FoldPair, GradcamLayer, ModelSpec
+from jaxrepro.models.spec import GradcamLayer, ModelSpec
 
 SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (convnet.SPEC, minixception.SPEC)}
 MODELS: dict[str, type[nn.Module]] = {name: spec.module for name, spec in SPECS.items()}
@@ -27,7 +27,6 @@ __all__ = [
     "MODELS",
     "SPECS",
     "ConvNet",
-    "FoldPair",
     "GradcamLayer",
     "MiniXception",
     "ModelSpec",

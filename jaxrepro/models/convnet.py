@@ -109,7 +109,7 @@ def keras_layers(model: ConvNet) -> dict[str, str]:
 
 
 # Grad-CAM's A is conv5's ReLU output; it flows on flattened into the dropout (the
-# identity at inference). No batch norm, nothing to fold. The five VALID 3x3
+# identity at inference). No batch norm. The five VALID 3x3
 # convolutions and four 2x2 pools need at least 78 px.
 SPEC = ModelSpec(
     name="convnet",

@@ -21,7 +21,7 @@ from jax import lax
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
 from jaxrepro.models.ops import convolutions
 from jaxrepro.models.ops.pooling import max_pool_3x3_s2
-from jaxrepro.models.spec import FoldPair, GradcamLayer, ModelSpec
+from jaxrepro.models.spec import GradcamLayer, ModelSpec
 
 # Keras BatchNormalization defaults (Flax's epsilon default is 1e-5).
 BN_MOMENTUM = 0.99
@@ -231,20 +231,6 @@ def keras_layers(model: MiniXception) -> dict[str, str]:
     return out
 
 
-def fold_pairs(model: MiniXception) -> tuple[FoldPair, ...]:
-    """The batch norms that fold exactly into the convolution before them.
-
-    `blockK/bn_b` directly follows `blockK/sepconv_a/pointwise`. `blockK/bn_a` follows
-    the residual add of the block before (the stem for block1, whose output also feeds
-    the residual 1x1 convolution), so no single convolution precedes it: it stays a
-    batch norm, and LRP gives it a rule of its own.
-    """
-    return tuple(
-        FoldPair(f"block{i}/sepconv_a/pointwise", f"block{i}/bn_b", BN_EPSILON)
-        for i in range(1, len(model.sizes) + 1)
-    )
-
-
 # Grad-CAM's A is block5's output, before the global average pooling. The 5x5 VALID
 # stem needs 5 px; the blocks' SAME pooling takes any size (A is 1x1 up to 32 px).
 SPEC = ModelSpec(
@@ -254,6 +240,5 @@ SPEC = ModelSpec(
     gradcam=GradcamLayer("block5_out", module="block5", where="output"),
     keras_gradcam_layer="block5_add",
     keras_layers=keras_layers,
-    fold_pairs=fold_pairs,
     config_options=("fast_convs",),
 )

@@ -1,10 +1,13 @@
 """What the tools need to know about a model, declared once next to the model.
 
 Each model file exports its Flax module and a `ModelSpec`: the Grad-CAM layer (the
-activation A and where it flows on), the batch norms that fold into the layer before
-them, the Keras layer names of its twin (`jaxrepro.tfref.models`), the smallest image
-size it takes and the config keys it reads. Training, explanations, the analysis tools
-and the TensorFlow exchange read the spec; none of them keeps its own table of models.
+activation A and where it flows on), the Keras layer names of its twin
+(`jaxrepro.tfref.models`), the smallest image size it takes and the config keys it reads.
+Training, explanations, the analysis tools and the TensorFlow exchange read the spec;
+none of them keeps its own table of models. What can be found by tracing the model is
+not declared: which batch norms LRP merges into the layer before them
+(`jaxrepro.explain.canonize`), and, for a model without a spec, the Grad-CAM layer
+(`jaxrepro.explain.gradcam`).
 """
 
 from __future__ import annotations
@@ -29,21 +32,6 @@ class GradcamLayer:
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldPair:
-    """A convolution (module path) directly followed by a batch norm with its epsilon."""
-
-    conv: str
-    bn: str
-    epsilon: float
-
-
-def no_folds(model: nn.Module) -> tuple[FoldPair, ...]:
-    """For a model without batch norm."""
-    del model
-    return ()
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A registered model: its module and the facts the tools need about it.
 
@@ -59,7 +47,6 @@ class ModelSpec:
     gradcam: GradcamLayer
     keras_gradcam_layer: str
     keras_layers: Callable[[nn.Module], dict[str, str]]
-    fold_pairs: Callable[[nn.Module], tuple[FoldPair, ...]] = no_folds
     config_options: tuple[str, ...] = ()
 
     def build(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
