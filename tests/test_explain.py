@@ -292,7 +292,7 @@ def test_each_method_gives_the_same_bits_twice(method, name):
 
 
 def test_registry_names_every_method():
-    assert sorted(METHODS) == sorted([*LOCAL_METHODS, "lrp"])
+    assert sorted(METHODS) == sorted([*LOCAL_METHODS, "lrp", "lime"])
     with pytest.raises(ValueError, match="valid methods"):
         explain("saliency", *tiny("convnet"))
 

@@ -45,7 +45,7 @@ def check_methods(methods: Sequence[str]) -> None:
 
 
 def explain_run(
-    workdir: Path, images: int, methods: Sequence[str] = tuple(explain.METHODS)
+    workdir: Path, images: int, methods: Sequence[str] = explain.DEFAULT_METHODS
 ) -> Path:
     """The heatmaps of the first `images` validation images of a trained run by each of
     `methods`, written to `workdir/explanations.npz` (arrays only, no pickle); its path."""
@@ -63,7 +63,7 @@ def train_configs(
     overrides: Sequence[str],
     progress: bool = True,
     explain_images: int = 0,
-    explain_methods: Sequence[str] = tuple(explain.METHODS),
+    explain_methods: Sequence[str] = explain.DEFAULT_METHODS,
 ) -> dict[str, dict]:
     """Train every config into `out/<experiment>` (and explain `explain_images`
     validation images of each with `explain_methods`); their final records by experiment."""
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--explain-methods",
-        default=",".join(explain.METHODS),
+        default=",".join(explain.DEFAULT_METHODS),
         help="comma-separated methods for --explain (default: %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

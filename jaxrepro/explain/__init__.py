@@ -22,12 +22,16 @@ Methods:
                                the logit difference); options baseline, steps, rule, chunk
   lrp              lrp.py      Layer-wise Relevance Propagation summed over channels
                                (signed); option composite
+  lime             lime.py     LIME (the `lime` package's image explainer): each quickshift
+                               superpixel gets its ridge coefficient (signed); options
+                               num_samples, seed, batch_size, num_features
 
 Other modules: `heads.py` (the explained score of any head, inference mode),
 `canonize.py` (batch norms merged into the layer before them for LRP), `render.py` (colour-map
 overlays as PNG), `metrics.py` (pointing game, relevance mass in the object mask),
 `robustness.py` (the thesis's rotation and noise protocol, `python -m
-jaxrepro.explain.robustness`), `prediction.py`, `inputs.py` and the CLI `cli.py`
+jaxrepro.explain.robustness`), `checks.py` (faithfulness, the randomisation sanity check,
+the local Lipschitz estimate), `prediction.py`, `inputs.py` and the CLI `cli.py`
 (`python -m jaxrepro.explain`).
 
 Bits: every method is a jitted pure function; the same inputs (same shapes) give the
@@ -47,6 +51,7 @@ import numpy as np
 # the module gradcam.py, `explain.lrp` the module lrp.py).
 from jaxrepro.explain import gradcam as _gradcam
 from jaxrepro.explain import ig as _ig
+from jaxrepro.explain import lime as _lime
 from jaxrepro.explain import lrp as _lrp
 
 Method = Callable[..., jax.Array]
@@ -74,6 +79,7 @@ METHODS: dict[str, Method] = {
     "guided-gradcam": _gradcam.guided_gradcam,
     "ig": _ig.integrated_gradients,
     "lrp": lrp_heatmap,
+    "lime": _lime.lime,
 }
 
 # Options each method accepts (the CLIs pass only these).
@@ -83,7 +89,13 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "guided-gradcam": ("layer",),
     "ig": ("baseline", "steps", "rule", "chunk"),
     "lrp": ("composite",),
+    "lime": ("num_samples", "seed", "batch_size", "num_features"),
 }
+
+# What "all methods" means for the tools that compare many maps (robustness, variants):
+# the gradient methods. LIME evaluates the model num_samples times per map (1,000 by
+# default), so it is asked for by name.
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "lime")
 
 # Methods whose heatmap is non-negative (shown with "jet"); the others are signed.
 UNSIGNED: frozenset[str] = frozenset({"gradcam"})
@@ -114,7 +126,7 @@ def explain(
 
 
 def explain_each(
-    model: Any, variables: Any, images: np.ndarray, methods: Sequence[str] = tuple(METHODS)
+    model: Any, variables: Any, images: np.ndarray, methods: Sequence[str] = DEFAULT_METHODS
 ) -> dict[str, np.ndarray]:
     """Heatmaps [N, H, W] of `images` by each method, explaining "dog" (sign +1), every
     image in a batch of one as the CLI explains it: what two runs' explanations are
@@ -127,6 +139,7 @@ def explain_each(
 
 
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
     "OPTIONS",
     "UNSIGNED",

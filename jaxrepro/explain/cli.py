@@ -72,7 +72,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "<stem>.<method>.npy (raw float32 heatmap).",
         epilog="Methods: gradcam (Grad-CAM at the last conv, [0, 1]); guided-backprop; "
         "guided-gradcam; ig (Integrated Gradients, black baseline, trapezoid rule); "
-        "lrp (Layer-wise Relevance Propagation, --composite).\n"
+        "lrp (Layer-wise Relevance Propagation, --composite); lime (LIME on quickshift "
+        "superpixels, --samples, --seed).\n"
         "The model sees each image resized as in training data preparation "
         "(Pillow, RGB, bilinear, whole image, aspect ratio not kept); the .npy map is at "
         "that size, the .json says how it lies on the original, and the .png draws it on "
@@ -112,6 +113,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--composite", default="thesis", help="lrp: rule composite (default thesis)"
     )
     parser.add_argument(
+        "--samples", type=int, default=1000, help="lime: perturbed images (default 1000)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="lime: seed of the perturbations (default 0)"
+    )
+    parser.add_argument(
         "--layer",
         default=None,
         help="gradcam, guided-gradcam: module path of A (default: the model's Grad-CAM "
@@ -135,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
             "two images have the same file name stem; their outputs would "
             "overwrite each other: " + ", ".join(sorted({s for s in stems if stems.count(s) > 1}))
         )
-    if args.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    if args.steps < 1 or args.samples < 2:
+        raise InputError(
+            f"--steps must be at least 1 and --samples at least 2, got {args.steps}, {args.samples}"
+        )
     pictures = [read_image(p, image_size) for p in paths]  # all readable before any work
     trained = rundir.load(args.run)
     out = Path(args.out)
@@ -150,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         "rule": args.rule,
         "composite": args.composite,
         "layer": args.layer,
+        "num_samples": args.samples,
+        "seed": args.seed,
     }
     for path, picture in zip(
         tqdm(paths, disable=args.no_progress, unit="image", file=sys.stderr), pictures
