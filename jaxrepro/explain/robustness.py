@@ -3,6 +3,9 @@
     python -m jaxrepro.explain.robustness RUN_OR_CHECKPOINT [--images N | IMAGE...]
                                           [--methods gradcam,ig,...] [--seed S] [--out DIR]
     python -m jaxrepro.explain.robustness RUN_OR_CHECKPOINT --correctness [--images N]
+    python -m jaxrepro.explain.robustness RUN_OR_CHECKPOINT [--images N | IMAGE...]
+        [--faithfulness [--patch-size 8] [--baseline mean] [--faithfulness-steps K]]
+        [--randomisation] [--lipschitz [--lipschitz-samples 10] [--lipschitz-sigma 0.1]]
 
 Protocol (the thesis's sections 7.1-7.4, figures 8.2-8.37), per image and method:
 
@@ -36,10 +39,32 @@ set): for validation images, the pointing-game hit rate and the positive relevan
 mass inside the object mask per method, explaining the true class
 (`jaxrepro.explain.metrics`).
 
+The checks XAI users run (`jaxrepro.explain.checks`; any of them instead of the
+protocol, on the first `--images N` validation images (default 3) or IMAGE files, each
+image explained for its predicted class in a batch of one):
+
+- `--faithfulness`: region perturbation / pixel flipping (Samek et al. 2017): the
+  `--patch-size` patches (1: pixel flipping) replaced by the `--baseline` (the image's
+  mean colour; black; uniform noise) most relevant first, the explained score after
+  each step, against a random patch order; AUC over the fraction removed (lower than
+  the random order's: faithful). `faithfulness.csv` (a row per image, method and step),
+  `faithfulness.png`.
+- `--randomisation`: cascading model-parameter randomisation (Adebayo et al. 2018): the
+  layers re-initialised top first (`model.init(key(--seed))`, batch statistics kept),
+  each map compared with the original (Spearman of the map and of |map|, SSIM).
+  `randomisation.csv` (a row per image, method and step), `randomisation.png`.
+- `--lipschitz`: local Lipschitz estimate (Alvarez-Melis & Jaakkola 2018): max over
+  `--lipschitz-samples` noisy copies (`--lipschitz-sigma`, the protocol's sigma) of
+  ||e(x) - e(x')|| / ||x - x'||, raw and with the maps divided by max |e(x)|.
+  `lipschitz.csv` (a row per image and method), `lipschitz.png`.
+
+Their randomness (random order, uniform baseline, noise, re-initialisation) comes from
+`--seed` alone: reruns write the same bytes.
+
 Writes `robustness.csv` (one row per image, method and transform) and per image
 `<name>.rotation.png`, `<name>.noise.png` (RMSE curves) and `<name>.rotation.heatmaps.png`,
-`<name>.noise.heatmaps.png` (the compared maps); or `correctness.csv`. Exit 2 on user
-errors.
+`<name>.noise.heatmaps.png` (the compared maps); or `correctness.csv`; or the checks'
+files. Exit 2 on user errors.
 """
 
 from __future__ import annotations
@@ -63,7 +88,7 @@ from jaxrepro import cli
 from jaxrepro import data as datalib
 from jaxrepro.data.augment import rotate_image
 from jaxrepro.errors import UserError
-from jaxrepro.explain import METHODS, UNSIGNED, explain, metrics
+from jaxrepro.explain import DEFAULT_METHODS, METHODS, UNSIGNED, checks, explain, metrics
 from jaxrepro.explain.inputs import read_image
 from jaxrepro.explain.prediction import CLASS_NAMES, class_sign, predict
 from jaxrepro.train import rundir
@@ -424,6 +449,421 @@ def correctness(
     return scores
 
 
+# ---------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class FaithfulnessRow:
+    """One point of an image's region-perturbation curves for one method (a CSV row)."""
+
+    image: str
+    method: str
+    label: str  # the explained (predicted) class
+    patch_size: int
+    baseline: str
+    step: int
+    removed: int  # patches replaced by the baseline
+    fraction: float  # removed / all patches
+    score_morf: float  # the explained score, most relevant patches removed first
+    score_random: float  # the same in the random order
+    auc_morf: float  # the image's AUCs (the same on each row of its curve)
+    auc_random: float
+
+
+@dataclass(frozen=True)
+class RandomisationRow:
+    """One image, method and step of the cascading randomisation (a CSV row)."""
+
+    image: str
+    method: str
+    label: str
+    step: int  # layers randomised (top first, cumulative)
+    layer: str  # the layer randomised at this step ("" at step 0)
+    spearman: float  # NaN when a map is constant
+    spearman_abs: float
+    ssim: float
+
+
+@dataclass(frozen=True)
+class LipschitzRow:
+    """One image and method's local Lipschitz estimate (a CSV row)."""
+
+    image: str
+    method: str
+    label: str
+    sigma: float
+    samples: int
+    lipschitz: float  # max ||e(x) - e(x')|| / ||x - x'|| ([0, 1] pixel range)
+    lipschitz_scaled: float  # the same with the maps divided by max |e(x)|
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """The checks to run and their options (validated by `check_settings`)."""
+
+    faithfulness: bool = False
+    randomisation: bool = False
+    lipschitz: bool = False
+    patch_size: int = 8
+    baseline: str = "mean"
+    faithfulness_steps: int | None = None
+    lipschitz_samples: int = 10
+    lipschitz_sigma: float = 0.1
+    seed: int = 0
+
+    @property
+    def chosen(self) -> bool:
+        return self.faithfulness or self.randomisation or self.lipschitz
+
+
+def _keys(seed: int) -> dict[str, jax.Array]:
+    """The checks' own keys, all from `seed`."""
+    root = jax.random.key(seed)
+    return {name: jax.random.fold_in(root, k) for k, name in enumerate(("order", "fill", "noise"))}
+
+
+def _predicted(model: Any, variables: Any, images: np.ndarray) -> list:
+    """Each image's prediction, each computed in a batch of one (as the protocol does)."""
+    return [predict(model, variables, jnp.asarray(x, jnp.float32)[None])[0] for x in images]
+
+
+def faithfulness_rows(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    names: Sequence[str],
+    *,
+    methods: Sequence[str],
+    settings: CheckSettings,
+    options: dict | None = None,
+    progress: bool = False,
+) -> list[FaithfulnessRow]:
+    """Region perturbation of every method's maps (`checks.region_perturbation`)."""
+    pixels = jnp.asarray(images, jnp.float32)
+    before = _predicted(model, variables, images)
+    signs = np.array([class_sign("predicted", p) for p in before], np.float32)
+    keys = _keys(settings.seed)
+    rows = []
+    for method in tqdm(methods, disable=not progress, desc="faithfulness", file=sys.stderr):
+        heat = checks.explain_one_by_one(
+            method, model, variables, pixels, sign=signs, options=options
+        )
+        try:
+            result = checks.region_perturbation(
+                model,
+                variables,
+                pixels,
+                heat,
+                key=keys["order"],
+                sign=signs,
+                patch_size=settings.patch_size,
+                baseline=settings.baseline,
+                baseline_key=keys["fill"],
+                steps=settings.faithfulness_steps,
+            )
+        except ValueError as e:
+            raise ProtocolError(f"--faithfulness: {e}") from None
+        morf, rand = result.morf, result.random
+        for i, name in enumerate(names):
+            for k in range(len(morf.fractions)):
+                rows.append(
+                    FaithfulnessRow(
+                        image=name,
+                        method=method,
+                        label=before[i].name,
+                        patch_size=settings.patch_size,
+                        baseline=settings.baseline,
+                        step=k,
+                        removed=int(morf.removed[k]),
+                        fraction=float(morf.fractions[k]),
+                        score_morf=float(morf.scores[i, k]),
+                        score_random=float(rand.scores[i, k]),
+                        auc_morf=float(morf.auc[i]),
+                        auc_random=float(rand.auc[i]),
+                    )
+                )
+    return rows
+
+
+def randomisation_rows(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    names: Sequence[str],
+    *,
+    methods: Sequence[str],
+    settings: CheckSettings,
+    options: dict | None = None,
+    progress: bool = False,
+) -> list[RandomisationRow]:
+    """Cascading model-parameter randomisation per method
+    (`checks.model_parameter_randomisation`), the randomised models shared."""
+    pixels = jnp.asarray(images, jnp.float32)
+    before = _predicted(model, variables, images)
+    signs = np.array([class_sign("predicted", p) for p in before], np.float32)
+    randomised = checks.cascading_randomisation(model, variables, pixels, seed=settings.seed)
+    rows = []
+    for method in tqdm(methods, disable=not progress, desc="randomisation", file=sys.stderr):
+        result = checks.model_parameter_randomisation(
+            model, variables, pixels, method, sign=signs, options=options, randomised=randomised
+        )
+        for i, name in enumerate(names):
+            for k in range(len(result.layers) + 1):
+                rows.append(
+                    RandomisationRow(
+                        image=name,
+                        method=method,
+                        label=before[i].name,
+                        step=k,
+                        layer=result.layers[k - 1] if k else "",
+                        spearman=float(result.spearman[k, i]),
+                        spearman_abs=float(result.spearman_abs[k, i]),
+                        ssim=float(result.ssim[k, i]),
+                    )
+                )
+    return rows
+
+
+def lipschitz_rows(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    names: Sequence[str],
+    *,
+    methods: Sequence[str],
+    settings: CheckSettings,
+    options: dict | None = None,
+    progress: bool = False,
+) -> list[LipschitzRow]:
+    """Local Lipschitz estimate per image and method (`checks.local_lipschitz_estimate`)."""
+    pixels = jnp.asarray(images, jnp.float32)
+    before = _predicted(model, variables, images)
+    signs = np.array([class_sign("predicted", p) for p in before], np.float32)
+    rows = []
+    for method in tqdm(methods, disable=not progress, desc="lipschitz", file=sys.stderr):
+        result = checks.local_lipschitz_estimate(
+            model,
+            variables,
+            pixels,
+            method,
+            key=_keys(settings.seed)["noise"],
+            sign=signs,
+            num_samples=settings.lipschitz_samples,
+            sigma=settings.lipschitz_sigma,
+            options=options,
+        )
+        rows += [
+            LipschitzRow(
+                image=name,
+                method=method,
+                label=before[i].name,
+                sigma=result.sigma,
+                samples=result.samples,
+                lipschitz=float(result.estimate[i]),
+                lipschitz_scaled=float(result.scaled[i]),
+            )
+            for i, name in enumerate(names)
+        ]
+    return rows
+
+
+def _methods_of(rows: Sequence[Any]) -> list[str]:
+    return list(dict.fromkeys(r.method for r in rows))
+
+
+def plot_faithfulness(rows: Sequence[FaithfulnessRow], path: Path, most: int = 6) -> None:
+    """Score against the fraction of patches removed, a panel per image (the first
+    `most`): each method's MoRF curve, and dashed the random order's (one per image: the
+    order comes from the seed and the image, not from a map)."""
+    images = list(dict.fromkeys(r.image for r in rows))
+    shown = images[:most]
+    fig, axes = plt.subplots(1, len(shown), squeeze=False, figsize=(4.2 * len(shown), 3.8))
+    for ax, image in zip(axes[0], shown):
+        mine = [r for r in rows if r.image == image]
+        for method in _methods_of(rows):
+            curve = [r for r in mine if r.method == method]
+            ax.plot(
+                [r.fraction for r in curve],
+                [r.score_morf for r in curve],
+                "-",
+                label=f"{method} (AUC {curve[0].auc_morf:.4g})",
+            )
+        random = [r for r in mine if r.method == mine[0].method]
+        ax.plot(
+            [r.fraction for r in random],
+            [r.score_random for r in random],
+            "--",
+            color="grey",
+            label=f"random order (AUC {random[0].auc_random:.4g})",
+        )
+        ax.set_xlabel("fraction of patches removed")
+        ax.set_ylabel("explained score (sign * logit)")
+        ax.set_title(f"{image}: {mine[0].label}, {mine[0].patch_size} px patches", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    more = f" (first {most} of {len(images)} images)" if len(images) > most else ""
+    fig.suptitle(
+        "Region perturbation: most relevant patches first (solid; lower AUC = more faithful) "
+        f"vs a random order (dashed); baseline {rows[0].baseline}{more}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_randomisation(rows: Sequence[RandomisationRow], path: Path) -> None:
+    """Mean similarity to the original map (over the images) against the layers
+    randomised, top first, one line per method; a panel per measure."""
+    measures = (
+        ("spearman", "Spearman (map)"),
+        ("spearman_abs", "Spearman (|map|)"),
+        ("ssim", "SSIM"),
+    )
+    steps = sorted({r.step for r in rows})
+    layers = {r.step: r.layer for r in rows}
+    ticks = ["none"] + [f"+{layers[k]}" for k in steps[1:]]
+    fig, axes = plt.subplots(1, len(measures), figsize=(14, 4.2))
+    for ax, (field, title) in zip(axes, measures):
+        for method in _methods_of(rows):
+            ys = []
+            for k in steps:
+                values = np.array(
+                    [getattr(r, field) for r in rows if r.method == method and r.step == k]
+                )
+                defined = values[~np.isnan(values)]
+                ys.append(float(defined.mean()) if defined.size else math.nan)
+            ax.plot(steps, ys, "o-", label=method)
+        ax.set_xticks(steps, ticks, rotation=60, fontsize=7, ha="right")
+        ax.set_ylim(-1.05 if field == "spearman" else -0.05, 1.05)
+        ax.set_xlabel("layers randomised (top first, cumulative)")
+        ax.set_ylabel(f"{title} with the original")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        "Cascading model-parameter randomisation (Adebayo et al.): mean over images; "
+        "a method that passes falls",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lipschitz(rows: Sequence[LipschitzRow], path: Path) -> None:
+    """A bar per method (mean over the images, each image a dot): the estimate with the
+    maps scaled to max |e(x)| = 1 (comparable across methods), and raw (log scale)."""
+    methods = _methods_of(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, field, title in zip(
+        axes,
+        ("lipschitz_scaled", "lipschitz"),
+        ("maps scaled to max |e(x)| = 1", "raw maps (log scale)"),
+    ):
+        for x, method in enumerate(methods):
+            values = [getattr(r, field) for r in rows if r.method == method]
+            ax.bar(x, float(np.mean(values)), color="tab:blue", alpha=0.6)
+            ax.plot([x] * len(values), values, "k.", markersize=6)
+        ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
+        ax.set_ylabel("max ||e(x) - e(x')|| / ||x - x'||")
+        ax.set_title(title)
+        if field == "lipschitz" and any(r.lipschitz > 0 for r in rows):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, axis="y")
+    first = rows[0]
+    fig.suptitle(
+        f"Local Lipschitz estimate: {first.samples} noisy copies, sigma {first.sigma:g} "
+        "([0, 1] pixel range); bar = mean, dots = images",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mean(values: Sequence[float]) -> float:
+    a = np.asarray(values, np.float64)
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else math.nan
+
+
+def print_checks(
+    faithfulness: Sequence[FaithfulnessRow],
+    randomisation: Sequence[RandomisationRow],
+    lipschitz: Sequence[LipschitzRow],
+) -> None:
+    """Short tables of the checks: means over the images."""
+    if faithfulness:
+        print(f"{'method':16s} {'AUC MoRF':>12s} {'AUC random':>12s} {'MoRF lower':>10s}")
+        for method in _methods_of(faithfulness):
+            firsts = [r for r in faithfulness if r.method == method and r.step == 0]
+            lower = sum(r.auc_morf < r.auc_random for r in firsts)
+            print(
+                f"{method:16s} {_mean([r.auc_morf for r in firsts]):12.5g} "
+                f"{_mean([r.auc_random for r in firsts]):12.5g} {lower:6d}/{len(firsts)}"
+            )
+    if randomisation:
+        last = max(r.step for r in randomisation)
+        print(
+            f"{'method':16s} {'Spearman top':>12s} {'SSIM top':>9s} {'Spearman all':>12s} "
+            f"{'SSIM all':>9s}"
+        )
+        for method in _methods_of(randomisation):
+            top = [r for r in randomisation if r.method == method and r.step == min(1, last)]
+            every = [r for r in randomisation if r.method == method and r.step == last]
+            print(
+                f"{method:16s} {_mean([r.spearman for r in top]):12.4f} "
+                f"{_mean([r.ssim for r in top]):9.4f} "
+                f"{_mean([r.spearman for r in every]):12.4f} "
+                f"{_mean([r.ssim for r in every]):9.4f}"
+            )
+    if lipschitz:
+        print(f"{'method':16s} {'Lipschitz':>12s} {'scaled':>12s}")
+        for method in _methods_of(lipschitz):
+            mine = [r for r in lipschitz if r.method == method]
+            print(
+                f"{method:16s} {_mean([r.lipschitz for r in mine]):12.5g} "
+                f"{_mean([r.lipschitz_scaled for r in mine]):12.5g}"
+            )
+
+
+def run_checks(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    names: Sequence[str],
+    out: Path,
+    *,
+    methods: Sequence[str],
+    settings: CheckSettings,
+    options: dict | None = None,
+    progress: bool = False,
+) -> list[Path]:
+    """Run the checks `settings` names, write their CSVs and plots in `out`, print the
+    tables; the files written."""
+    common = dict(methods=methods, settings=settings, options=options, progress=progress)
+    written: list[Path] = []
+    faith = rand = lip = []
+    if settings.faithfulness:
+        faith = faithfulness_rows(model, variables, images, names, **common)
+        write_csv(faith, out / "faithfulness.csv")
+        plot_faithfulness(faith, out / "faithfulness.png")
+        written += [out / "faithfulness.csv", out / "faithfulness.png"]
+    if settings.randomisation:
+        rand = randomisation_rows(model, variables, images, names, **common)
+        write_csv(rand, out / "randomisation.csv")
+        plot_randomisation(rand, out / "randomisation.png")
+        written += [out / "randomisation.csv", out / "randomisation.png"]
+    if settings.lipschitz:
+        lip = lipschitz_rows(model, variables, images, names, **common)
+        write_csv(lip, out / "lipschitz.csv")
+        plot_lipschitz(lip, out / "lipschitz.png")
+        written += [out / "lipschitz.csv", out / "lipschitz.png"]
+    print_checks(faith, rand, lip)
+    return written
+
+
 # ------------------------------------------------------------------------- CLI
 
 
@@ -434,14 +874,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "protocol of Heggen's thesis, ch. 7-8): RMSE between the heatmap of a "
         "transformed image and the equally transformed reference heatmap. "
         "With --correctness: pointing game and relevance mass inside the "
-        "object masks of the validation images.",
+        "object masks of the validation images. With --faithfulness, --randomisation "
+        "and/or --lipschitz instead: the checks XAI users run (region perturbation, "
+        "cascading model-parameter randomisation, local Lipschitz estimate; "
+        "jaxrepro.explain.checks), bit for bit.",
         epilog=f"Angles (degrees): {ANGLES_SMALL} and {ANGLES_LARGE}.\n"
         f"Sigmas ([0, 1] pixel range; noise std 255*sigma on 0..255 pixels): "
         f"{SIGMAS_SMALL} and {SIGMAS_LARGE}.\n"
         "Writes robustness.csv and <image>.rotation.png / <image>.noise.png "
-        "(or correctness.csv) in --out.\n"
-        "Example:\n  python -m jaxrepro.explain.robustness checkpoints/convnet/seed1001 "
-        "--images 3 --methods gradcam,ig --out robustness",
+        "(or correctness.csv) in --out; the checks write instead:\n"
+        "  faithfulness.csv/.png   a row per image, method and step: the score with the\n"
+        "                          most relevant patches removed first and in a random\n"
+        "                          order, and both AUCs\n"
+        "  randomisation.csv/.png  a row per image, method and step: Spearman and SSIM\n"
+        "                          with the original map\n"
+        "  lipschitz.csv/.png      a row per image and method\n"
+        "--seed also seeds the checks: the random patch order, the uniform baseline,\n"
+        "the re-initialisation (model.init(key(seed))) and the Lipschitz noise.\n"
+        "Examples:\n  python -m jaxrepro.explain.robustness checkpoints/convnet/seed1001 "
+        "--images 3 --methods gradcam,ig --out robustness\n"
+        "  python -m jaxrepro.explain.robustness checkpoints/convnet/seed1001 "
+        "--faithfulness --patch-size 8 --randomisation --lipschitz --out checks",
     )
     parser.add_argument("run", help="run directory or checkpoint directory")
     parser.add_argument(
@@ -459,7 +912,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated methods (default: all: {','.join(METHODS)})",
+        help=f"comma-separated methods of {','.join(METHODS)} (default: all but lime: "
+        f"{','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument(
         "--angles", default=None, help="comma-separated angles in degrees (default: the thesis')"
@@ -467,8 +921,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--sigmas", default=None, help="comma-separated noise sigmas (default: the thesis')"
     )
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="noise seed, and the checks' and LIME's (default 0)",
+    )
     parser.add_argument("--steps", type=int, default=32, help="ig: path intervals (default 32)")
+    parser.add_argument(
+        "--samples", type=int, default=1000, help="lime: perturbed images per map (default 1000)"
+    )
     parser.add_argument("--composite", default="thesis", help="lrp: composite (default thesis)")
     parser.add_argument(
         "--correctness",
@@ -477,6 +939,51 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--batch-size", type=int, default=8, help="--correctness: images per batch (default 8)"
+    )
+    checks_group = parser.add_argument_group("checks (instead of the protocol; any combination)")
+    checks_group.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="region perturbation / pixel flipping: the score as the most relevant "
+        "patches are replaced, against a random order",
+    )
+    checks_group.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="--faithfulness: patch side in pixels (default 8; 1 = pixel flipping)",
+    )
+    checks_group.add_argument(
+        "--baseline",
+        default=None,
+        help=f"--faithfulness: what removed patches become: {', '.join(checks.BASELINES)} "
+        "(default mean: the image's mean colour)",
+    )
+    checks_group.add_argument(
+        "--faithfulness-steps",
+        type=int,
+        default=None,
+        help="--faithfulness: points of the curve after the first (default: one per patch)",
+    )
+    checks_group.add_argument(
+        "--randomisation",
+        action="store_true",
+        help="cascading model-parameter randomisation (layers re-initialised top first)",
+    )
+    checks_group.add_argument(
+        "--lipschitz", action="store_true", help="local Lipschitz estimate under Gaussian noise"
+    )
+    checks_group.add_argument(
+        "--lipschitz-samples",
+        type=int,
+        default=None,
+        help="--lipschitz: noisy copies per image (default 10)",
+    )
+    checks_group.add_argument(
+        "--lipschitz-sigma",
+        type=float,
+        default=None,
+        help="--lipschitz: noise sigma in the [0, 1] pixel range (default 0.1)",
     )
     parser.add_argument(
         "--out", default="robustness", help="output directory (default ./robustness)"
@@ -498,12 +1005,66 @@ def _floats(text: str | None, default: tuple[float, ...], what: str) -> tuple[fl
 
 def _methods(text: str | None) -> tuple[str, ...]:
     if text is None:
-        return tuple(METHODS)
+        return DEFAULT_METHODS
     chosen = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         raise ProtocolError(f"unknown methods {unknown}; valid: {sorted(METHODS)}")
     return chosen
+
+
+def check_settings(args: argparse.Namespace, image_size: int) -> CheckSettings:
+    """The checks' settings from `args` (ProtocolError for bad values, or for an option
+    of a check that was not asked for)."""
+    owners = {
+        "patch_size": "faithfulness",
+        "baseline": "faithfulness",
+        "faithfulness_steps": "faithfulness",
+        "lipschitz_samples": "lipschitz",
+        "lipschitz_sigma": "lipschitz",
+    }
+    for option, check in owners.items():
+        if getattr(args, option) is not None and not getattr(args, check):
+            raise ProtocolError(
+                f"--{option.replace('_', '-')} is an option of --{check}, which was not given"
+            )
+    given = {k: getattr(args, k) for k in owners if getattr(args, k) is not None}
+    settings = CheckSettings(
+        faithfulness=args.faithfulness,
+        randomisation=args.randomisation,
+        lipschitz=args.lipschitz,
+        seed=args.seed,
+        **given,
+    )
+    if not 1 <= settings.patch_size <= image_size:
+        raise ProtocolError(
+            f"--patch-size must be in 1..{image_size} (the image size), got {settings.patch_size}"
+        )
+    if settings.baseline not in checks.BASELINES:
+        raise ProtocolError(
+            f"--baseline {settings.baseline!r}: valid baselines are {list(checks.BASELINES)}"
+        )
+    patches = checks.patch_ids(image_size, image_size, settings.patch_size).max() + 1
+    steps = settings.faithfulness_steps
+    if steps is not None and not 1 <= steps <= patches:
+        raise ProtocolError(
+            f"--faithfulness-steps must be in 1..{patches} (the patches of "
+            f"{settings.patch_size} px), got {steps}"
+        )
+    if settings.lipschitz_samples < 1:
+        raise ProtocolError(
+            f"--lipschitz-samples must be at least 1, got {settings.lipschitz_samples}"
+        )
+    if not (math.isfinite(settings.lipschitz_sigma) and settings.lipschitz_sigma > 0):
+        raise ProtocolError(
+            f"--lipschitz-sigma must be a positive number, got {settings.lipschitz_sigma}"
+        )
+    if settings.chosen and args.correctness:
+        raise ProtocolError(
+            "--correctness and the checks (--faithfulness, --randomisation, --lipschitz) "
+            "run separately"
+        )
+    return settings
 
 
 def _validation(trained: rundir.TrainedModel) -> Any:
@@ -531,9 +1092,15 @@ def run(args: argparse.Namespace) -> int:
             "give IMAGE files or --images N (validation images), not both; "
             "--correctness uses validation images only"
         )
-    options = {"steps": args.steps, "composite": args.composite}
+    options = {
+        "steps": args.steps,
+        "composite": args.composite,
+        "num_samples": args.samples,
+        "seed": args.seed,
+    }
     run_dir, _ = rundir.locate(args.run)
     image_size = int(rundir.RunDir(run_dir).read_config().data.image_size)
+    settings = check_settings(args, image_size)
     if args.files:
         pictures = [read_image(Path(p), image_size).pixels for p in args.files]
         images, names = np.stack(pictures), [Path(p).stem for p in args.files]
@@ -571,6 +1138,20 @@ def run(args: argparse.Namespace) -> int:
         for s in scores:
             print(f"{s.method:16s} {s.pointing_rate:14.3f} {s.mass_mean:13.3f}  {s.images}")
         print(f"wrote {out / 'correctness.csv'}")
+        return 0
+    if settings.chosen:
+        written = run_checks(
+            trained.model,
+            trained.variables,
+            images,
+            names,
+            out,
+            methods=methods,
+            settings=settings,
+            options=options,
+            progress=not args.no_progress,
+        )
+        print("wrote " + ", ".join(str(p) for p in written))
         return 0
     maps: dict = {}
     rows = protocol(
