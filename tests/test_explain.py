@@ -527,6 +527,8 @@ def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
         for kind in ("rotation", "noise"):
             assert (out / f"{name}.{kind}.png").stat().st_size > 0
             assert (out / f"{name}.{kind}.heatmaps.png").stat().st_size > 0
+    for kind in ("rotation", "noise"):
+        assert (out / f"all.{kind}.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "predicted" in printed and "label changed at:" in printed
     # the protocol reruns bit for bit; another seed changes only the noise rows
@@ -555,6 +557,20 @@ def test_robustness_cli_writes_csv_and_plots(trained_run, tmp_path, capsys):
         noisy = a["transform"] == "noise" and float(a["amount"]) > 0
         assert (a["logit_after"] != b["logit_after"]) == noisy
     assert robustness.main([str(trained_run), "--methods", "saliency"]) == 2
+
+
+def test_robustness_lime_vs_lrp_runs_the_thesis_small_transforms(trained_run, tmp_path):
+    out = tmp_path / "lime-vs-lrp"
+    args = [str(trained_run), "--lime-vs-lrp", "--images", "1", "--samples", "16"]
+    assert robustness.main([*args, "--out", str(out), "--no-progress"]) == 0
+    with open(out / "robustness.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    amounts = {(r["transform"], float(r["amount"])) for r in rows}
+    assert amounts == {("rotation", a) for a in robustness.ANGLES_SMALL} | {
+        ("noise", s) for s in robustness.SIGMAS_SMALL
+    }
+    assert sorted({r["method"] for r in rows}) == ["lime", "lrp"]
+    assert len(rows) == 2 * (4 + 10)
 
 
 def test_robustness_cli_takes_image_files(trained_run, image_files, tmp_path):
