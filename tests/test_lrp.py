@@ -596,3 +596,43 @@ def test_composite_selectors():
     assert rule("block3/residual", {"conv", "pointwise"}) == L.Epsilon(0.25)
     assert rule("dense", {"dense"}) == L.LRP0()
     assert rule("block1/bn_a", {"bn"}) == L.Epsilon(0.25)  # 'block[1-2]' does not reach BN
+
+
+def test_zabs_rule_matches_its_formula_on_an_unmerged_batch_norm():
+    """Hui & Binder's |z| rule: R_x = |s x| / (|s x| + |t| + eps) R_y per channel, on a
+    batch norm after a ReLU (so it cannot merge), LRP-0 elsewhere."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            z = nn.Dense(4, name="dense1")(x)
+            y = nn.BatchNorm(use_running_average=True, name="bn")(nn.relu(z))
+            return nn.Dense(1, use_bias=False, name="head")(y)[:, 0]
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    model = Net()
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(
+            rng.uniform(0.3, 1.5, a.shape) * rng.choice([-1, 1], a.shape), a.dtype
+        ),
+        model.init(jax.random.key(0), x),
+    )
+    variables["batch_stats"]["bn"]["var"] = jnp.abs(variables["batch_stats"]["bn"]["var"])
+    with pytest.warns(UnmergedBatchNorm):
+        _, rel = L.lrp(model.apply, variables, x, composite="dense=lrp0,bn=zabs:0")
+    p, st = variables["params"], variables["batch_stats"]["bn"]
+    w1, b1 = np.asarray(p["dense1"]["kernel"], np.float64), np.asarray(p["dense1"]["bias"])
+    z = np.asarray(x, np.float64) @ w1 + b1
+    a = np.maximum(z, 0)
+    s = np.asarray(p["bn"]["scale"]) / np.sqrt(np.asarray(st["var"], np.float64) + 1e-5)
+    t = np.asarray(p["bn"]["bias"]) - np.asarray(st["mean"]) * s
+    r_y = (a * s + t) * np.asarray(p["head"]["kernel"])[:, 0]  # LRP-0 of the head
+    r_a = np.abs(s * a) / (np.abs(s * a) + np.abs(t)) * r_y
+    r_z = r_a  # the ReLU passes relevance where it is active (r_a is 0 elsewhere)
+    expected = np.asarray(x, np.float64) * ((r_z / np.where(z == 0, 1, z)) @ w1.T)
+    np.testing.assert_allclose(rel, expected, rtol=1e-4, atol=1e-6)
+    # and it is not the epsilon rule's share s a / y
+    with pytest.warns(UnmergedBatchNorm):
+        _, eps = L.lrp(model.apply, variables, x, composite="dense=lrp0,bn=epsilon:0")
+    assert not np.allclose(eps, rel, rtol=1e-3)
