@@ -424,6 +424,22 @@ def test_cli_unreadable_image_exits_2_with_a_clear_message(
     assert "No such file" in capsys.readouterr().err
 
 
+def test_cli_bad_layer_or_composite_exits_2_naming_the_choices(
+    trained_run, image_files, tmp_path, capsys
+):
+    square = str(image_files["square"])
+    out = ["--out", str(tmp_path / "o"), "--no-progress"]
+    assert explain_main([str(trained_run), square, "--layer", "conv9", *out]) == 2
+    err = capsys.readouterr().err
+    assert "no conv-like layer 'conv9'" in err and "conv5" in err and "Traceback" not in err
+    assert explain_main([str(trained_run), square, "--method", "lrp", "--composite", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--composite: unknown composite 'x'" in err and "epsilon-plus-flat" in err
+    # a real module path of the paper's ConvNet is taken as Grad-CAM's layer
+    assert explain_main([str(trained_run), square, "--layer", "conv4", *out]) == 0
+    assert np.load(tmp_path / "o" / "square.gradcam.npy").shape == (80, 80)
+
+
 def test_cli_missing_run_exits_2(image_files, tmp_path, capsys):
     assert explain_main([str(tmp_path / "no_run"), str(image_files["square"])]) == 2
     assert "does not exist" in capsys.readouterr().err

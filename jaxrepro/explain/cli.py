@@ -1,7 +1,8 @@
 """Explain a trained model's prediction for image files: heatmap PNGs and raw arrays.
 
     python -m jaxrepro.explain RUN_OR_CHECKPOINT IMAGE... [--method NAME] [--class C]
-                               [--steps N] [--composite NAME] [--out DIR]
+                               [--steps N] [--composite NAME] [--layer PATH]
+                               [--samples N] [--seed S] [--out DIR]
 
 For each IMAGE it prints the prediction (class, probability, logit) and writes
 `<stem>.<method>.npy` (the raw float32 heatmap at the model's input size [S, S]),
@@ -29,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxrepro import cli
-from jaxrepro.explain import METHODS, UNSIGNED, explain, render
+from jaxrepro.explain import METHODS, UNSIGNED, explain, lrp, render
 from jaxrepro.explain.inputs import InputError, read_image
 from jaxrepro.explain.prediction import CLASS_CHOICES, class_sign, predict
 from jaxrepro.train import rundir
@@ -142,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
             "two images have the same file name stem; their outputs would "
             "overwrite each other: " + ", ".join(sorted({s for s in stems if stems.count(s) > 1}))
         )
+    if args.method == "lrp":
+        try:
+            lrp.get_composite(args.composite)
+        except ValueError as e:
+            raise InputError(f"--composite: {e}") from None
     if args.steps < 1 or args.samples < 2:
         raise InputError(
             f"--steps must be at least 1 and --samples at least 2, got {args.steps}, {args.samples}"

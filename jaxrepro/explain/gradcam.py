@@ -54,11 +54,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxrepro import models
+from jaxrepro.errors import UserError
 from jaxrepro.explain import heads
 from jaxrepro.models.spec import GradcamLayer
 
 
-class LayerError(ValueError):
+class LayerError(UserError, ValueError):
     """A Grad-CAM layer that the model does not have; the message lists the candidates."""
 
 

@@ -93,7 +93,7 @@ from jaxrepro import cli
 from jaxrepro import data as datalib
 from jaxrepro.data.augment import rotate_image
 from jaxrepro.errors import UserError
-from jaxrepro.explain import DEFAULT_METHODS, METHODS, UNSIGNED, checks, explain, metrics
+from jaxrepro.explain import DEFAULT_METHODS, METHODS, UNSIGNED, checks, explain, lrp, metrics
 from jaxrepro.explain.check_report import (
     CheckSettings,
     faithfulness_rows,
@@ -765,6 +765,13 @@ def run(args: argparse.Namespace) -> int:
             "give IMAGE files or --images N (validation images), not both; "
             "--correctness uses validation images only"
         )
+    if "lrp" in methods:
+        try:
+            lrp.get_composite(args.composite)
+        except ValueError as e:
+            raise ProtocolError(f"--composite: {e}") from None
+    if args.samples < 2:
+        raise ProtocolError(f"--samples must be at least 2, got {args.samples}")
     options = {
         "steps": args.steps,
         "composite": args.composite,
