@@ -301,8 +301,9 @@ def plot_rmse(rows: Sequence[Row], image: str, kind: str, path: Path) -> None:
         return
     small_top = 10.0 if kind == "rotation" else 0.1
     ranges = [("small", lambda a: a <= small_top + 1e-9), ("large", lambda a: a > small_top + 1e-9)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (label, keep) in zip(axes, ranges):
+    ranges = [(label, keep) for label, keep in ranges if any(keep(r.amount) for r in mine)]
+    fig, axes = plt.subplots(1, len(ranges), figsize=(5.5 * len(ranges), 4), squeeze=False)
+    for ax, (label, keep) in zip(axes[0], ranges):
         for method in dict.fromkeys(r.method for r in mine):
             pts = sorted(
                 (r.amount, r.rmse, r.label_changed)
