@@ -312,7 +312,7 @@ def plot_randomisation(rows: Sequence[RandomisationRow], path: Path) -> None:
                 ys.append(float(defined.mean()) if defined.size else math.nan)
             ax.plot(steps, ys, "o-", label=method)
         ax.set_xticks(steps, ticks, rotation=60, fontsize=7, ha="right")
-        ax.set_ylim(-1.05 if field == "spearman" else -0.05, 1.05)
+        ax.set_ylim(-1.05, 1.05)  # Spearman and SSIM both range over [-1, 1]
         ax.set_xlabel("layers randomised (top first, cumulative)")
         ax.set_ylabel(f"{title} with the original")
         ax.set_title(title)
