@@ -27,15 +27,16 @@ Methods:
                                num_samples, seed, batch_size, num_features
 
 Other modules: `heads.py` (the explained score of any head, inference mode),
-`canonize.py` (batch norms merged into the layer before them for LRP), `render.py` (colour-map
-overlays as PNG), `metrics.py` (pointing game, relevance mass in the object mask),
-`robustness.py` (the thesis's rotation and noise protocol, `python -m
-jaxrepro.explain.robustness`), `checks.py` (faithfulness, the randomisation sanity check,
-the local Lipschitz estimate), `prediction.py`, `inputs.py` and the CLI `cli.py`
-(`python -m jaxrepro.explain`).
+`canonize.py` (batch norms merged into the layer before them for LRP), `render.py`
+(colour-map overlays as PNG), `metrics.py` (pointing game, relevance mass in the object
+mask), `robustness.py` (the thesis's rotation and noise protocol, `python -m
+jaxrepro.explain.robustness`), `checks.py` (faithfulness, the randomisation sanity
+check, the local Lipschitz estimate) with `check_report.py` (their CSV rows and plots),
+`prediction.py`, `inputs.py` and the CLI `cli.py` (`python -m jaxrepro.explain`).
 
-Bits: every method is a jitted pure function; the same inputs (same shapes) give the
-same bits on every call and in every process (tested). The CLI explains one image
+Bits: every method is a jitted pure function (LIME: a jitted model evaluation between
+scikit-image's segmentation and NumPy's float64 ridge fit); the same inputs (same
+shapes) give the same bits on every call and in every process (tested). The CLI explains one image
 per call, so an image's heatmap does not depend on the other images given with it.
 """
 
