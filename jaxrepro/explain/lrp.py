@@ -464,7 +464,7 @@ class Composite:
     """Ordered (selector, rule) pairs; the first selector that matches a layer wins.
 
     Selectors: 'input' (the first layer the model calls), 'dense', 'conv', 'depthwise',
-    'pointwise', 'bn' (batch norms left after folding), or a glob on the module path
+    'pointwise', 'bn' (batch norms not merged into the layer before them), or a glob on the module path
     ('conv[2-3]', 'block1', 'block*/residual'). For conv/dense layers a glob also matches
     any leading part of the path ('block1' covers 'block1/sepconv_a/depthwise'); batch
     norms are matched only by 'bn' or a glob on their full path. Layers no entry matches
