@@ -464,11 +464,11 @@ class Composite:
     """Ordered (selector, rule) pairs; the first selector that matches a layer wins.
 
     Selectors: 'input' (the first layer the model calls), 'dense', 'conv', 'depthwise',
-    'pointwise', 'bn' (batch norms not merged into the layer before them), or a glob on the module path
-    ('conv[2-3]', 'block1', 'block*/residual'). For conv/dense layers a glob also matches
-    any leading part of the path ('block1' covers 'block1/sepconv_a/depthwise'); batch
-    norms are matched only by 'bn' or a glob on their full path. Layers no entry matches
-    keep their plain gradient (LRP-0).
+    'pointwise', 'bn' (batch norms not merged into the layer before them), or a glob on
+    the module path ('conv[2-3]', 'block1', 'block*/residual'). For conv/dense layers a
+    glob also matches any leading part of the path ('block1' covers
+    'block1/sepconv_a/depthwise'); batch norms are matched only by 'bn' or a glob on
+    their full path. Layers no entry matches keep their plain gradient (LRP-0).
     """
 
     entries: tuple[tuple[str, Rule], ...]
