@@ -99,9 +99,15 @@ def _keys(seed: int) -> dict[str, jax.Array]:
     return {name: jax.random.fold_in(root, k) for k, name in enumerate(("order", "fill", "noise"))}
 
 
-def _predicted(model: Any, variables: Any, images: np.ndarray) -> list:
-    """Each image's prediction, each computed in a batch of one (as the protocol does)."""
-    return [predict(model, variables, jnp.asarray(x, jnp.float32)[None])[0] for x in images]
+def _predicted(
+    model: Any, variables: Any, images: np.ndarray
+) -> tuple[jax.Array, list, np.ndarray]:
+    """(pixels as float32, each image's prediction, the sign explaining it): the
+    predictions each computed in a batch of one, as the protocol does."""
+    pixels = jnp.asarray(images, jnp.float32)
+    before = [predict(model, variables, x[None])[0] for x in pixels]
+    signs = np.array([class_sign("predicted", p) for p in before], np.float32)
+    return pixels, before, signs
 
 
 def faithfulness_rows(
@@ -116,9 +122,7 @@ def faithfulness_rows(
     progress: bool = False,
 ) -> list[FaithfulnessRow]:
     """Region perturbation of every method's maps (`checks.region_perturbation`)."""
-    pixels = jnp.asarray(images, jnp.float32)
-    before = _predicted(model, variables, images)
-    signs = np.array([class_sign("predicted", p) for p in before], np.float32)
+    pixels, before, signs = _predicted(model, variables, images)
     keys = _keys(settings.seed)
     rows = []
     for method in tqdm(methods, disable=not progress, desc="faithfulness", file=sys.stderr):
@@ -175,9 +179,7 @@ def randomisation_rows(
 ) -> list[RandomisationRow]:
     """Cascading model-parameter randomisation per method
     (`checks.model_parameter_randomisation`), the randomised models shared."""
-    pixels = jnp.asarray(images, jnp.float32)
-    before = _predicted(model, variables, images)
-    signs = np.array([class_sign("predicted", p) for p in before], np.float32)
+    pixels, before, signs = _predicted(model, variables, images)
     randomised = checks.cascading_randomisation(model, variables, pixels, seed=settings.seed)
     rows = []
     for method in tqdm(methods, disable=not progress, desc="randomisation", file=sys.stderr):
@@ -213,9 +215,7 @@ def lipschitz_rows(
     progress: bool = False,
 ) -> list[LipschitzRow]:
     """Local Lipschitz estimate per image and method (`checks.local_lipschitz_estimate`)."""
-    pixels = jnp.asarray(images, jnp.float32)
-    before = _predicted(model, variables, images)
-    signs = np.array([class_sign("predicted", p) for p in before], np.float32)
+    pixels, before, signs = _predicted(model, variables, images)
     rows = []
     for method in tqdm(methods, disable=not progress, desc="lipschitz", file=sys.stderr):
         result = checks.local_lipschitz_estimate(
