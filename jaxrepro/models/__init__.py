@@ -1,9 +1,12 @@
-"""The paper's two CNNs as Flax Linen modules, their specs, and a registry by name.
+"""The paper's two CNNs and the pretrained ImageNet networks as Flax Linen modules,
+their specs, and a registry by name.
 
-Both models take NHWC float32 images with pixel values 0..255 (augmented by the
-caller), rescale them inside, and return one logit per image, shape [N]. Each model
-file exports its module and a `ModelSpec` (`jaxrepro.models.spec`); `SPECS` holds them
-by the name a config's `model` key uses.
+Every model takes NHWC float32 images with pixel values 0..255 and applies its own
+preprocessing inside. The paper's two (`convnet`, `minixception`) return one logit per
+image, shape [N]; the ImageNet networks of `keras.applications` (`xception`,
+`inception_v3`, `vgg16`; weights from `jaxrepro.pretrained`, classes in `imagenet`)
+return logits [N, 1000]. Each model file exports its module and a `ModelSpec`
+(`jaxrepro.models.spec`); `SPECS` holds them by the name a config's `model` key uses.
 """
 
 from __future__ import annotations
@@ -15,12 +18,21 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxrepro.models import convnet, minixception
+from jaxrepro.models import convnet, inception_v3, minixception, vgg16, xception
 from jaxrepro.models.convnet import ConvNet
 from jaxrepro.models.minixception import MiniXception, SeparableConv, XceptionBlock
 from jaxrepro.models.spec import GradcamLayer, ModelSpec
 
-SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (convnet.SPEC, minixception.SPEC)}
+SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        convnet.SPEC,
+        minixception.SPEC,
+        xception.SPEC,
+        inception_v3.SPEC,
+        vgg16.SPEC,
+    )
+}
 MODELS: dict[str, type[nn.Module]] = {name: spec.module for name, spec in SPECS.items()}
 
 __all__ = [

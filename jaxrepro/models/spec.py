@@ -35,6 +35,9 @@ class GradcamLayer:
 class ModelSpec:
     """A registered model: its module and the facts the tools need about it.
 
+    `gradcam` is a `GradcamLayer` or the module path whose output is A (the pretrained
+    networks name the Keras layer keras.io's Grad-CAM example takes).
+
     `keras_layers(model)` maps each sown activation to the Keras layer of the twin whose
     output equals it, in forward order; `keras_gradcam_layer` is the Keras layer whose
     output is A. `config_options` are the config keys passed to the module besides
@@ -44,10 +47,26 @@ class ModelSpec:
     name: str
     module: type[nn.Module]
     min_image_size: int
-    gradcam: GradcamLayer
+    gradcam: GradcamLayer | str
     keras_gradcam_layer: str
     keras_layers: Callable[[nn.Module], dict[str, str]]
     config_options: tuple[str, ...] = ()
+    # An ImageNet network of `keras.applications` (`jaxrepro.pretrained`): the Keras
+    # constructor's name, the input size its weights were trained at, and the Flax module
+    # path of each Keras layer that has weights, in `keras_model.layers` order (the order
+    # Keras's own h5 weight files are read in). None for the paper's models, whose
+    # Keras twins carry the Flax names (`jaxrepro.tfref.transfer`).
+    keras_application: str | None = None
+    image_size: int | None = None
+    keras_weight_order: Callable[[nn.Module], list[str]] | None = None
+    # The LRP composite `jaxrepro.explain` uses for this model by default
+    # (`jaxrepro.explain.lrp.COMPOSITES` name or spec string); None: "thesis".
+    lrp_composite: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        """An ImageNet classifier (logits [N, 1000]) rather than the paper's one-logit head."""
+        return self.keras_application is not None
 
     def build(self, config: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
         """The module, with `dropout_rate` and `config_options` from `config`, then `kwargs`.
@@ -56,8 +75,10 @@ class ModelSpec:
         dense product (`jaxrepro.models.ops.portable`).
         """
         settings: dict[str, Any] = {}
+        fields = {f.name for f in dataclasses.fields(self.module)}
         if config is not None:
-            settings["dropout_rate"] = config["dropout_rate"]
+            if "dropout_rate" in fields:  # the pretrained networks have no dropout
+                settings["dropout_rate"] = config["dropout_rate"]
             settings.update({k: config[k] for k in self.config_options if k in config})
             if config.get("determinism") == "portable":
                 settings.update(portable.FIELDS)
