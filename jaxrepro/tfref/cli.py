@@ -10,6 +10,13 @@
         the Keras half of the matched protocol (`python -m jaxrepro.analysis.compare`,
         see `jaxrepro.tfref.matched`): activations, gradients, N training steps and
         Grad-CAM on given batches
+    pretrained APPLICATION ORDER.json SOURCE OUT.npz --image-size S
+        a Keras weight file (.h5, .weights.h5, .keras) of a keras.applications network,
+        as Flax-named arrays (`python -m jaxrepro.pretrained import`, see
+        `jaxrepro.tfref.applications`)
+    pretrained-reference APPLICATION IMAGES.npy GRADCAM_LAYER OUTDIR --image-size S
+        random weights as a legacy .h5 file, their Keras logits and keras.io Grad-CAM
+        of IMAGES (the tests' reference)
     train CONFIG_FILE --out DIR [--mode recipe|none|single] [--init-from W.npz] [--config.K=V]
         the paper's Keras training (model.fit, Keras augmentation) on the config's data
         set, as `python -m jaxrepro.train` loads it (see `jaxrepro.tfref.train`)
@@ -31,7 +38,7 @@ import numpy as np
 
 from jaxrepro import cli
 from jaxrepro.errors import UserError
-from jaxrepro.tfref import determinism, runtime, transfer, weights
+from jaxrepro.tfref import applications, determinism, runtime, transfer, weights
 from jaxrepro.tfref import train as trainlib
 
 
@@ -88,6 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("inputs", help="batches and probe images (.npz, see tfref.matched)")
     p.add_argument("layers", help="Keras layer names from the model's spec (.json)")
     p.add_argument("outdir")
+    p = sub.add_parser("pretrained", help="a Keras weight file as Flax-named arrays")
+    p.add_argument("application", help="keras.applications constructor, e.g. Xception")
+    p.add_argument("order", help="Flax module paths of the weighted Keras layers (.json)")
+    p.add_argument("source", help="the Keras weight file")
+    p.add_argument("out", help="where to write the arrays (.npz)")
+    p.add_argument("--image-size", type=int, required=True)
+    p = sub.add_parser("pretrained-reference", help="random-weight reference of a network")
+    p.add_argument("application")
+    p.add_argument("images", help="float32 pixels 0..255 [N, S, S, 3] (.npy)")
+    p.add_argument("gradcam_layer")
+    p.add_argument("outdir")
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser(
         "train",
         help="the paper's Keras training on the config's data set",
@@ -136,6 +156,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jaxrepro.tfref import matched  # noqa: PLC0415
 
             result = matched.run(args.model, args.weights_in, args.inputs, args.layers, args.outdir)
+        elif args.command == "pretrained":
+            try:
+                result = applications.export(
+                    args.application, args.order, args.source, args.out, args.image_size
+                )
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        elif args.command == "pretrained-reference":
+            result = applications.reference(
+                args.application,
+                args.image_size,
+                args.images,
+                args.gradcam_layer,
+                args.outdir,
+                args.seed,
+            )
         elif args.command == "summary":
             result = summary(args.image_size)
         else:

@@ -73,24 +73,31 @@ def _grad_to_flax(name: str, value: np.ndarray) -> np.ndarray:
     return transfer.depthwise_to_flax(value) if name.endswith("depthwise/kernel") else value
 
 
-def keras_gradcam(model: Any, gradcam_layer: str) -> Callable:
+def keras_gradcam(
+    model: Any, gradcam_layer: str, head: str = "dense", target: Any = None
+) -> Callable:
     """Grad-CAM as in the keras.io example: `x -> (A-sized maps, input-sized maps)`.
 
-    Eager TF (GradientTape), explaining the logit; maps normalised to their maximum
-    (all-zero maps stay zero) and bilinearly upsampled to the input size.
+    Eager TF (GradientTape), explaining the logit of layer `head` (the one logit of the
+    paper's models, or of class `target[i]` for image i of a multi-class head); maps
+    normalised to their maximum (all-zero maps stay zero) and bilinearly upsampled to
+    the input size.
     """
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
     cam_model = keras.Model(
-        model.inputs, [model.get_layer(gradcam_layer).output, model.get_layer("dense").output]
+        model.inputs, [model.get_layer(gradcam_layer).output, model.get_layer(head).output]
     )
 
     def gradcam(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = int(x.shape[1])
         with tf.GradientTape() as tape:
             conv_out, logit = cam_model(x, training=False)
-            score = logit[:, 0]
+            if target is None:
+                score = logit[:, 0]
+            else:
+                score = tf.gather(logit, np.asarray(target), axis=1, batch_dims=1)
         grads = tape.gradient(score, conv_out)
         pooled = tf.reduce_mean(grads, axis=(1, 2))  # [P, c]
         heat = tf.einsum("nhwc,nc->nhw", conv_out, pooled)

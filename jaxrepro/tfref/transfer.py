@@ -16,6 +16,12 @@ The only layout change is the depthwise transposition, a permutation of axes tha
 moves bytes without arithmetic, so the transfer is bitwise in both directions.
 Both Flattens are channels-last, so the dense kernels need no reordering.
 
+The ImageNet networks of `keras.applications` leave many layers unnamed (Keras then
+numbers them per process), so their weights are matched by position instead:
+`from_keras_ordered` pairs the Keras layers that have weights, in `model.layers` order
+(the order Keras reads its own h5 weight files in), with the Flax module paths the
+model's spec lists (`ModelSpec.keras_weight_order`).
+
 NumPy only: the Keras side is used through `model.layers`, `layer.weights`,
 `variable.name` and `variable.assign`, so this module imports no framework.
 """
@@ -92,6 +98,37 @@ def from_keras(model: Any) -> Flat:
         name, transposed = flax_name(layer_name, variable.name)
         value = np.array(variable.numpy())  # a copy, never a view of the live variable
         flat[name] = depthwise_to_flax(value) if transposed else value
+    return flat
+
+
+def weighted_layers(model: Any) -> list[Any]:
+    """The layers of a Keras model that hold weights, in `model.layers` order."""
+    return [layer for layer in model.layers if layer.weights]
+
+
+def from_keras_ordered(model: Any, module_paths: list[str]) -> Flat:
+    """All weights of a Keras model whose i-th weighted layer is Flax module `module_paths[i]`.
+
+    A count that does not match raises `TransferError` naming both counts; a variable
+    without a Flax counterpart raises too. Shapes are checked by the caller against the
+    Flax model (`jaxrepro.pretrained.convert`), which knows them.
+    """
+    layers = weighted_layers(model)
+    if len(layers) != len(module_paths):
+        raise TransferError(
+            f"the Keras model has {len(layers)} layers with weights, the Flax model "
+            f"{len(module_paths)}: not the same architecture"
+        )
+    flat: Flat = {}
+    for layer, path in zip(layers, module_paths):
+        for variable in layer.weights:
+            name = variable.name.split("/")[-1].split(":")[0]
+            try:
+                collection, leaf, transposed = KERAS_TO_FLAX[name]
+            except KeyError:
+                raise TransferError(f"{layer.name}/{name}: no Flax counterpart") from None
+            value = np.array(variable.numpy())
+            flat[f"{collection}/{path}/{leaf}"] = depthwise_to_flax(value) if transposed else value
     return flat
 
 
