@@ -157,6 +157,12 @@ def start(
     run_dir = RunDir(workdir)
     if fork_from is not None and resume:
         raise RunError("--fork-from starts a new run; to continue a fork, pass --resume alone")
+    if models.get_spec(config.model).pretrained:
+        raise configlib.ConfigError(
+            f"{config.model} is an ImageNet network (1000 classes) for inference and "
+            "explanations, not for the paper's one-logit training: import its Keras "
+            f"weights with python -m jaxrepro.pretrained import {config.model} FILE"
+        )
     determinism.apply_config(config)  # before any JAX work: XLA reads its flags once
     fork_at = rundir.fork_source(fork_from) if fork_from is not None else None
     mesh = make_mesh(config)

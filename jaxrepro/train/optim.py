@@ -57,7 +57,13 @@ def _increment(lr: float, g: jax.Array, v: jax.Array, epsilon: float) -> jax.Arr
     return -((lr * g) / denominator)
 
 
-OPTIMIZERS = {"rmsprop": keras_rmsprop}
+def frozen() -> optax.GradientTransformation:
+    """No updates and no state: the optimizer of an imported network
+    (`jaxrepro.pretrained`), whose checkpoint then holds its weights and nothing else."""
+    return optax.set_to_zero()
+
+
+OPTIMIZERS = {"rmsprop": keras_rmsprop, "frozen": frozen}
 
 
 def make_optimizer(name: str, **kwargs) -> optax.GradientTransformation:
