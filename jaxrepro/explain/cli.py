@@ -1,10 +1,12 @@
 """Explain a trained model's prediction for image files: heatmap PNGs and raw arrays.
 
     python -m jaxrepro.explain RUN_OR_CHECKPOINT IMAGE... [--method NAME] [--class C]
-                               [--steps N] [--composite NAME] [--layer PATH]
+                               [--top K] [--steps N] [--composite NAME] [--layer PATH]
                                [--samples N] [--seed S] [--out DIR]
 
-For each IMAGE it prints the prediction (class, probability, logit) and writes
+For each IMAGE it prints the prediction (class, probability, logit; for an imported
+ImageNet network, `jaxrepro.pretrained`, the top-K list of class index, name and
+probability, as the paper's Tables 1-3) and writes
 `<stem>.<method>.npy` (the raw float32 heatmap at the model's input size [S, S]),
 `<stem>.<method>.json` (how that map lies on the original image) and
 `<stem>.<method>.png` (the heatmap laid over the original image, at its own size and
@@ -29,10 +31,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxrepro import cli
+from jaxrepro import cli, models
 from jaxrepro.explain import METHODS, UNSIGNED, explain, lrp, render
 from jaxrepro.explain.inputs import InputError, read_image
-from jaxrepro.explain.prediction import CLASS_CHOICES, class_sign, predict
+from jaxrepro.explain.prediction import CLASS_CHOICES, class_sign, logits, predict, ranked_class
+from jaxrepro.models import imagenet
 from jaxrepro.train import rundir
 
 
@@ -79,9 +82,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "(Pillow, RGB, bilinear, whole image, aspect ratio not kept); the .npy map is at "
         "that size, the .json says how it lies on the original, and the .png draws it on "
         "the original at the original's size.\n"
-        "Exit status: 0 done, 2 bad run path, damaged checkpoint or unreadable image.\n"
-        "Example:\n  python -m jaxrepro.explain checkpoints/convnet/seed1001 "
-        "cat.jpg dog.png --method gradcam --class predicted --out heatmaps",
+        "Exit status: 0 done, 2 bad run path, damaged checkpoint, unreadable image or a "
+        "--class the model has not.\n"
+        "Examples:\n  python -m jaxrepro.explain checkpoints/convnet/seed1001 "
+        "cat.jpg dog.png --method gradcam --class predicted --out heatmaps\n"
+        "  python -m jaxrepro.explain checkpoints/xception-imagenet chow-cat.jpg "
+        "--top 17 --method gradcam --class 3",
     )
     parser.add_argument(
         "run",
@@ -98,8 +104,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--class",
         dest="target",
         default="predicted",
-        choices=CLASS_CHOICES,
-        help="class to explain: the predicted one (default), cat or dog",
+        help=f"class to explain: {', '.join(CLASS_CHOICES)} for the paper's models; for an "
+        "ImageNet network 'predicted', a rank K (the K-th most probable class) or a class "
+        "name such as tabby (default predicted)",
+    )
+    parser.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help="ImageNet networks: print the K most probable classes (default 5)",
     )
     parser.add_argument(
         "--steps", type=int, default=32, help="ig: number of path intervals (default 32)"
@@ -111,7 +124,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="ig: quadrature rule (default trapezoid)",
     )
     parser.add_argument(
-        "--composite", default="thesis", help="lrp: rule composite (default thesis)"
+        "--composite",
+        default=None,
+        help="lrp: rule composite (default: the model's, else thesis; the pretrained "
+        "networks' composites are in their model files)",
     )
     parser.add_argument(
         "--samples", type=int, default=1000, help="lime: perturbed images (default 1000)"
@@ -135,7 +151,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """Explain every image of `args`; raises the errors `main` reports."""
     run_dir, _ = rundir.locate(args.run)
-    image_size = int(rundir.RunDir(run_dir).read_config().data.image_size)
+    config = rundir.RunDir(run_dir).read_config()
+    image_size = int(config.data.image_size)
+    spec = models.SPECS.get(config.model)
+    multiclass = spec is not None and spec.pretrained
+    composite = args.composite or (spec.lrp_composite if spec else None) or "thesis"
     paths = [Path(p) for p in args.images]
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
@@ -145,13 +165,16 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.method == "lrp":
         try:
-            lrp.get_composite(args.composite)
+            lrp.get_composite(composite)
         except ValueError as e:
             raise InputError(f"--composite: {e}") from None
-    if args.steps < 1 or args.samples < 2:
+    if args.steps < 1 or args.samples < 2 or args.top < 0:
         raise InputError(
-            f"--steps must be at least 1 and --samples at least 2, got {args.steps}, {args.samples}"
+            f"--steps must be at least 1, --samples at least 2 and --top at least 0, got "
+            f"{args.steps}, {args.samples}, {args.top}"
         )
+    if not multiclass and args.target not in CLASS_CHOICES:
+        raise InputError(f"--class {args.target!r}: {config.model} has {list(CLASS_CHOICES)}")
     pictures = [read_image(p, image_size) for p in paths]  # all readable before any work
     trained = rundir.load(args.run)
     out = Path(args.out)
@@ -163,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     options = {
         "steps": args.steps,
         "rule": args.rule,
-        "composite": args.composite,
+        "composite": composite,
         "layer": args.layer,
         "num_samples": args.samples,
         "seed": args.seed,
@@ -173,21 +196,40 @@ def run(args: argparse.Namespace) -> int:
     ):
         pixels, (width, height) = picture.pixels, picture.size
         batch = pixels[None].astype(np.float32)
-        prediction = predict(trained.model, trained.variables, batch)[0]
-        sign = class_sign(args.target, prediction)
-        heatmap = np.asarray(
-            explain(args.method, trained.model, trained.variables, batch, sign=sign, **options)
-        )[0]
-        png, npy = save_heatmap(out, path.stem, args.method, picture.original, heatmap)
         resized = (
             ""
             if (width, height) == (image_size, image_size)
             else f" [resized {width}x{height} -> {image_size}x{image_size}]"
         )
-        print(
-            f"{path}: predicted {prediction}; explained "
-            f"{'dog' if sign > 0 else 'cat'}{resized} -> {png}, {npy.name}"
-        )
+        if multiclass:
+            row = np.asarray(logits(trained.model, trained.variables, batch))[0]
+            names = imagenet.class_names()
+            try:
+                index = ranked_class(args.target, row, names)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            print(f"{path}:{resized}")
+            for line in imagenet.top_k(row, args.top):
+                print(f"  {line}")
+            sign, target, explained = 1.0, index, f"class {index} {names[index]}"
+        else:
+            prediction = predict(trained.model, trained.variables, batch)[0]
+            sign, target = class_sign(args.target, prediction), None
+            explained = "dog" if sign > 0 else "cat"
+            print(f"{path}: predicted {prediction}{resized}")
+        heatmap = np.asarray(
+            explain(
+                args.method,
+                trained.model,
+                trained.variables,
+                batch,
+                sign=sign,
+                target=target,
+                **options,
+            )
+        )[0]
+        png, npy = save_heatmap(out, path.stem, args.method, picture.original, heatmap)
+        print(f"  explained {explained} -> {png}, {npy.name}")
     return 0
 
 

@@ -96,15 +96,18 @@ def gradcam_layer(
 ) -> GradcamLayer | str:
     """Where Grad-CAM's activation A is taken.
 
-    `layer=None`: the model spec's layer for the paper's models (`jaxrepro.models`), else
+    `layer=None`: the model spec's layer for the registered models (`jaxrepro.models`: a
+    `GradcamLayer` for the paper's two, a module path for the ImageNet networks), else
     the last conv-like layer in call order (`conv_like_layers`; needs `variables` and
     `images`). `layer` a module path ('block3', 'features/conv4'): that module's output.
     The spec's activation name ('conv5_out') also selects the spec's layer. A path the
     model does not have raises `LayerError` listing the candidates.
     """
     spec = models.spec_of(model)
-    if spec is not None and layer in (None, spec.gradcam.activation):
-        return spec.gradcam
+    if spec is not None:
+        own = spec.gradcam.activation if isinstance(spec.gradcam, GradcamLayer) else spec.gradcam
+        if layer in (None, own):
+            return spec.gradcam
     if variables is None or images is None:
         raise ValueError(
             f"{type(model).__name__} has no model spec: finding its Grad-CAM layer "

@@ -1,8 +1,10 @@
-"""What the model says about an image, and which sign of the logit to explain.
+"""What the model says about an image, and which class to explain.
 
-The models' head is one logit; class 1 ("dog") when it is positive, as in training
-(`(logits > 0) == labels`). The probability of the predicted class is sigmoid(logit)
-for "dog" and 1 - sigmoid(logit) for "cat".
+The paper's models' head is one logit; class 1 ("dog") when it is positive, as in
+training (`(logits > 0) == labels`). The probability of the predicted class is
+sigmoid(logit) for "dog" and 1 - sigmoid(logit) for "cat"; the explained score is the
+logit times a sign. A multi-class head (the pretrained ImageNet networks) is explained
+at one class's logit: `ranked_class` picks it by rank in the top-k list or by name.
 """
 
 from __future__ import annotations
@@ -61,3 +63,28 @@ def class_sign(choice: str, prediction: Prediction) -> float:
     if choice not in CLASS_NAMES:
         raise ValueError(f"unknown class {choice!r}; valid: {list(CLASS_CHOICES)}")
     return 1.0 if choice == "dog" else -1.0
+
+
+def ranked_class(choice: str, logits: np.ndarray, names: tuple[str, ...]) -> int:
+    """The class index `choice` names for one image's logits [C] of a multi-class head.
+
+    "predicted" (rank 1), a rank K ("3": the third most probable class, as in the
+    paper's top-k tables), or a class name ("tabby"; spaces may stand for underscores).
+    ValueError for anything else.
+    """
+    order = np.argsort(-np.asarray(logits, np.float64), kind="stable")
+    if choice == "predicted":
+        return int(order[0])
+    if choice.isdigit():
+        rank = int(choice)
+        if not 1 <= rank <= len(order):
+            raise ValueError(f"--class {choice}: a rank from 1 to {len(order)}")
+        return int(order[rank - 1])
+    wanted = choice.replace(" ", "_")
+    if wanted in names:
+        return names.index(wanted)
+    close = [n for n in names if wanted.lower() in n.lower()][:8]
+    raise ValueError(
+        f"--class {choice!r}: not a rank or a class name"
+        + (f"; names containing it: {', '.join(close)}" if close else "")
+    )
