@@ -1,4 +1,5 @@
-"""`python -m jaxrepro.pretrained import NETWORK WEIGHTS [--out DIR]`: see `convert`."""
+"""`python -m jaxrepro.pretrained {import,list,variants,predict}`: see `convert` and
+`crossmachine`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxrepro import cli
-from jaxrepro.pretrained import convert
+from jaxrepro.pretrained import convert, crossmachine
 
 EPILOG = """\
 Weight files: jaxrepro never downloads. Keras's own files are what keras.applications
@@ -56,6 +57,33 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     sub.add_parser("list", help="the networks that can be imported")
+    p = sub.add_parser(
+        "variants",
+        help="the same network and images under CPU variants: which bits agree",
+        description=crossmachine.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", help="an imported network's run directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument(
+        "--variants",
+        default="default,one-core",
+        help="comma-separated jaxrepro.analysis.variants names, cpu:<model> for an emulated "
+        "CPU; the first is the baseline (default: %(default)s)",
+    )
+    p.add_argument(
+        "--modes", default="machine,portable", help="determinism modes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--methods", default="gradcam", help="explanations to compare (default: %(default)s)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="variants' processes at once")
+    p.add_argument("--out", type=Path, default=Path("checkpoints/crossmachine"))
+    p = sub.add_parser("predict", help="one variant's process: logits and heatmaps to an .npz")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True)
+    p.add_argument("--methods", default="")
     return parser.parse_args(argv)
 
 
@@ -64,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.command == "predict":
+        return crossmachine.main_predict(args)
+    if args.command == "variants":
+        return crossmachine.main_variants(args, argv)
     if args.command == "list":
         for name in convert.names():
             s = convert.spec(name)
