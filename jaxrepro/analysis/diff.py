@@ -32,7 +32,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from jaxrepro import cli
+from jaxrepro import cli, models
 from jaxrepro.errors import UserError
 from jaxrepro.fingerprint import path_name
 from jaxrepro.numerics import array_diff
@@ -254,6 +254,9 @@ def predictions_diff(a: Side, b: Side) -> dict:
     logits are bitwise equal. Evaluating both on one device isolates the weights from
     the device that trained them.
     """
+    model = RunDir(a.run).read_config().model
+    if models.get_spec(model).pretrained:
+        return {"skipped": f"{model} is an imported ImageNet network: no validation split"}
     ma, mb = (rundir.load(s.run, s.step, take_mode=False) for s in (a, b))
     try:
         val = load_data(ma.config).validation

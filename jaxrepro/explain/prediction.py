@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrepro.models import imagenet
+
 CLASS_NAMES = ("cat", "dog")  # label 0, label 1
 CLASS_CHOICES = ("predicted", *CLASS_NAMES)
 
@@ -41,8 +43,31 @@ class Prediction:
         dog = 1.0 / (1.0 + np.exp(-np.float64(self.logit)))
         return float(dog if self.label else 1.0 - dog)
 
+    @property
+    def target(self) -> None:
+        """The class index a multi-class head explains; None: a one-logit head's sign."""
+        return None
+
     def __str__(self) -> str:
         return f"{self.name} (p={self.probability:.4f}, logit={self.logit:+.6g})"
+
+
+@dataclass(frozen=True)
+class ClassPrediction:
+    """One image's most probable class of a multi-class head (the ImageNet networks):
+    its index, name, softmax probability (float32, as Keras's head) and logit."""
+
+    label: int
+    name: str
+    probability: float
+    logit: float
+
+    @property
+    def target(self) -> int:
+        return self.label
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.name} (p={self.probability:.4f}, logit={self.logit:+.6g})"
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -51,13 +76,30 @@ def logits(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
     return model.apply(variables, jnp.asarray(images, jnp.float32), train=False)
 
 
-def predict(model: nn.Module, variables: Any, images: jax.Array) -> list[Prediction]:
-    """One `Prediction` per image."""
-    return [Prediction(float(v)) for v in np.asarray(logits(model, variables, images))]
+def predict(
+    model: nn.Module, variables: Any, images: jax.Array
+) -> list[Prediction] | list[ClassPrediction]:
+    """One `Prediction` per image, or a `ClassPrediction` for a head of C > 1 logits
+    (class names from `jaxrepro.models.imagenet` for 1,000 classes, else 'class i')."""
+    z = np.asarray(logits(model, variables, images))
+    if z.ndim == 1 or z.shape[-1] == 1:
+        return [Prediction(float(v)) for v in z.reshape(len(z))]
+    names = imagenet.class_names() if z.shape[-1] == imagenet.NUM_CLASSES else None
+    out = []
+    for row in z:
+        top = imagenet.top_k(row, 1)[0] if names else None
+        index = top.index if top else int(np.argmax(row))
+        probability = top.probability if top else float(imagenet.softmax(row)[index])
+        name = names[index] if names else f"class {index}"
+        out.append(ClassPrediction(index, name, probability, float(row[index])))
+    return out
 
 
-def class_sign(choice: str, prediction: Prediction) -> float:
-    """+1 to explain "dog", -1 to explain "cat"; "predicted" follows the prediction."""
+def class_sign(choice: str, prediction: Prediction | ClassPrediction) -> float:
+    """+1 to explain "dog", -1 to explain "cat"; "predicted" follows the prediction
+    (+1 for a multi-class head, whose class is its `target`)."""
+    if isinstance(prediction, ClassPrediction):
+        return 1.0
     if choice == "predicted":
         return 1.0 if prediction.label else -1.0
     if choice not in CLASS_NAMES:

@@ -89,7 +89,7 @@ import matplotlib
 import numpy as np
 from tqdm import tqdm
 
-from jaxrepro import cli
+from jaxrepro import cli, models
 from jaxrepro import data as datalib
 from jaxrepro.data.augment import rotate_image
 from jaxrepro.errors import UserError
@@ -235,7 +235,13 @@ def protocol(
         for method in methods:
             reference = np.asarray(
                 explain(
-                    method, model, variables, image, sign=class_sign("predicted", before), **options
+                    method,
+                    model,
+                    variables,
+                    image,
+                    sign=class_sign("predicted", before),
+                    target=before.target,
+                    **options,
                 )
             )[0]
             scale = float(np.max(np.abs(reference))) or 1.0
@@ -249,6 +255,7 @@ def protocol(
                         variables,
                         variant.image,
                         sign=class_sign("predicted", pred),
+                        target=pred.target,
                         **options,
                     )
                 )[0]
@@ -593,7 +600,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--samples", type=int, default=1000, help="lime: perturbed images per map (default 1000)"
     )
-    parser.add_argument("--composite", default="thesis", help="lrp: composite (default thesis)")
+    parser.add_argument(
+        "--composite",
+        default=None,
+        help="lrp: composite (default: the model's own, else thesis)",
+    )
     parser.add_argument(
         "--lime-vs-lrp",
         action="store_true",
@@ -766,6 +777,23 @@ def run(args: argparse.Namespace) -> int:
             "give IMAGE files or --images N (validation images), not both; "
             "--correctness uses validation images only"
         )
+    run_dir, _ = rundir.locate(args.run)
+    config = rundir.RunDir(run_dir).read_config()
+    spec = models.SPECS.get(config.model)
+    pretrained = spec is not None and spec.pretrained
+    args.composite = args.composite or (spec.lrp_composite if spec else None) or "thesis"
+    if pretrained and not args.files:
+        raise ProtocolError(
+            f"{config.model} is an imported ImageNet network without a validation split: "
+            "give IMAGE files"
+        )
+    if pretrained and (
+        args.correctness or args.faithfulness or args.randomisation or args.lipschitz
+    ):
+        raise ProtocolError(
+            "--correctness and the checks take the paper's one-logit models; for an "
+            "ImageNet network run the robustness protocol (the default) or --lime-vs-lrp"
+        )
     if "lrp" in methods:
         try:
             lrp.get_composite(args.composite)
@@ -779,8 +807,7 @@ def run(args: argparse.Namespace) -> int:
         "num_samples": args.samples,
         "seed": args.seed,
     }
-    run_dir, _ = rundir.locate(args.run)
-    image_size = int(rundir.RunDir(run_dir).read_config().data.image_size)
+    image_size = int(config.data.image_size)
     settings = check_settings(args, image_size)
     if args.files:
         pictures = [read_image(Path(p), image_size).pixels for p in args.files]
