@@ -2,8 +2,9 @@
 
 Layers, bottom up: the core (determinism, rng, config, fingerprint, records, numerics,
 cli, errors, timing), then data and models (side by side), training, explanations,
-analysis. `tfref` (the TensorFlow side) imports only the core, the data pipeline and
-itself (tests/test_tfref.py). Read from the source, as imports are written.
+analysis, and the pretrained networks' import (which uses them all). `tfref` (the
+TensorFlow side) imports only the core, the data pipeline and itself
+(tests/test_tfref.py). Read from the source, as imports are written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "jaxrepro"
-LAYERS = {"data": 1, "models": 1, "train": 2, "explain": 3, "analysis": 4}
+LAYERS = {"data": 1, "models": 1, "train": 2, "explain": 3, "analysis": 4, "pretrained": 5}
 # Function-level imports are allowed only where a process must not load a framework yet:
 # TensorFlow on the TF side (after its recipe is applied), JAX before its XLA flags are set.
 LAZY_ALLOWED = {"jaxrepro/determinism.py": {"jax", "jax._src"}}
