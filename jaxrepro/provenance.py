@@ -54,7 +54,7 @@ def machine() -> str:
 def record(prog: str, argv: Sequence[str]) -> dict[str, Any]:
     """The provenance of a measurement made by `prog argv`."""
     return {
-        "command": shlex.join([prog, *argv]),
+        "command": f"{prog} {shlex.join(argv)}".strip(),  # prog is several words, unquoted
         "commit": commit(),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

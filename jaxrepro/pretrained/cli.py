@@ -21,7 +21,7 @@ a .weights.h5 from Keras 3's save_weights or a .keras model of the same architec
 works too. Keras reads the file in a TensorFlow process (the tf extra); the run
 directory written holds one checkpoint (step 0), for example:
 
-  python -m jaxrepro.pretrained import xception \
+  python -m jaxrepro.pretrained import xception \\
       ~/.keras/models/xception_weights_tf_dim_ordering_tf_kernels.h5
   python -m jaxrepro.explain checkpoints/xception-imagenet cat.jpg --top 5 --method gradcam
 
@@ -38,7 +38,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("import", help="a Keras weight file as a run directory")
+    p = sub.add_parser(
+        "import",
+        help="a Keras weight file as a run directory",
+        description="Import a Keras weight file of NETWORK as a run directory.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("network", help=f"one of {', '.join(convert.names())}")
     p.add_argument("weights", help="Keras weight file (.h5, .hdf5, .weights.h5 or .keras)")
     p.add_argument("--out", help="run directory to write (default checkpoints/<network>-imagenet)")
