@@ -26,14 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxrepro import cli, determinism, numerics, provenance
+from jaxrepro import cli, determinism, models, numerics, provenance
 from jaxrepro.analysis import variants as variantlib
 from jaxrepro.errors import UserError
 from jaxrepro.explain import METHODS, explain
 from jaxrepro.explain.inputs import read_image
 from jaxrepro.explain.prediction import logits
 from jaxrepro.models import imagenet
-from jaxrepro.models.ops import portable
 from jaxrepro.train import rundir
 
 PREDICTIONS = "predictions.npz"
@@ -43,14 +42,12 @@ def predict(
     run: str | Path, images: Sequence[str | Path], out: str | Path, methods: Sequence[str]
 ) -> None:
     """Logits, float32 probabilities and each method's heatmaps of `images` (one at a
-    time, as the explain CLI) to `out` (.npz), in this process's determinism mode (the
-    portable mode's convolutions and dense products swapped in for it)."""
+    time, as the explain CLI) to `out` (.npz), in this process's determinism mode (in
+    portable mode with its convolutions and dense products)."""
     trained = rundir.load(run, take_mode=False)
-    model = (
-        trained.model.clone(**portable.FIELDS)
-        if determinism.mode() == "portable"
-        else trained.model
-    )
+    # the model as this process's mode builds it, whatever mode the import recorded
+    mode_config = {**trained.config.to_dict(), "determinism": determinism.mode()}
+    model = models.get_spec(trained.config.model).build(mode_config)
     size = trained.image_size
     batch = np.stack([read_image(p, size).pixels for p in images]).astype(np.float32)
     rows = np.stack([np.asarray(logits(model, trained.variables, x[None]))[0] for x in batch])
