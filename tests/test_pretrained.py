@@ -384,3 +384,16 @@ def test_the_thesis_robustness_protocol_runs_on_an_imported_network(networks, tm
     assert robustness.main([*args, "--faithfulness"]) == 2
     assert robustness.main([str(work / "run"), "--images", "2"]) == 2
     assert "give IMAGE files" in capsys.readouterr().err
+
+
+def test_import_never_writes_into_a_directory_that_is_not_a_run(networks, tmp_path):
+    _, _, _, work = networks["vgg16"]
+    occupied = tmp_path / "documents"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    weights_file = str(work / "keras" / "weights.h5")
+    with pytest.raises(convert.WeightImportError, match="not a run directory"):
+        convert.import_weights("vgg16", weights_file, occupied, image_size=32, overwrite=True)
+    assert (occupied / "notes.txt").read_text() == "mine"
+    with pytest.raises(convert.WeightImportError, match="already holds a run"):
+        convert.import_weights("vgg16", weights_file, work / "run", image_size=32)

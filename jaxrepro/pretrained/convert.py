@@ -7,7 +7,7 @@
    the weights as Flax-named arrays (`python -m jaxrepro.tfref pretrained`, an `.npz`
    read without pickle) with the source file's SHA-256;
 2. checks every array against the Flax model's variables: the same names, shapes and
-   dtypes, nothing missing, nothing left over (`ImportError_`);
+   dtypes, nothing missing, nothing left over (`WeightImportError`);
 3. writes OUT/config.json (`imagenet_config`), OUT/pretrained.json (where the weights
    came from) and OUT/checkpoints/0 (`jaxrepro.train.checkpoint.save`, with its SHA-256
    manifest). A failure at any step leaves no run directory behind.
@@ -39,7 +39,7 @@ from jaxrepro.train import checkpoint as ckpt
 from jaxrepro.train import rundir, setup
 
 
-class ImportError_(UserError, ValueError):  # noqa: N801  (ImportError is Python's)
+class WeightImportError(UserError, ValueError):
     """A weight file that cannot be imported: unreadable, or for another network."""
 
 
@@ -49,10 +49,10 @@ def names() -> list[str]:
 
 
 def spec(name: str) -> models.ModelSpec:
-    """The spec of pretrained network `name` (ImportError_ listing the valid names)."""
+    """The spec of pretrained network `name` (WeightImportError listing the valid names)."""
     found = models.SPECS.get(name)
     if found is None or not found.pretrained:
-        raise ImportError_(f"unknown pretrained network {name!r}; valid: {names()}")
+        raise WeightImportError(f"unknown pretrained network {name!r}; valid: {names()}")
     return found
 
 
@@ -64,7 +64,9 @@ def imagenet_config(
     s = spec(name)
     size = s.image_size if image_size is None else int(image_size)
     if size < s.min_image_size:
-        raise ImportError_(f"{name} takes images of at least {s.min_image_size} px, not {size}")
+        raise WeightImportError(
+            f"{name} takes images of at least {s.min_image_size} px, not {size}"
+        )
     c = ml_collections.ConfigDict()
     c.experiment = f"{name}-imagenet"
     c.model = name
@@ -84,7 +86,7 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def check_arrays(flat: dict[str, np.ndarray], expected: dict[str, Any]) -> None:
-    """Raise ImportError_ unless `flat` has exactly `expected`'s names, shapes and dtypes."""
+    """Raise WeightImportError unless `flat` has exactly `expected`'s names, shapes and dtypes."""
     missing = sorted(set(expected) - set(flat))
     extra = sorted(set(flat) - set(expected))
     wrong = sorted(
@@ -100,7 +102,7 @@ def check_arrays(flat: dict[str, np.ndarray], expected: dict[str, Any]) -> None:
             f"{len(extra)} not in the model ({', '.join(extra[:4])})" if extra else "",
             f"{len(wrong)} of another shape ({'; '.join(wrong[:4])})" if wrong else "",
         ]
-        raise ImportError_("the weights do not fit: " + ", ".join(p for p in parts if p))
+        raise WeightImportError("the weights do not fit: " + ", ".join(p for p in parts if p))
 
 
 def keras_arrays(
@@ -130,8 +132,11 @@ def keras_arrays(
         )
     except cli.ChildError as e:
         if e.returncode == cli.EXIT_USER_ERROR:  # the file's fault: Keras said why
-            message = str(e).rsplit("error: ", 1)[-1].strip()
-            raise ImportError_(message) from None
+            lines = str(e).splitlines()
+            starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+            message = "\n".join(lines[starts[-1] :] if starts else lines)
+            message = message.removeprefix("error: ").strip()
+            raise WeightImportError(message) from None
         raise
     return weights.load(out), json.loads(r.stdout)
 
@@ -153,9 +158,12 @@ def import_weights(
     source, out = Path(source), Path(out)
     config = imagenet_config(name, determinism, image_size)
     if not source.is_file():
-        raise ImportError_(f"no such file: {source}")
-    if (out / "config.json").exists() and not overwrite:
-        raise ImportError_(f"{out} already holds a run; pass --overwrite or another --out")
+        raise WeightImportError(f"no such file: {source}")
+    if (out / "config.json").exists():
+        if not overwrite:
+            raise WeightImportError(f"{out} already holds a run; pass --overwrite or another --out")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WeightImportError(f"{out} exists and is not a run directory; choose another --out")
     with tempfile.TemporaryDirectory(prefix="jaxrepro-import-") as tmp:
         flat, record = keras_arrays(name, source, Path(tmp), int(config.data.image_size))
     check_arrays(flat, abstract_variables(config))
