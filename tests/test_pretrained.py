@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -397,3 +398,11 @@ def test_import_never_writes_into_a_directory_that_is_not_a_run(networks, tmp_pa
     assert (occupied / "notes.txt").read_text() == "mine"
     with pytest.raises(convert.WeightImportError, match="already holds a run"):
         convert.import_weights("vgg16", weights_file, work / "run", image_size=32)
+
+
+def test_keras_3_weight_files_and_models_import_to_the_same_bits(networks, tmp_path):
+    _, _, _, work = networks["vgg16"]
+    legacy = rundir.load(work / "run")
+    for name in ("model.weights.h5", "model.keras"):
+        run = convert.import_weights("vgg16", work / "keras" / name, tmp_path / name, image_size=32)
+        chex.assert_trees_all_equal(rundir.load(run).variables, legacy.variables)

@@ -184,9 +184,9 @@ def reference(
     outdir: str,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Random-weight reference of one network: OUTDIR/weights.h5 (legacy format),
-    OUTDIR/reference.npz (logits, Grad-CAM of the top class), and parameter counts at
-    the default input size."""
+    """Random-weight reference of one network: OUTDIR/weights.h5 (legacy format; the
+    same weights as Keras 3's model.weights.h5 and model.keras), OUTDIR/reference.npz
+    (logits, Grad-CAM of the top class), and parameter counts at the default size."""
     import h5py  # noqa: PLC0415
     import keras  # noqa: PLC0415
     from keras.src.legacy.saving import legacy_h5_format  # noqa: PLC0415
@@ -200,6 +200,8 @@ def reference(
     out.mkdir(parents=True, exist_ok=True)
     with h5py.File(out / "weights.h5", "w") as f:  # what Keras's downloads are
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    model.save_weights(out / "model.weights.h5")  # Keras 3's own formats
+    model.save(out / "model.keras")
     x = preprocess(constructor, np.load(images_file, allow_pickle=False))
     logits = np.asarray(model(x, training=False).numpy(), np.float32)
     top = np.argmax(logits, axis=1)
