@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT
-from jaxrepro.models.layers import Activation, batch_norm, preprocess_tf
+from jaxrepro.models.layers import Activation, batch_norm, no_sown_activations, preprocess_tf
 from jaxrepro.models.spec import ModelSpec
 
 # One operation of a mixed block: (name, input names, op). `op` is ("conv", filters,
@@ -354,12 +354,6 @@ def keras_weight_order(model: InceptionV3) -> list[str]:
     return [*order, "predictions"]
 
 
-def keras_layers(model: InceptionV3) -> dict[str, str]:
-    """No sown activations: the pretrained networks sow nothing."""
-    del model
-    return {}
-
-
 # Grad-CAM's A is mixed10's output (the last concatenation, before the global average
 # pooling), the layer keras.io's Grad-CAM example takes.
 # LRP as the thesis composes it for VGG-16 (`vgg16.LRP_COMPOSITE`): z^B at the first
@@ -377,7 +371,7 @@ SPEC = ModelSpec(
     min_image_size=75,
     gradcam="mixed10",
     keras_gradcam_layer="mixed10",
-    keras_layers=keras_layers,
+    keras_layers=no_sown_activations,
     keras_application="InceptionV3",
     image_size=299,
     keras_weight_order=keras_weight_order,

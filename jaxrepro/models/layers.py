@@ -1,4 +1,5 @@
-"""Keras layers the pretrained ImageNet networks are built from, as Flax modules.
+"""Keras layers the Keras-twin models are built from (the pretrained networks, the mini
+Xception's batch norms), as Flax modules.
 
 `preprocess_tf` is Keras's `preprocess_input` in "tf" mode (Xception, Inception V3).
 `Activation` gives an activation a module path, so that the output of a Keras
@@ -28,6 +29,12 @@ class Activation(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fn(x)
+
+
+def no_sown_activations(model: nn.Module) -> dict[str, str]:
+    """`ModelSpec.keras_layers` of a network that sows nothing (the pretrained ones)."""
+    del model
+    return {}
 
 
 def batch_norm(train: bool, name: str, use_scale: bool = True) -> nn.BatchNorm:

@@ -19,13 +19,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
+from jaxrepro.models.layers import batch_norm
 from jaxrepro.models.ops import convolutions
 from jaxrepro.models.ops.pooling import max_pool_3x3_s2
 from jaxrepro.models.spec import GradcamLayer, ModelSpec
-
-# Keras BatchNormalization defaults (Flax's epsilon default is 1e-5).
-BN_MOMENTUM = 0.99
-BN_EPSILON = 1e-3
 
 
 class SeparableConv(nn.Module):
@@ -79,16 +76,6 @@ def _impl(module: nn.Module, fast: Callable[..., jax.Array]) -> Callable[..., ja
     return fast if module.fast_convs else None
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        use_fast_variance=False,
-        name=name,
-    )
-
-
 class XceptionBlock(nn.Module):
     """One residual block of Listing 6; halves the spatial size.
 
@@ -107,13 +94,13 @@ class XceptionBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Block output: max-pooled separable branch plus the strided 1x1 shortcut."""
         residual = x
-        x = self.activation(_batch_norm(train, "bn_a")(x))
+        x = self.activation(batch_norm(train, "bn_a")(x))
         self.sow("intermediates", "act_a", x)
         x = SeparableConv(
             self.features, fast_convs=self.fast_convs, conv=self.conv, name="sepconv_a"
         )(x)
         self.sow("intermediates", "sepconv_a_out", x)
-        x = self.activation(_batch_norm(train, "bn_b")(x))
+        x = self.activation(batch_norm(train, "bn_b")(x))
         self.sow("intermediates", "act_b", x)
         x = SeparableConv(
             self.features, fast_convs=self.fast_convs, conv=self.conv, name="sepconv_b"

@@ -123,12 +123,6 @@ def keras_weight_order(model: VGG16) -> list[str]:
     return [*conv_names(), *DENSE, "predictions"]
 
 
-def keras_layers(model: VGG16) -> dict[str, str]:
-    """Sown activation -> Keras layer: none, the pretrained networks sow nothing."""
-    del model
-    return {}
-
-
 # Grad-CAM's A (keras.io's example): block5_conv3's output, which is post-ReLU in Keras.
 # The VGG-16 composite of Heggen's thesis (after Montavon et al. 2019, "Layer-wise
 # relevance propagation: an overview"): z^B at the first layer, gamma for the lower
@@ -146,7 +140,7 @@ SPEC = ModelSpec(
     min_image_size=32,
     gradcam="block5_conv3_relu",
     keras_gradcam_layer="block5_conv3",
-    keras_layers=keras_layers,
+    keras_layers=layers.no_sown_activations,
     keras_application="VGG16",
     image_size=224,
     keras_weight_order=keras_weight_order,

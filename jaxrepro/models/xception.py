@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT
-from jaxrepro.models.layers import Activation, batch_norm, preprocess_tf
+from jaxrepro.models.layers import Activation, batch_norm, no_sown_activations, preprocess_tf
 from jaxrepro.models.minixception import SeparableConv
 from jaxrepro.models.ops.pooling import max_pool_3x3_s2
 from jaxrepro.models.spec import ModelSpec
@@ -161,12 +161,6 @@ def keras_weight_order(model: Xception) -> list[str]:
     return [*order, "predictions"]
 
 
-def keras_layers(model: Xception) -> dict[str, str]:
-    """No sown activations: the pretrained networks sow nothing."""
-    del model
-    return {}
-
-
 # LRP as the thesis composes it for VGG-16 (`vgg16.LRP_COMPOSITE`), on Xception's flows:
 # z^B at the first layer, whose input lies in [-1, 1] after the "tf" preprocessing;
 # gamma for the entry flow (blocks 1-4), epsilon for the middle and exit flows, LRP-0
@@ -183,7 +177,7 @@ SPEC = ModelSpec(
     min_image_size=71,
     gradcam="block14_sepconv2_act",
     keras_gradcam_layer="block14_sepconv2_act",
-    keras_layers=keras_layers,
+    keras_layers=no_sown_activations,
     keras_application="Xception",
     image_size=299,
     keras_weight_order=keras_weight_order,
