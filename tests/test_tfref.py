@@ -272,6 +272,16 @@ def test_recipe_environment_is_listing_1():
     assert "TF_DETERMINISTIC_OPS" not in off and "PYTHONHASHSEED" not in off
 
 
+def test_the_kernel_library_is_set_in_the_childs_environment():
+    base = {"TF_ENABLE_ONEDNN_OPTS": "0"}  # a user's setting does not leak into a run
+    assert runtime.child_environment(runtime.Recipe(), base=base)["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    eigen = runtime.mode_recipe("single", "eigen")
+    assert eigen.single_thread and eigen.kernels == "eigen"
+    assert runtime.child_environment(eigen, base={})["TF_ENABLE_ONEDNN_OPTS"] == "0"
+    with pytest.raises(ValueError, match="one of"):
+        runtime.Recipe(kernels="mkl")
+
+
 def test_a_tf_process_has_no_jax_backend_and_no_jaxrepro_flags():
     # This test process carries jaxrepro's XLA_FLAGS (set on import); the TF command,
     # started plainly, re-executes itself as a clean TF process.

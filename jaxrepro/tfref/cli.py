@@ -1,4 +1,4 @@
-"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched,train} ...` (a TF process).
+"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched,kernels,train} ...` (a TF process).
 
     summary [--image-size 180]
         parameter counts of both Keras models, as JSON
@@ -6,10 +6,14 @@
         load Flax-named weights into the Keras model, write back what Keras then holds
         (OUT.npz, same names), and optionally the Keras logits of IMAGES (inference mode:
         dropout off, batch norm on its moving statistics)
-    matched MODEL WEIGHTS.npz INPUTS.npz LAYERS.json OUTDIR
+    matched MODEL WEIGHTS.npz INPUTS.npz LAYERS.json OUTDIR [--tf-kernels onednn|eigen]
         the Keras half of the matched protocol (`python -m jaxrepro.analysis.compare`,
         see `jaxrepro.tfref.matched`): activations, gradients, N training steps and
         Grad-CAM on given batches
+    kernels INPUTS.npz OUT.npz [--tf-kernels onednn|eigen]
+        the Keras side of `python -m jaxrepro.analysis.kernels` (see
+        `jaxrepro.tfref.kernels`): each layer type of both models on given inputs,
+        output and gradients
     pretrained APPLICATION ORDER.json SOURCE OUT.npz --image-size S
         a Keras weight file (.h5, .weights.h5, .keras) of a keras.applications network,
         as Flax-named arrays (`python -m jaxrepro.pretrained import`, see
@@ -17,9 +21,13 @@
     pretrained-reference APPLICATION IMAGES.npy GRADCAM_LAYER OUTDIR --image-size S
         random weights as a legacy .h5 file, their Keras logits and keras.io Grad-CAM
         of IMAGES (the tests' reference)
-    train CONFIG_FILE --out DIR [--mode recipe|none|single] [--init-from W.npz] [--config.K=V]
+    train CONFIG_FILE --out DIR [--mode recipe|none|single] [--tf-kernels onednn|eigen]
+          [--init-from W.npz] [--config.K=V]
         the paper's Keras training (model.fit, Keras augmentation) on the config's data
         set, as `python -m jaxrepro.train` loads it (see `jaxrepro.tfref.train`)
+
+`--tf-kernels eigen` computes with TF's Eigen kernels (TF_ENABLE_ONEDNN_OPTS=0),
+`onednn` (default) with oneDNN, TF's default on x86-64.
 
 Started from a shell, the command re-executes itself as a clean TF process (no JAX
 backend, none of jaxrepro's XLA flags; the recipe's environment when it needs one).
@@ -38,7 +46,7 @@ import numpy as np
 
 from jaxrepro import cli
 from jaxrepro.errors import UserError
-from jaxrepro.tfref import applications, determinism, runtime, transfer, weights
+from jaxrepro.tfref import applications, runtime, transfer, weights
 from jaxrepro.tfref import train as trainlib
 
 
@@ -95,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("inputs", help="batches and probe images (.npz, see tfref.matched)")
     p.add_argument("layers", help="Keras layer names from the model's spec (.json)")
     p.add_argument("outdir")
+    _kernels_argument(p)
+    p = sub.add_parser("kernels", help="Keras side of python -m jaxrepro.analysis.kernels")
+    p.add_argument("inputs", help="each op's arguments (.npz, see tfref.kernels)")
+    p.add_argument("out", help="where to write each op's outputs (.npz)")
+    _kernels_argument(p)
     p = sub.add_parser("pretrained", help="a Keras weight file as Flax-named arrays")
     p.add_argument("application", help="keras.applications constructor, e.g. Xception")
     p.add_argument("order", help="Flax module paths of the weighted Keras layers (.json)")
@@ -121,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("recipe", "none", "single"),
         help="determinism recipe (default: %(default)s)",
     )
+    _kernels_argument(p)
     p.add_argument("--init-from", help="start from these Flax-named weights (.npz)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines from Keras")
     args = parser.parse_args(rest)
@@ -129,12 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and args.command != "train":
         parser.error("--config.KEY=VALUE goes with the train command only")
 
-    # matched trains: the paper's recipe; summary and mirror draw nothing random.
-    recipe = (
-        _train_recipe(args.mode)
-        if args.command == "train"
-        else runtime.Recipe(deterministic=args.command == "matched")
-    )
+    # matched trains and kernels measures it op by op: the paper's recipe; summary and
+    # mirror draw nothing random.
+    if args.command == "train":
+        recipe = runtime.mode_recipe(args.mode, args.tf_kernels)
+    elif args.command in ("matched", "kernels"):
+        recipe = runtime.Recipe(deterministic=True, kernels=args.tf_kernels)
+    else:
+        recipe = runtime.Recipe(deterministic=False)
     runtime.ensure_tf_process("jaxrepro.tfref", argv, recipe)
     if args.command == "train":
         try:
@@ -145,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.mode,
                 args.init_from,
                 verbose=0 if args.quiet else 2,
+                kernels=args.tf_kernels,
             )
         except (UserError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -156,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jaxrepro.tfref import matched  # noqa: PLC0415
 
             result = matched.run(args.model, args.weights_in, args.inputs, args.layers, args.outdir)
+        elif args.command == "kernels":
+            from jaxrepro.tfref import kernels  # noqa: PLC0415
+
+            result = kernels.run(args.inputs, args.out)
         elif args.command == "pretrained":
             try:
                 result = applications.export(
@@ -185,13 +206,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.logits,
             )
         result["runtime"] = runtime.describe(tf, recipe)
+        if args.command == "matched":  # the record next to the run's arrays says it all
+            (Path(args.outdir) / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0
 
 
-def _train_recipe(mode: str) -> runtime.Recipe:
-    return determinism.MODES[mode]
+def _kernels_argument(p) -> None:
+    p.add_argument(
+        "--tf-kernels",
+        default="onednn",
+        choices=sorted(runtime.KERNELS),
+        help="TF's CPU kernel library: onednn (TF's default) or eigen "
+        "(TF_ENABLE_ONEDNN_OPTS=0); default: %(default)s",
+    )
 
 
 def train_doc() -> str:

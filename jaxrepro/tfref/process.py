@@ -6,6 +6,7 @@ TF-side entry points use it to make sure they run in a clean process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -21,13 +22,27 @@ SIDE_VARIABLE = "JAXREPRO_SIDE"
 SEED = 1001
 
 
+# TF's CPU kernel libraries: "onednn" (TF's default on x86-64: convolutions, matrix
+# products and pooling by oneDNN) and "eigen" (TF_ENABLE_ONEDNN_OPTS=0: TF's Eigen
+# kernels, the library XLA:CPU also calls for convolutions). TF reads the variable
+# once, when it loads, so it is part of the child's environment.
+KERNELS = {"onednn": "1", "eigen": "0"}
+ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """What `start` applies; `deterministic=False` seeds nothing and leaves TF as is."""
+    """What `start` applies; `deterministic=False` seeds nothing and leaves TF as is.
+    `kernels` (a key of `KERNELS`) is the CPU kernel library TF computes with."""
 
     deterministic: bool = True
     single_thread: bool = False
     seed: int = SEED
+    kernels: str = "onednn"
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels {self.kernels!r}: one of {sorted(KERNELS)}")
 
 
 # The determinism modes every TF entry point offers: no recipe; the paper's Listings 1
@@ -39,10 +54,17 @@ MODES = {
 }
 
 
+def mode_recipe(mode: str, kernels: str = "onednn") -> Recipe:
+    """`MODES[mode]` computing with `kernels`."""
+    return dataclasses.replace(MODES[mode], kernels=kernels)
+
+
 def child_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a TF child process: Listing 1's variables when deterministic."""
+    """Environment for a TF child process: Listing 1's variables when deterministic,
+    and the recipe's kernel library."""
     env = tf_side_environment(os.environ if base is None else base)
     env["KERAS_BACKEND"] = "tensorflow"
+    env[ONEDNN_VARIABLE] = KERNELS[recipe.kernels]
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in ("PYTHONHASHSEED", "TF_DETERMINISTIC_OPS", "TF_CUDNN_DETERMINISTIC"):
         env.pop(name, None)
@@ -71,7 +93,8 @@ def ensure_tf_process(module: str, argv: Sequence[str], recipe: Recipe | None = 
     so its work always runs in a process that has neither, with `recipe`'s environment
     (Listing 1's variables must be set before Python starts) when one is given.
     """
-    if os.environ.get(SIDE_VARIABLE) == "tensorflow":
+    kernels_set = recipe is None or os.environ.get(ONEDNN_VARIABLE) == KERNELS[recipe.kernels]
+    if os.environ.get(SIDE_VARIABLE) == "tensorflow" and kernels_set:
         # Importing the jax module starts nothing (jaxrepro.data and TF's tf.lite do);
         # a started backend would mean JAX work in the TF process.
         if determinism.backend_started():

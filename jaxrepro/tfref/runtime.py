@@ -15,18 +15,26 @@ from typing import Any
 
 from jaxrepro import determinism
 from jaxrepro.tfref.process import (  # noqa: F401  (re-exported for TF-side callers)
+    KERNELS,
     MODES,
+    ONEDNN_VARIABLE,
     SEED,
     SIDE_VARIABLE,
     Recipe,
     child_environment,
     ensure_tf_process,
+    mode_recipe,
     tf_side_environment,
 )
 
 
 def start(recipe: Recipe) -> Any:
     """Import TensorFlow, apply `recipe`, and return the `tf` module."""
+    if os.environ.get(ONEDNN_VARIABLE) != KERNELS[recipe.kernels]:
+        raise RuntimeError(
+            f"TF kernels {recipe.kernels!r} need {ONEDNN_VARIABLE}="
+            f"{KERNELS[recipe.kernels]} set before TensorFlow loads (use child_environment)"
+        )
     os.environ["KERAS_BACKEND"] = "tensorflow"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # noqa: PLC0415  (TF side: only ever imported here)
@@ -74,10 +82,11 @@ def describe(tf: Any, recipe: Recipe) -> dict[str, Any]:
             "deterministic": recipe.deterministic,
             "single_thread": recipe.single_thread,
             "seed": recipe.seed,
+            "kernels": recipe.kernels,
         },
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+        "onednn": os.environ.get(ONEDNN_VARIABLE, "default (on)"),
         "pythonhashseed": os.environ.get("PYTHONHASHSEED"),
         # TF's own tf.lite imports the jax module when it is installed, but no JAX
         # backend may start here, and jaxrepro's XLA flags must be absent.

@@ -1,7 +1,8 @@
 """The paper's Keras training, on the data set a JAX run of the same config reads. TF side.
 
     python -m jaxrepro.tfref train CONFIG_FILE --out DIR [--mode recipe|none|single]
-                                   [--init-from WEIGHTS.npz] [--config.KEY=VALUE ...]
+                                   [--tf-kernels onednn|eigen] [--init-from WEIGHTS.npz]
+                                   [--config.KEY=VALUE ...]
 
 What the paper ran, as it ran it: the Keras model of Listing 3 or 6 with its own
 augmentation layers (RandomFlip, RandomRotation(0.1), RandomZoom(0.2), seeded as in the
@@ -16,7 +17,9 @@ of the JAX run (`python -m jaxrepro.analysis.compare` is the matched one).
 
 Modes (`jaxrepro.tfref.determinism`): `recipe` (default; the paper's Listings 1 and 2 plus
 `enable_op_determinism()`), `none`, `single` (the recipe plus Listing 7: one thread).
-`--init-from` starts from given Flax-named weights (e.g. a JAX run's step 0, written by
+`--tf-kernels eigen` runs TF with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0), on its Eigen
+kernels; the default, `onednn`, is TF's own default on x86-64. `--init-from` starts
+from given Flax-named weights (e.g. a JAX run's step 0, written by
 `python -m jaxrepro.analysis.export`) instead of Keras's seeded initialisers.
 
 Writes DIR/final.npz (Flax names and layouts, readable by the JAX side), DIR/history.json
@@ -65,12 +68,13 @@ def train(
     mode: str,
     init_from: str | None = None,
     verbose: int = 2,
+    kernels: str = "onednn",
 ) -> dict[str, Any]:
-    """Train the config's Keras model in this (TF) process; write DIR's files."""
-    from jaxrepro.tfref import determinism, models, runtime  # noqa: PLC0415  (TF side)
+    """Train the config's Keras model in this (TF) process on `kernels`; write DIR's files."""
+    from jaxrepro.tfref import models, runtime  # noqa: PLC0415  (TF side)
 
     config = configlib.resolve(config_file, overrides)
-    recipe = determinism.MODES[mode]
+    recipe = runtime.mode_recipe(mode, kernels)
     tf = runtime.start(recipe)
     splits = datalib.load_config_splits(config.data)
     train, val = splits["train"], splits["validation"]
@@ -104,6 +108,7 @@ def train(
     result = {
         "model": config.model,
         "mode": mode,
+        "tf_kernels": kernels,
         "config_file": config_file,
         "overrides": list(overrides),
         "init_from": init_from,
