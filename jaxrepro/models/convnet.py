@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrepro.models.ops.pooling import max_pool_2x2
-from jaxrepro.models.spec import GradcamLayer, ModelSpec
+from jaxrepro.models.spec import DecisionPoints, GradcamLayer, ModelSpec, PoolPoint
 
 # Keras `Rescaling(1./255)` multiplies by the float32 scale (it does not divide).
 RESCALE = 1.0 / 255.0
@@ -108,6 +108,15 @@ def keras_layers(model: ConvNet) -> dict[str, str]:
     return out
 
 
+def decision_points(model: ConvNet) -> DecisionPoints:
+    """Each convolution's ReLU, and the 2x2 pool of every convolution but the last."""
+    n = len(model.filters)
+    return DecisionPoints(
+        relus=tuple(f"conv{i}_out" for i in range(1, n + 1)),
+        pools=tuple(PoolPoint(f"conv{i}_out", (2, 2), (2, 2), "VALID") for i in range(1, n)),
+    )
+
+
 # Grad-CAM's A is conv5's ReLU output; it flows on flattened into the dropout (the
 # identity at inference). No batch norm. The five VALID 3x3
 # convolutions and four 2x2 pools need at least 78 px.
@@ -118,4 +127,5 @@ SPEC = ModelSpec(
     gradcam=GradcamLayer("conv5_out", module="dropout", where="input"),
     keras_gradcam_layer="conv5",
     keras_layers=keras_layers,
+    decision_points=decision_points,
 )

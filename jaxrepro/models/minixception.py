@@ -22,7 +22,7 @@ from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
 from jaxrepro.models.layers import batch_norm
 from jaxrepro.models.ops import convolutions
 from jaxrepro.models.ops.pooling import max_pool_3x3_s2
-from jaxrepro.models.spec import GradcamLayer, ModelSpec
+from jaxrepro.models.spec import DecisionPoints, GradcamLayer, ModelSpec, PoolPoint
 
 
 class SeparableConv(nn.Module):
@@ -218,6 +218,16 @@ def keras_layers(model: MiniXception) -> dict[str, str]:
     return out
 
 
+def decision_points(model: MiniXception) -> DecisionPoints:
+    """Per block, the ReLUs after both batch norms and the 3x3/2 SAME pool of the
+    separable branch (the stem and the shortcut decide nothing)."""
+    blocks = [f"block{i}" for i in range(1, len(model.sizes) + 1)]
+    return DecisionPoints(
+        relus=tuple(f"{b}/{a}" for b in blocks for a in ("act_a", "act_b")),
+        pools=tuple(PoolPoint(f"{b}/sepconv_b_out", (3, 3), (2, 2), "SAME") for b in blocks),
+    )
+
+
 # Grad-CAM's A is block5's output, before the global average pooling. The 5x5 VALID
 # stem needs 5 px; the blocks' SAME pooling takes any size (A is 1x1 up to 32 px).
 SPEC = ModelSpec(
@@ -228,4 +238,5 @@ SPEC = ModelSpec(
     keras_gradcam_layer="block5_add",
     keras_layers=keras_layers,
     config_options=("fast_convs",),
+    decision_points=decision_points,
 )

@@ -32,6 +32,28 @@ class GradcamLayer:
 
 
 @dataclasses.dataclass(frozen=True)
+class PoolPoint:
+    """One max pooling's decision: the sown activation that is its input, and its windows."""
+
+    input: str
+    window: tuple[int, int]
+    strides: tuple[int, int]
+    padding: Literal["VALID", "SAME"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionPoints:
+    """Where a forward pass decides rather than rounds (`jaxrepro.analysis.decisions`).
+
+    `relus`: the sown output of each call of the model's `activation` (a ReLU passes
+    what its output shows as > 0); `pools`: each call of its `pool`. Both in call order.
+    """
+
+    relus: tuple[str, ...]
+    pools: tuple[PoolPoint, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A registered model: its module and the facts the tools need about it.
 
@@ -42,6 +64,7 @@ class ModelSpec:
     output equals it, in forward order; `keras_gradcam_layer` is the Keras layer whose
     output is A. `config_options` are the config keys passed to the module besides
     `dropout_rate` (a key missing from an old run's config keeps the module default).
+    `decision_points(model)` names its ReLUs and max poolings (`DecisionPoints`).
     """
 
     name: str
@@ -62,6 +85,7 @@ class ModelSpec:
     # The LRP composite `jaxrepro.explain` uses for this model by default
     # (`jaxrepro.explain.lrp.COMPOSITES` name or spec string); None: "thesis".
     lrp_composite: str | None = None
+    decision_points: Callable[[nn.Module], DecisionPoints] | None = None
 
     @property
     def pretrained(self) -> bool:

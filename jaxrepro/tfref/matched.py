@@ -22,6 +22,9 @@ and this writes into OUTDIR:
                      the Flax sown name they correspond to (`ACTIVATIONS`), plus 'logits'
     gradients.npz    d(mean loss)/d(param) of step 1 (first batch, batch norm in training
                      mode), Flax parameter names
+    decisions.npz    the activations of step 1's forward (first batch, initial weights,
+                     training mode), keyed as forward.npz: the ReLU outputs and pool
+                     inputs `jaxrepro.analysis.decisions` reads the decisions from
     trajectory.npz   'loss' [N]: the mean loss of each step, before its update
     gradcam.npz      'start', 'end': Grad-CAM [P, S, S] of the probe images at step 0 and
                      after N steps; 'start_lowres', 'end_lowres' at A's resolution
@@ -141,6 +144,17 @@ def run(model_name: str, weights_in: str, inputs: str, layers_file: str, outdir:
     forward = {flax: np.asarray(a.numpy(), np.float32) for flax, a in zip(names, acts)}
     forward["logits"] = np.asarray(acts[-1].numpy(), np.float32)[:, 0]
     weights.save(out / "forward.npz", forward)
+
+    # Step 1's forward, eager op by op as in the tape below, so the same bits; the
+    # moving statistics that training mode updates are put back before training.
+    moving = [(v, v.numpy()) for v in model.non_trainable_variables]
+    acts = probe_model(train_x[0], training=True)
+    for variable, value in moving:
+        variable.assign(value)
+    weights.save(
+        out / "decisions.npz",
+        {flax: np.asarray(a.numpy(), np.float32) for flax, a in zip(names, acts)},
+    )
 
     gradcam = keras_gradcam(model, layers["gradcam_layer"])
 
