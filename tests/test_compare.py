@@ -2,7 +2,8 @@
 
 One tiny end-to-end run (mini Xception at 64 px, so Grad-CAM's A is 2x2 and not a
 single pixel; 2 steps) with the exchanged files kept: the JAX half in this process,
-the Keras half in the TF process the tool starts.
+the Keras half in the TF process the tool starts. A second one, the ConvNet at 80 px
+against TF's Eigen kernels, checks that the kernel choice reaches TF.
 """
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ def test_cli_writes_every_section_and_the_plot(run):
     assert rep["gradcam"]["start"]["lowres_shape"] == [2, 2]
     assert (run["out"] / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "forward" in run["stdout"] and "Grad-CAM" in run["stdout"]
+    md = (run["out"] / "compare.md").read_text()
+    assert md.startswith("Command: `python -m jaxrepro.analysis.compare") and "decisions" in md
+    assert rep["tf_kernels"] == "onednn" and rep["keras_runtime"]["onednn"] == "1"
+    assert rep["jax"]["determinism"] == "machine"
+
+
+def test_the_decisions_section_covers_every_relu_pool_and_parameter(run):
+    rep = run["report"]
+    d = rep["decisions"]
+    points = models.get_spec("minixception").decision_points(
+        models.get_model("minixception", dropout_rate=0.0)
+    )
+    assert [r["activation"] for r in d["relus"]] == list(points.relus)
+    assert [r["input"] for r in d["pools"]] == [p.input for p in points.pools]
+    assert [r["param"] for r in d["gradients"]] == [r["param"] for r in rep["backward"]]
+    measured = {r["param"]: r["rel_to_max"] for r in rep["backward"]}
+    for r in d["gradients"]:
+        assert r["measured_rel_to_max"] == measured[r["param"]]
+        # Aligned to Keras's decisions, what remains is rounding of two formulas.
+        assert r["formula_rel_to_max"] < 5e-5, r
+    assert d["replay_rel_to_max"] == 0.0  # replaying JAX's own decisions changes nothing
+    keras = weights.load(run["ex"] / "keras" / "decisions.npz")
+    assert set(points.relus) <= set(keras)
+    assert "as measured = formulas + flipped decisions" in run["stdout"]
 
 
 def test_initial_weights_are_the_config_init_and_bitwise_equal_in_keras(run):
@@ -155,6 +180,41 @@ def test_gradcam_agrees_at_the_start(run):
     g = run["report"]["gradcam"]["start"]
     assert g["rmse_mean"] < 1e-3 and g["top10_overlap_mean"] > 0.9
     assert g["spearman_mean"] is not None and g["spearman_mean"] > 0.99
+
+
+@pytest.fixture(scope="module")
+def eigen(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("compare_eigen")
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = compare.main(
+            [
+                str(ROOT / "experiments" / "convnet.py"),
+                "--against",
+                "tensorflow",
+                "--steps",
+                "1",
+                "--probe",
+                "4",
+                "--tf-kernels",
+                "eigen",
+                "--out",
+                str(out),
+                "--config.data.image_size=80",
+                "--config.data.num_train=32",
+                "--config.data.num_val=16",
+                "--config.batch_size=16",
+            ]
+        )
+    assert code == 0
+    return json.loads((out / "compare.json").read_text())
+
+
+def test_on_eigen_kernels_keras_computes_the_convnets_convolutions_with_jaxs_bits(eigen):
+    assert eigen["tf_kernels"] == "eigen" and eigen["keras_runtime"]["onednn"] == "0"
+    rows = {r["layer"]: r for r in eigen["forward"]}
+    for i in range(1, 6):  # oneDNN's convolutions part from conv3 on (README settings)
+        assert rows[f"conv{i}_out"]["equal"], i
+    assert eigen["bitwise"]["forward_layers_equal"] >= 9
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,7 @@ def test_every_factor_has_its_pairs(report):
     assert {k: v["pairs"] for k, v in factors.items()} == {
         "seed": 1,
         "framework": 2,
+        "framework, same kernels": 2,
         "code path": 1,
         "rerun JAX": 1,
         "rerun TF": 1,
@@ -70,6 +71,16 @@ def test_every_factor_has_its_pairs(report):
     assert "| rerun JAX | 1 | 1/1 |" in report["stdout"]
     png = (report["out"] / "variance.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_same_kernels_factor_runs_keras_on_eigen_and_the_other_on_onednn(report):
+    seed = report["json"]["seed"]
+    for run, kernels, variable in (("keras-eigen", "eigen", "0"), ("keras", "onednn", "1")):
+        result = json.loads(
+            (report["out"] / "runs" / f"{run}-s{seed}" / "keras" / "result.json").read_text()
+        )
+        assert result["runtime"]["recipe"]["kernels"] == kernels
+        assert result["runtime"]["onednn"] == variable
 
 
 def test_a_jax_rerun_is_bitwise_identical_and_measures_zero(report):
@@ -133,8 +144,11 @@ def test_pair_measures_on_known_values():
 def test_plan_pairs_runs_that_exist():
     runs, pairs = variance.plan(7, 3, ["ynn", "one-core"])
     names = {r.name for r in runs}
-    assert len(names) == len(runs) == 3 + 3 + 2 + 2 + 2
+    assert len(names) == len(runs) == 3 + 3 + 3 + 2 + 2 + 2
     assert len(pairs["seed"]) == 3 and len(pairs["framework"]) == 3
+    assert pairs["framework, same kernels"] == [
+        (f"jax-s{s}", f"keras-eigen-s{s}") for s in (7, 8, 9)
+    ]
     assert pairs["code path"] == [("jax-s7", "jax-s7-ynn"), ("jax-s7", "jax-s7-one-core")]
     assert all(a in names and b in names for p in pairs.values() for a, b in p)
 

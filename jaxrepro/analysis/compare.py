@@ -1,13 +1,16 @@
 """The same model, weights and batches in JAX and in Keras: where do the numbers part?
 
     python -m jaxrepro.analysis.compare CONFIG_FILE --against tensorflow [--steps N]
-                     [--out DIR] [--probe P] [--keep-exchange] [--config.KEY=VALUE ...]
+                     [--tf-kernels onednn|eigen] [--out DIR] [--probe P] [--keep-exchange]
+                     [--config.KEY=VALUE ...]
 
 Both frameworks start from the same initial weights and train on the same augmented
 batches (the matched protocol, `jaxrepro.analysis.matched`: dropout off, BCE on the
 logit, Keras RMSprop's defaults against `jaxrepro.train.optim.keras_rmsprop`); the
 Keras half runs in its own process (`python -m jaxrepro.tfref matched`) under the
-paper's determinism recipe. What differs is the framework's numerics only. Reported
+paper's determinism recipe, on TF's default oneDNN kernels or, with `--tf-kernels
+eigen`, on its Eigen kernels (oneDNN off), the library XLA:CPU also calls for
+convolutions. What differs is the framework's numerics only. Reported
 (every figure an `ArrayDiff` of `jaxrepro.numerics`):
 
   forward     per sown activation and the logits of P validation images (inference
@@ -21,8 +24,16 @@ paper's determinism recipe. What differs is the framework's numerics only. Repor
               vs `jaxrepro.explain.gradcam`, at step 0 and after N steps (each
               framework its own weights): RMSE, Spearman rank correlation and the
               overlap of the top 10% pixels
+  decisions   step 1's forward on both sides (`jaxrepro.analysis.decisions`): per
+              ReLU the elements that pass on one side only, per max pool the windows
+              that route their gradient to another input (with the margin in ULP), and
+              per parameter the step-1 gradient gap as measured and recomputed on the
+              JAX side with Keras's ReLU masks and pool routing. What remains aligned
+              is the formulas' difference; the rest is flipped decisions
+  bitwise     how far the two stay bit for bit equal: forward layers, gradients, steps
 
-Writes DIR/compare.json and DIR/trajectory.png and prints a table. Exit status 0 on
+Writes DIR/compare.json, DIR/trajectory.png and DIR/compare.md (the printed tables under
+the command, commit and machine) and prints the tables. Exit status 0 on
 success, 2 on a user error (unknown config key, --against other than tensorflow),
 1 if the Keras process fails.
 """
@@ -42,8 +53,9 @@ import matplotlib
 import numpy as np
 import optax
 
-from jaxrepro import cli, models, provenance
+from jaxrepro import cli, determinism, models, provenance
 from jaxrepro import config as configlib
+from jaxrepro.analysis import decisions as decisionslib
 from jaxrepro.analysis import matched
 from jaxrepro.errors import UserError
 from jaxrepro.explain import gradcam as gradcamlib
@@ -116,10 +128,18 @@ def run_jax(inputs: matched.MatchedInputs, tx: optax.GradientTransformation) -> 
         return np.asarray(low), np.asarray(full)
 
     state = inputs.state
+    first_x, first_y = inputs.train_images[0], inputs.train_labels[0]
+    decision_acts = decisionslib.training_forward(model, state.variables, first_x)
     logits, acts = forward(state.variables, probe)
     acts = {**acts, "logits": logits}
     order = probelib.forward_order(model, state.variables, probe)
-    out: dict[str, Any] = {"forward": {k: np.asarray(acts[k]) for k in order}, "gradcam": {}}
+    out: dict[str, Any] = {
+        "forward": {k: np.asarray(acts[k]) for k in order},
+        "gradcam": {},
+        "decision_acts": decision_acts,
+        "first_batch": (first_x, first_y),
+        "initial_variables": state.variables,
+    }
     out["gradcam"]["start_lowres"], out["gradcam"]["start"] = gradcam(state.variables)
     out["weights"] = [weights.flatten(jax.device_get(state.variables))]
     losses = []
@@ -144,13 +164,21 @@ def run_jax(inputs: matched.MatchedInputs, tx: optax.GradientTransformation) -> 
 # ----------------------------------------------------------------- TF side
 
 
-def tf_environment() -> dict[str, str]:
-    """The Keras child's environment: a clean TF process under the paper's recipe."""
-    return process.child_environment(process.Recipe(deterministic=True))
+def tf_environment(kernels: str = "onednn") -> dict[str, str]:
+    """The Keras child's environment: a clean TF process under the paper's recipe,
+    computing with `kernels` (`process.KERNELS`)."""
+    return process.child_environment(process.Recipe(deterministic=True, kernels=kernels))
 
 
-def run_keras(model_name: str, exchange: Path, out: Path, timeout: int | None = None) -> dict:
-    """Run `python -m jaxrepro.tfref matched` on the exchange into `out`; its JSON result."""
+def run_keras(
+    model_name: str,
+    exchange: Path,
+    out: Path,
+    timeout: int | None = None,
+    kernels: str = "onednn",
+) -> dict:
+    """Run `python -m jaxrepro.tfref matched` on the exchange into `out` with TF's
+    `kernels`; its JSON result."""
     r = cli.run_child(
         "jaxrepro.tfref",
         [
@@ -160,8 +188,10 @@ def run_keras(model_name: str, exchange: Path, out: Path, timeout: int | None = 
             str(exchange / "inputs.npz"),
             str(exchange / "layers.json"),
             str(out),
+            "--tf-kernels",
+            kernels,
         ],
-        env=tf_environment(),
+        env=tf_environment(kernels),
         timeout=timeout,
         what="the Keras process",
     )
@@ -171,12 +201,79 @@ def run_keras(model_name: str, exchange: Path, out: Path, timeout: int | None = 
 # ----------------------------------------------------------------- report
 
 
+def decisions_report(model, jx: dict, keras_dir: Path) -> dict[str, Any]:
+    """compare.json's `decisions`: where step 1's forwards decide differently, and the
+    step-1 gradient gap before and after the JAX side takes Keras's decisions."""
+    points = decisionslib.points_of(model)
+    kd = weights.load(keras_dir / "decisions.npz")
+    kg = weights.load(keras_dir / "gradients.npz")
+    x, y = jx["first_batch"]
+    variables = jx["initial_variables"]
+
+    def aligned(acts) -> dict[str, np.ndarray]:
+        d = decisionslib.read(acts, points)
+        g = decisionslib.aligned_gradients(model, variables, x, y, d)
+        return weights.flatten(jax.device_get({"params": g}))
+
+    to_keras, replayed = aligned(kd), aligned(jx["decision_acts"])
+    rows = []
+    for name, measured_grad in jx["gradients"].items():
+        measured, formula = stats(measured_grad, kg[name]), stats(to_keras[name], kg[name])
+        rows.append(
+            {
+                "param": name,
+                "measured_rel_to_max": measured["rel_to_max"],
+                "measured_max_ulp": measured["max_ulp"],
+                "formula_rel_to_max": formula["rel_to_max"],
+                "formula_max_ulp": formula["max_ulp"],
+                "formula_bitwise": formula["equal"],
+                "decisions_rel_to_max": max(measured["rel_to_max"] - formula["rel_to_max"], 0.0),
+            }
+        )
+    section = decisionslib.compare(jx["decision_acts"], kd, points)
+    return {
+        "batch": f"step 1's training batch ({len(y)} images), initial weights, training mode",
+        **section,
+        "flipped_relu_elements": sum(r["flipped"] for r in section["relus"]),
+        "flipped_pool_windows": sum(r["flipped"] for r in section["pools"]),
+        # The replay with JAX's own decisions against JAX's measured gradient: 0 when
+        # replaying decisions changes nothing but the decisions.
+        "replay_rel_to_max": max(
+            stats(replayed[n], g)["rel_to_max"] for n, g in jx["gradients"].items()
+        ),
+        "gradients": rows,
+    }
+
+
+def bitwise_reach(forward: list[dict], backward: list[dict], trajectory: list[dict]) -> dict:
+    """How far JAX and Keras stay bit for bit equal: the leading forward layers, the
+    step-1 gradients, and the leading training steps."""
+    equal_layers = next((i for i, r in enumerate(forward) if not r["equal"]), len(forward))
+    steps_equal = next(
+        (r["step"] - 1 for r in trajectory[1:] if not r["all_bitwise"]), len(trajectory) - 1
+    )
+    return {
+        "forward_layers_equal": equal_layers,
+        "forward_layers": len(forward),
+        "forward_first_differing": forward[equal_layers]["layer"]
+        if equal_layers < len(forward)
+        else None,
+        "gradients_equal": all(r["equal"] for r in backward),
+        "gradients_differing": [r["param"] for r in backward if not r["equal"]],
+        "steps_equal": steps_equal,
+        "steps": len(trajectory) - 1,
+    }
+
+
 def _max_over(rows: list[dict], key: str) -> float:
     return max((r[key] for r in rows), default=0.0)
 
 
-def build_report(config, num_steps: int, jx: dict, keras_dir: Path, keras_result: dict) -> dict:
-    """compare.json's content from both halves' outputs."""
+def build_report(
+    config, num_steps: int, jx: dict, keras_dir: Path, keras_result: dict, model=None
+) -> dict:
+    """compare.json's content from both halves' outputs (`model`: the compared module,
+    for the decisions section; None leaves it out)."""
     kf = weights.load(keras_dir / "forward.npz")
     if set(kf) != set(jx["forward"]):
         raise RuntimeError(f"activations of one side only: {sorted(set(kf) ^ set(jx['forward']))}")
@@ -240,15 +337,22 @@ def build_report(config, num_steps: int, jx: dict, keras_dir: Path, keras_result
         "steps": num_steps,
         "probe_images": int(jx["forward"]["logits"].shape[0]),
         "against": "tensorflow",
+        "tf_kernels": keras_result.get("runtime", {}).get("recipe", {}).get("kernels"),
         "dropout": "off on both sides (Flax dropout_rate=0, Keras Dropout rate set to 0)",
         "initial_weights_bitwise": trajectory[0]["all_bitwise"],
         "forward": forward,
         "backward": backward,
         "trajectory": trajectory,
         "gradcam": gradcam,
+        "bitwise": bitwise_reach(forward, backward, trajectory),
+        "decisions": None if model is None else decisions_report(model, jx, keras_dir),
         "val_accuracy": {"jax": jx["val_accuracy"], "keras": keras_result.get("val_accuracy")},
         "keras_runtime": keras_result.get("runtime"),
-        "jax": {"jax": jax.__version__, "backend": jax.default_backend()},
+        "jax": {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "determinism": determinism.mode(),
+        },
     }
 
 
@@ -265,7 +369,9 @@ def format_text(report: dict) -> str:
     lines = [
         f"JAX vs Keras: {report['model']} at {report['image_size']} px, seed "
         f"{report['seed']}, batch {report['batch_size']}, {report['steps']} steps; "
-        f"dropout off; initial weights bitwise equal: {report['initial_weights_bitwise']}",
+        f"dropout off; JAX in {report['jax']['determinism']} mode, TF on "
+        f"{report['tf_kernels']} kernels; initial weights bitwise equal: "
+        f"{report['initial_weights_bitwise']}",
         "",
         f"forward (inference, {report['probe_images']} validation images, step 0)",
         f"  {'activation':24s} {'max ULP':>12s} {'max rel':>10s} {'|d|/max|a|':>10s}",
@@ -295,6 +401,19 @@ def format_text(report: dict) -> str:
             f"{r['params_max_ulp']:12d} {r['params_max_rel']:10.3g} "
             f"{r['params_rel_to_max']:10.3g}"
         )
+    lines += format_decisions(report.get("decisions"))
+    b = report["bitwise"]
+    lines += [
+        "",
+        f"bitwise equal: forward {b['forward_layers_equal']} of {b['forward_layers']} layers"
+        + (
+            f" (first differing: {b['forward_first_differing']})"
+            if b["forward_first_differing"]
+            else ""
+        )
+        + f"; step-1 gradients {'all' if b['gradients_equal'] else 'not all'}"
+        + f"; {b['steps_equal']} of {b['steps']} training steps",
+    ]
     va = report["val_accuracy"]
     lines += [
         f"  validation accuracy after {report['steps']} steps: JAX {_g(va['jax'])}, "
@@ -310,6 +429,46 @@ def format_text(report: dict) -> str:
             f"{'x'.join(map(str, g['lowres_shape']))}"
         )
     return "\n".join(lines)
+
+
+def format_decisions(d: dict | None) -> list[str]:
+    """The decisions section as table lines (none without the section)."""
+    if d is None:
+        return []
+    lines = [
+        "",
+        f"decisions ({d['batch']}): where the two forwards decide differently",
+        f"  {'ReLU output':26s} {'elements':>10s} {'flipped':>8s} {'largest crossing':>17s}",
+    ]
+    for r in d["relus"]:
+        lines.append(
+            f"  {r['activation']:26s} {r['elements']:10d} {r['flipped']:8d} "
+            f"{r['flipped_max_abs']:17.3g}"
+        )
+    lines.append(
+        f"  {'pool input':26s} {'windows':>10s} {'flipped':>8s} {'flip ULP':>9s} "
+        f"{'ties':>6s} {'closest ULP':>11s}"
+    )
+    for r in d["pools"]:
+        lines.append(
+            f"  {r['input']:26s} {r['windows']:10d} {r['flipped']:8d} "
+            f"{_g(r['flipped_margin_ulp_max']):>9s} {r['exact_ties']:6d} "
+            f"{_g(r['closest_margin_ulp']):>11s}"
+        )
+    lines += [
+        "  step-1 gradient gap, |d|/max|a|: as measured = formulas + flipped decisions",
+        f"  {'parameter':42s} {'measured':>10s} {'formulas':>10s} {'decisions':>10s}",
+    ]
+    for r in d["gradients"]:
+        lines.append(
+            f"  {r['param']:42s} {r['measured_rel_to_max']:10.3g} "
+            f"{r['formula_rel_to_max']:10.3g} {r['decisions_rel_to_max']:10.3g}"
+        )
+    lines.append(
+        "  (formulas: the JAX gradient recomputed with Keras's ReLU masks and pool routing; "
+        f"replaying JAX's own decisions moves it {d['replay_rel_to_max']:.3g})"
+    )
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -346,9 +505,10 @@ def compare(
     probe: int = 8,
     keep_exchange: bool = False,
     made_by: dict | None = None,
+    tf_kernels: str = "onednn",
 ) -> dict:
-    """Run both halves, write compare.json (with `made_by`, the provenance) and
-    trajectory.png into `out`; the report."""
+    """Run both halves, write compare.json (with `made_by`, the provenance),
+    trajectory.png and compare.md into `out`; the report."""
     if num_steps < 1:
         raise CompareError("--steps must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -357,16 +517,21 @@ def compare(
         shutil.rmtree(exchange)
     inputs = matched.matched_inputs(config, num_steps, probe)
     matched.write_exchange(inputs, exchange)
-    keras_result = run_keras(config.model, exchange, exchange / "keras")
+    keras_result = run_keras(config.model, exchange, exchange / "keras", kernels=tf_kernels)
     jx = run_jax(inputs, setup.build_optimizer(config))
-    report = build_report(config, num_steps, jx, exchange / "keras", keras_result)
+    report = build_report(
+        config, num_steps, jx, exchange / "keras", keras_result, model=inputs.model
+    )
     report = {"provenance": made_by, **report}
     (out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, out / "trajectory.png")
+    head = provenance.markdown(made_by) + "\n" if made_by else ""
+    (out / "compare.md").write_text(f"{head}```\n{format_text(report)}\n```\n")
     if keep_exchange:  # the JAX half's arrays next to the Keras ones, for inspection
         (exchange / "jax").mkdir()
         for name in ("forward", "gradients", "gradcam"):
             weights.save(exchange / "jax" / f"{name}.npz", jx[name])
+        weights.save(exchange / "jax" / "decisions.npz", jx["decision_acts"])
         for k, w in enumerate(jx["weights"]):
             weights.save(exchange / "jax" / f"weights_{k:03d}.npz", w)
         np.save(exchange / "jax" / "losses.npy", np.asarray(jx["losses"], np.float32))
@@ -387,6 +552,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("config_file")
     parser.add_argument("--against", required=True, help="the other framework: tensorflow")
     parser.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
+    parser.add_argument(
+        "--tf-kernels",
+        default="onednn",
+        choices=sorted(process.KERNELS),
+        help="TF's CPU kernels: onednn (TF's default) or eigen (oneDNN off); default: %(default)s",
+    )
     parser.add_argument("--out", default="compare_out", help="output directory")
     parser.add_argument(
         "--probe", type=int, default=8, help="validation images for the forward probe and Grad-CAM"
@@ -401,13 +572,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         made_by = provenance.record("python -m jaxrepro.analysis.compare", argv)
         report = compare(
-            config, args.steps, Path(args.out), args.probe, args.keep_exchange, made_by
+            config,
+            args.steps,
+            Path(args.out),
+            args.probe,
+            args.keep_exchange,
+            made_by,
+            args.tf_kernels,
         )
     except cli.ChildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_text(report))
-    print(f"\nwritten: {Path(args.out) / 'compare.json'}, {Path(args.out) / 'trajectory.png'}")
+    written = ", ".join(
+        str(Path(args.out) / f) for f in ("compare.json", "compare.md", "trajectory.png")
+    )
+    print(f"\nwritten: {written}")
     return 0
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jaxrepro import cli, models, rng
+from jaxrepro import cli, determinism, models, rng
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
 from jaxrepro.errors import UserError
@@ -65,7 +65,9 @@ class MatchedInputs:
 
 
 def matched_inputs(config: ml_collections.ConfigDict, num_steps: int, probe: int) -> MatchedInputs:
-    """Initial state, N augmented batches, probe and validation images of `config`."""
+    """Initial state, N augmented batches, probe and validation images of `config`,
+    computed in the config's determinism mode."""
+    determinism.apply_config(config)  # before any JAX work: XLA reads its flags once
     data = load_data(config)
     n_train, bs = len(data.train.labels), config.batch_size
     steps_per_epoch = data_steps_per_epoch(data, bs)
@@ -131,7 +133,9 @@ def write_exchange(inputs: MatchedInputs, directory: Path, *, validation: bool =
 
 
 def train_matched(config: ml_collections.ConfigDict, exchange: Path, out: Path) -> None:
-    """N matched steps from the exchange's weights and batches; final weights to `out`."""
+    """N matched steps from the exchange's weights and batches, in the config's
+    determinism mode; final weights to `out`."""
+    determinism.apply_config(config)
     model, tx = setup.build_model(config, dropout_rate=0.0), setup.build_optimizer(config)
     variables = weights.unflatten(weights.load(exchange / "init.npz"))
     params = variables["params"]

@@ -18,7 +18,12 @@ Runs, seeds s0 = config.seed, s1 = s0 + 1, ...:
 
   seed        JAX, seeds s0 .. s(K-1)                      (all K*(K-1)/2 pairs)
   framework   Keras vs JAX on each seed s0 .. s(K-1)       (K pairs; the same init
-              and batches, bit for bit; Keras under the paper's determinism recipe)
+              and batches, bit for bit; Keras under the paper's determinism recipe,
+              on TF's default oneDNN kernels)
+  framework, same kernels
+              Keras on TF's Eigen kernels (oneDNN off, the library XLA:CPU calls for
+              convolutions) vs JAX on each seed           (K pairs): the part of the
+              framework effect that is not the kernel library
   code path   JAX on s0 under each of --variants (another XLA:CPU code path or core
               count, see `jaxrepro.analysis.variants`) vs JAX on s0   (one pair per variant)
   rerun JAX   JAX on s0 again, K-1 more processes, vs the first   (K-1 pairs)
@@ -62,7 +67,14 @@ from jaxrepro.train.loop import load_data
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-FACTORS = ("seed", "framework", "code path", "rerun JAX", "rerun TF")
+FACTORS = (
+    "seed",
+    "framework",
+    "framework, same kernels",
+    "code path",
+    "rerun JAX",
+    "rerun TF",
+)
 DEFAULT_VARIANTS = "one-core,ynn"
 
 
@@ -77,7 +89,7 @@ class Run:
     name: str
     trainer: str  # "jax" | "keras"
     seed: int
-    variant: str = "default"
+    variant: str = "default"  # JAX: a `variants` name; Keras: TF's kernel library
 
 
 def plan(seed: int, k: int, variant_names: Sequence[str]) -> tuple[list[Run], dict]:
@@ -85,12 +97,14 @@ def plan(seed: int, k: int, variant_names: Sequence[str]) -> tuple[list[Run], di
     seeds = [seed + i for i in range(k)]
     runs = [Run(f"jax-s{s}", "jax", s) for s in seeds]
     runs += [Run(f"keras-s{s}", "keras", s) for s in seeds]
+    runs += [Run(f"keras-eigen-s{s}", "keras", s, "eigen") for s in seeds]
     runs += [Run(f"jax-s{seed}-rerun{j}", "jax", seed) for j in range(1, k)]
     runs += [Run(f"keras-s{seed}-rerun{j}", "keras", seed) for j in range(1, k)]
     runs += [Run(f"jax-s{seed}-{v}", "jax", seed, v) for v in variant_names]
     pairs = {
         "seed": [(f"jax-s{a}", f"jax-s{b}") for i, a in enumerate(seeds) for b in seeds[i + 1 :]],
         "framework": [(f"jax-s{s}", f"keras-s{s}") for s in seeds],
+        "framework, same kernels": [(f"jax-s{s}", f"keras-eigen-s{s}") for s in seeds],
         "code path": [(f"jax-s{seed}", f"jax-s{seed}-{v}") for v in variant_names],
         "rerun JAX": [(f"jax-s{seed}", f"jax-s{seed}-rerun{j}") for j in range(1, k)],
         "rerun TF": [(f"keras-s{seed}", f"keras-s{seed}-rerun{j}") for j in range(1, k)],
@@ -118,6 +132,7 @@ def train_run(
     out.mkdir(parents=True)
     if run.trainer == "keras":
         model = configlib.resolve(config_file, overrides).model
+        kernels = "onednn" if run.variant == "default" else run.variant
         cli.run_child(
             "jaxrepro.tfref",
             [
@@ -127,8 +142,10 @@ def train_run(
                 str(seed_dir / "inputs.npz"),
                 str(seed_dir / "layers.json"),
                 str(out / "keras"),
+                "--tf-kernels",
+                kernels,
             ],
-            env=tf_environment(),
+            env=tf_environment(kernels),
             what=f"Keras run {run.name}",
         )
         last = sorted((out / "keras").glob("weights_*.npz"))[-1]
