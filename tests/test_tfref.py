@@ -313,6 +313,7 @@ TF_SIDE = {
     "bench.py",
     "rerun.py",
     "cli.py",
+    "kernels.py",
     "applications.py",
 }
 # What the TF side may import of jaxrepro: the core and the weight exchange.

@@ -1,4 +1,4 @@
-"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched,kernels,train} ...` (a TF process).
+"""The TF-side CLI: `python -m jaxrepro.tfref {summary,mirror,matched,train} ...` (a TF process).
 
     summary [--image-size 180]
         parameter counts of both Keras models, as JSON
