@@ -27,7 +27,7 @@ def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("kernels")
     buffer = io.StringIO()  # the CLI's stdout (capsys is per test, this fixture per module)
     with contextlib.redirect_stdout(buffer):
-        code = kernels.main(["--tf-kernels", *KERNELS, "--out", str(out)])
+        code = kernels.main(["--tf-kernels", *KERNELS, "--out", str(out), "--keep-arrays"])
     assert code == 0
     return {
         "out": out,
@@ -144,3 +144,4 @@ def test_a_failing_tf_process_exits_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kernels, "run_keras", fail)
     assert kernels.main(["--tf-kernels", "eigen", "--out", str(tmp_path)]) == 1
     assert "boom" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # without --keep-arrays the exchange is temporary

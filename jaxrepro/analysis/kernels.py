@@ -1,6 +1,7 @@
 """Op by op: does JAX (XLA:CPU) compute each layer with TensorFlow/Keras's bits?
 
     python -m jaxrepro.analysis.kernels [--tf-kernels onednn eigen] [--seed 0] [--out DIR]
+                                        [--keep-arrays]
 
 Every layer type of the paper's two models (`OPS`: rescaling, the convolutions, max
 pooling, batch norm in both modes, ReLU, the residual add, global average pooling,
@@ -27,10 +28,11 @@ own gradient. Since a model is a chain of these ops, the first output of a train
 step (`TRAINING_STEPS`: forward in layer order, then the backward pass, then RMSprop)
 that differs here is where JAX and Keras training the same model part.
 
-Writes DIR/inputs.npz (the inputs, keys `<op>/<argument>`, plain arrays), DIR/jax.npz
-and DIR/keras_<kernels>.npz (the outputs, keys `<op>/<output>`), DIR/kernels.json (per
-op and output, per kernel library, the `ArrayDiff`) and DIR/kernels.md (the table it
-prints). Exit status 0 on success, 2 on a user error, 1 if a TF process fails.
+Writes DIR/kernels.json (per op and output, per kernel library, the `ArrayDiff`) and
+DIR/kernels.md (the table it prints); with `--keep-arrays` also DIR/inputs.npz (the
+inputs, keys `<op>/<argument>`, plain arrays), DIR/jax.npz and DIR/keras_<kernels>.npz
+(the outputs, keys `<op>/<output>`). Exit status 0 on success, 2 on a user error, 1 if
+a TF process fails.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -544,18 +547,33 @@ def first_differences(ops: Mapping[str, dict], kernels: Sequence[str]) -> dict[s
     return out
 
 
-def measure(seed: int, kernels: Sequence[str], out: Path, made_by: dict | None = None) -> dict:
-    """Write the inputs, run both sides, write jax.npz, keras_<k>.npz and kernels.json
-    into `out`; the report."""
+def measure(
+    seed: int,
+    kernels: Sequence[str],
+    out: Path,
+    made_by: dict | None = None,
+    keep_arrays: bool = False,
+) -> dict:
+    """Run both sides, write kernels.json into `out` (and with `keep_arrays` the
+    exchanged inputs.npz, jax.npz and keras_<k>.npz, about 100 MB each); the report."""
     out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kernels_", dir=out) as tmp:
+        arrays = out if keep_arrays else Path(tmp)
+        return _measure(seed, kernels, out, arrays, made_by)
+
+
+def _measure(
+    seed: int, kernels: Sequence[str], out: Path, arrays: Path, made_by: dict | None
+) -> dict:
     inputs = build_inputs(seed)
-    weights.save(out / "inputs.npz", _flat(inputs))
+    weights.save(arrays / "inputs.npz", _flat(inputs))
     runtimes, keras = {}, {}
     for k in kernels:
-        runtimes[k] = run_keras(out / "inputs.npz", out / f"keras_{k}.npz", k).get("runtime")
-        keras[k] = _by_op(weights.load(out / f"keras_{k}.npz"))
+        result = run_keras(arrays / "inputs.npz", arrays / f"keras_{k}.npz", k)
+        runtimes[k] = result.get("runtime")
+        keras[k] = _by_op(weights.load(arrays / f"keras_{k}.npz"))
     jx = {op.name: jax_outputs(op, inputs[op.name]) for op in OPS}
-    weights.save(out / "jax.npz", _flat(jx))
+    weights.save(arrays / "jax.npz", _flat(jx))
     one_sided = {k: sorted(set(jx) ^ set(v)) for k, v in keras.items() if set(v) != set(jx)}
     if one_sided:
         raise RuntimeError(f"ops on one side only: {one_sided}")
@@ -644,12 +662,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="NumPy seed of the inputs")
     parser.add_argument("--out", default="checkpoints/kernels", help="output directory")
+    parser.add_argument(
+        "--keep-arrays",
+        action="store_true",
+        help="keep the exchanged inputs and both sides' outputs (.npz, about 100 MB each)",
+    )
     args = parser.parse_args(argv)
     kernels = list(dict.fromkeys(args.tf_kernels))
     out = Path(args.out)
     try:
         made_by = provenance.record("python -m jaxrepro.analysis.kernels", argv)
-        report = measure(args.seed, kernels, out, made_by)
+        report = measure(args.seed, kernels, out, made_by, args.keep_arrays)
     except cli.ChildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
