@@ -263,7 +263,7 @@ def plot(report: dict, path: Path) -> None:
                 if v == 0:
                     ax.annotate("0", (x, s), textcoords="offset points", xytext=(6, -3))
         ax.set_yscale("log")
-        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", rotation_mode="anchor")
         ax.set_title(label)
         ax.axhline(floor, color="grey", lw=0.5)
     fig.suptitle(
