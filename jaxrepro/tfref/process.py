@@ -22,8 +22,8 @@ SIDE_VARIABLE = "JAXREPRO_SIDE"
 SEED = 1001
 
 
-# TF's CPU kernel libraries: "onednn" (TF's default on x86-64: convolutions, matrix
-# products and pooling by oneDNN) and "eigen" (TF_ENABLE_ONEDNN_OPTS=0: TF's Eigen
+# TF's CPU kernel libraries: "onednn" (TF's default on x86-64: convolutions and matrix
+# products by oneDNN) and "eigen" (TF_ENABLE_ONEDNN_OPTS=0: TF's Eigen
 # kernels, the library XLA:CPU also calls for convolutions). TF reads the variable
 # once, when it loads, so it is part of the child's environment.
 KERNELS = {"onednn": "1", "eigen": "0"}
