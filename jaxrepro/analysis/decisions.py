@@ -21,6 +21,7 @@ pixel. This module
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -164,6 +165,26 @@ def _routed_pool(point: PoolPoint) -> Callable[[jax.Array, jax.Array], jax.Array
     return pool
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _replayed_gradients(params, batch_stats, x, y, masks, routes, *, model: nn.Module):
+    """`aligned_gradients`' computation, compiled once per model and shapes (a compare
+    replays both sides' decisions on one batch)."""
+    points = points_of(model)
+    relu = _Replay(lambda v, m: jnp.where(m, v, jnp.zeros((), v.dtype)), list(masks))
+    pool = _Replay(
+        lambda v, d: d[0](v, d[1]),
+        [(_routed_pool(p), r) for p, r in zip(points.pools, routes)],
+    )
+    replayed = model.clone(activation=relu, pool=pool)
+    g = steps.loss_and_grads(replayed, params, batch_stats, x, y)
+    if relu.calls != len(masks) or pool.calls != len(routes):
+        raise RuntimeError(
+            f"the model called its ReLU {relu.calls} and its pool {pool.calls} times; "
+            f"its spec names {len(masks)} and {len(routes)}"
+        )
+    return g.grads
+
+
 def aligned_gradients(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -177,30 +198,14 @@ def aligned_gradients(
     points = points_of(model)
     if len(decisions.masks) != len(points.relus) or len(decisions.routes) != len(points.pools):
         raise ValueError("decisions do not fit the model's decision points")
-
-    @jax.jit
-    def grads(params, batch_stats, x, y, masks, routes):
-        relu = _Replay(lambda v, m: jnp.where(m, v, jnp.zeros((), v.dtype)), list(masks))
-        pool = _Replay(
-            lambda v, d: d[0](v, d[1]),
-            [(_routed_pool(p), r) for p, r in zip(points.pools, routes)],
-        )
-        replayed = model.clone(activation=relu, pool=pool)
-        g = steps.loss_and_grads(replayed, params, batch_stats, x, y)
-        if relu.calls != len(masks) or pool.calls != len(routes):
-            raise RuntimeError(
-                f"the model called its ReLU {relu.calls} and its pool {pool.calls} times; "
-                f"its spec names {len(masks)} and {len(routes)}"
-            )
-        return g.grads
-
-    return grads(
+    return _replayed_gradients(
         variables["params"],
         variables.get("batch_stats", {}),
         jnp.asarray(images),
         jnp.asarray(labels),
         tuple(jnp.asarray(m) for m in decisions.masks),
         tuple(jnp.asarray(r) for r in decisions.routes),
+        model=model,
     )
 
 
