@@ -18,15 +18,31 @@ it before the backend starts) or, for any process, by `$JAXREPRO_DETERMINISM`:
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from typing import Any
 
-from numpy._core._multiarray_umath import __cpu_features__
-
 from jaxrepro.errors import UserError
+
+
+def _numpy_cpu_features() -> dict[str, bool]:
+    """NumPy's run-time CPUID readings, {feature: present}. A private name of NumPy's
+    (`numpy._core`, `numpy.core` before 2.0): guarded, so that a NumPy that moves it
+    costs the CPU check, not the import. Empty if it is gone."""
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            return dict(importlib.import_module(module).__cpu_features__)
+        except (ImportError, AttributeError):
+            continue
+    return {}
+
+
+__cpu_features__ = _numpy_cpu_features()
 
 ENV_VARIABLE = "JAXREPRO_DETERMINISM"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -36,6 +52,9 @@ GPU_FLAGS = (
     "--xla_gpu_deterministic_ops=true",  # deterministic scatter/reductions/convolutions
     "--xla_gpu_exclude_nondeterministic_ops=true",  # fail rather than run a racy kernel
 )
+# The same flags switched off: XLA:GPU's default, which a user's XLA_FLAGS may ask for
+# (a flag the user sets keeps the user's value; see `xla_flags`).
+GPU_NONDETERMINISTIC_FLAGS = tuple(f.replace("=true", "=false") for f in GPU_FLAGS)
 # x86-64: generate code for AVX at most. XLA:CPU otherwise compiles for the host's best
 # ISA, so its generated code depends on whether the machine has FMA, AVX2 or AVX-512,
 # and under jit it contracts a*b+c into one FMA where op-by-op execution rounds twice.
@@ -88,6 +107,11 @@ RECORDED_CONFIG = ("jax_disable_jit",)
 PACKAGES = (
     "jax",
     "jaxlib",
+    # XLA:GPU itself, when installed: the PJRT plugin and its CUDA bindings.
+    "jax-cuda13-pjrt",
+    "jax-cuda13-plugin",
+    "jax-cuda12-pjrt",
+    "jax-cuda12-plugin",
     "flax",
     "optax",
     "orbax-checkpoint",
@@ -129,6 +153,11 @@ def check_cpu(mode_name: str) -> None:
             f"determinism mode 'portable' gives its bits on x86-64 CPUs only; this machine "
             f"is {platform.machine()}. Use 'machine' here."
         )
+    if not __cpu_features__:
+        raise ModeError(
+            "determinism mode 'portable' cannot check this CPU's features: this NumPy "
+            "does not report them"
+        )
     missing = [f for f in PORTABLE_FEATURES if not __cpu_features__.get(f)]
     if missing:
         raise ModeError(
@@ -163,12 +192,25 @@ def without_own_flags(value: str) -> str:
 
 
 def backend_started() -> bool:
-    """True once any JAX backend exists (after which XLA flags are ignored)."""
+    """True once any JAX backend exists (after which XLA flags are ignored).
+
+    JAX has no public call for this: the locked jax 0.10.2 has the private
+    `xla_bridge.backends_are_initialized()`, older ones only its `_backends` dict. If
+    both are gone (another jax), the answer is True once jax is imported: `apply` then
+    refuses to change flags it cannot check, instead of running with flags that may not
+    take effect.
+    """
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge  # noqa: PLC0415  (only if jax is loaded already)
-
-    return bool(getattr(xla_bridge, "_backends", {}))
+    try:
+        from jax._src import xla_bridge  # noqa: PLC0415  (only if jax is loaded already)
+    except ImportError:
+        return True
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    if callable(started):
+        return bool(started())
+    backends = getattr(xla_bridge, "_backends", None)
+    return True if backends is None else bool(backends)
 
 
 def apply(mode_name: str | None = None) -> str:
@@ -248,6 +290,87 @@ def _version(name: str) -> str | None:
         return None
 
 
+# The CUDA library versions jax's CUDA plugin reports (module `<plugin>._versions`),
+# where a function of that name exists; as integers, e.g. 13000 for CUDA 13.0.
+CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jaxlib.cuda")
+CUDA_VERSION_FUNCTIONS = (
+    "cuda_runtime_get_version",
+    "cuda_driver_get_version",
+    "cudnn_get_version",
+    "cublas_get_version",
+    "cufft_get_version",
+    "cusolver_get_version",
+    "cusparse_get_version",
+)
+
+
+def cuda_versions() -> dict[str, Any]:
+    """The CUDA versions the installed jax CUDA plugin was built with and finds ({} with
+    no plugin). Each is read in its own guard: a plugin without one of the functions,
+    or that fails without a GPU, records an error string for it instead."""
+    for name in CUDA_PLUGINS:
+        try:
+            module = importlib.import_module(f"{name}._versions")
+        except ImportError:
+            continue
+        out: dict[str, Any] = {"plugin": name}
+        for fn in CUDA_VERSION_FUNCTIONS:
+            if hasattr(module, fn):
+                try:
+                    out[fn.removesuffix("_get_version")] = int(getattr(module, fn)())
+                except Exception as e:  # noqa: BLE001  (recorded, never fatal)
+                    out[fn.removesuffix("_get_version")] = f"error: {e}"
+        return out
+    return {}
+
+
+def nvidia_driver() -> dict[str, Any] | None:
+    """GPU names, memory and the driver version from `nvidia-smi` (or the kernel module's
+    version file); None on a machine without an NVIDIA driver."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            rows = subprocess.run(
+                [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.splitlines()
+            gpus = [
+                dict(zip(("name", "driver", "memory"), (c.strip() for c in r.split(","))))
+                for r in rows
+                if r.strip()
+            ]
+            if gpus:
+                return {"driver": gpus[0].get("driver"), "gpus": gpus, "source": "nvidia-smi"}
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            return {"driver": f.readline().strip(), "gpus": [], "source": "/proc"}
+    except OSError:
+        return None
+
+
+def gpu_fingerprint(devices: list[Any], flags: str) -> dict[str, Any]:
+    """The GPU side of a fingerprint: the XLA GPU flags in force (recorded on every
+    backend, since a flag jaxrepro sets must be seen to be set), and, on a GPU backend,
+    each device's kind and compute capability, the driver and the CUDA versions."""
+    gpu_devices = [d for d in devices if d.platform in ("gpu", "cuda", "rocm")]
+    out: dict[str, Any] = {
+        "xla_gpu_flags": [f for f in flags.split() if f.startswith("--xla_gpu")],
+        "devices": [
+            {"kind": d.device_kind, "compute_capability": getattr(d, "compute_capability", None)}
+            for d in gpu_devices
+        ],
+    }
+    if gpu_devices:
+        out["driver"] = nvidia_driver()
+        out["cuda"] = cuda_versions()
+    return out
+
+
 def fingerprint() -> dict[str, Any]:
     """Everything about this process that can change the bits of a result."""
     import jax  # noqa: PLC0415
@@ -278,6 +401,7 @@ def fingerprint() -> dict[str, Any]:
         "cpu": _cpu_info(),
         "determinism": _mode,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "gpu": gpu_fingerprint(devices, os.environ.get("XLA_FLAGS", "")),
         "jax_config": {k: getattr(jax.config, k) for k in (*JAX_CONFIG, *RECORDED_CONFIG)},
         "threads": {"cpu_count": os.cpu_count(), "affinity": affinity, **threads},
     }

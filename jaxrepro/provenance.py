@@ -27,13 +27,21 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
+# Outside a checkout (a copy of the tree sent to another machine), the commit the copy
+# was made from, as the sender wrote it (`benchmarks/gpu_wheels.sh` does).
+COMMIT_VARIABLE = "JAXREPRO_SOURCE_COMMIT"
+
+
 def commit() -> str:
-    """The git commit of the jaxrepro source that runs (`+dirty` with local changes), or
-    the package version outside a checkout."""
+    """The git commit of the jaxrepro source that runs (`+dirty` with local changes);
+    outside a checkout, `$JAXREPRO_SOURCE_COMMIT` marked as given, else the version."""
     try:
         head = _git("rev-parse", "--short=12", "HEAD")
         dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
+        given = os.environ.get(COMMIT_VARIABLE)
+        if given:
+            return f"{given} (given by ${COMMIT_VARIABLE}; not a git checkout)"
         return f"jaxrepro {jaxrepro.__version__} (not a git checkout)"
     return head + ("+dirty" if dirty else "")
 
