@@ -24,6 +24,9 @@ sides. Systems:
   jax-one-chunk    the depthwise backward pass over the whole batch at once, without
                    the batch chunks of `jaxrepro.models.ops.convolutions` (other bits);
                    only for a model with the `fast_convs` option
+  jax-gpu-nondet   jaxrepro without its XLA:GPU determinism flags (`jaxrepro.analysis.
+                   variants` "gpu-nondeterministic"): what determinism costs on a GPU.
+                   Not in the default list: on a CPU it is the plain `jax` system
   tf-recipe        Keras model.fit under the paper's recipe (Listings 1, 2 and
                    enable_op_determinism), TF's oneDNN kernels, multi-threaded
   tf-none          Keras model.fit without the recipe (TF's default)
@@ -71,6 +74,7 @@ SYSTEMS = {
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
     "jax-one-chunk": "jaxrepro with the depthwise backward pass unchunked (before)",
+    "jax-gpu-nondet": "jaxrepro without the XLA:GPU determinism flags",
     "tf-recipe": "Keras/TF, determinism recipe",
     "tf-none": "Keras/TF default",
     "tf-single": "Keras/TF, recipe, single thread",
@@ -86,7 +90,13 @@ FAST_CONVS_ONLY = ("jax-xla-convs", "jax-one-chunk")
 # The determinism mode a JAX system runs in (the others: the config's).
 JAX_MODES = {"jax-machine": "machine", "jax-portable": "portable"}
 # The `jaxrepro.analysis.variants` variant each JAX system runs under.
-JAX_VARIANTS = {"jax-ynn": "ynn", "jax-ynn-convs": "ynn-convs"}
+JAX_VARIANTS = {
+    "jax-ynn": "ynn",
+    "jax-ynn-convs": "ynn-convs",
+    "jax-gpu-nondet": "gpu-nondeterministic",
+}
+# Systems measured only when asked for by name (`--systems`).
+NOT_BY_DEFAULT = ("jax-gpu-nondet",)
 TF_MODES = {"tf-recipe": "recipe", "tf-none": "none", "tf-single": "single"}
 # The TF baselines every JAX system is compared with.
 RATIOS = {"tf-recipe": "TF-deterministic", "tf-none": "TF-default", "tf-single": "TF-single-thread"}
@@ -182,7 +192,7 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
             for tf_system, tf_name in RATIOS.items():
                 ratio(model, jax_system, tf_system, f"{name}/{tf_name}")
         ratio(model, "jax-portable", "jax-machine", "portable/machine")
-        for before in (*CHILD_SWITCHES, "jax-ynn-convs"):
+        for before in (*CHILD_SWITCHES, "jax-ynn-convs", "jax-gpu-nondet"):
             ratio(model, "jax", before, f"jaxrepro/{before}")
     return out
 
@@ -252,7 +262,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=list(DEFAULT_CONFIGS),
         help="experiment configs (default: %(default)s)",
     )
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=list(SYSTEMS),
+        default=[s for s in SYSTEMS if s not in NOT_BY_DEFAULT],
+    )
     parser.add_argument("--image-size", type=int, default=180)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="training steps per repeat")

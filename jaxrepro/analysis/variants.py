@@ -62,6 +62,13 @@ VARIANTS: dict[str, Variant] = {
         "XLA:CPU's default YNNPACK use, convolutions included",
         xla_flags="--xla_cpu_experimental_ynn_fusion_type=+dot",
     ),
+    # XLA:GPU's default: its fastest kernels, some of them racy (atomics in scatter and
+    # reductions, autotuned convolution algorithms). The flags are parsed on every
+    # backend and change nothing on a CPU.
+    "gpu-nondeterministic": Variant(
+        "XLA:GPU without jaxrepro's determinism flags (no effect on a CPU)",
+        xla_flags=" ".join(determinism.GPU_NONDETERMINISTIC_FLAGS),
+    ),
     "avx2": Variant(
         "XLA:CPU code generated for AVX2 (with FMA) instead of AVX",
         xla_flags="--xla_cpu_max_isa=AVX2",
