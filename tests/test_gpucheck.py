@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import types
 from pathlib import Path
 
@@ -27,9 +28,9 @@ def test_the_plan_runs_what_each_check_compares_and_skips_the_gpu_only_ones():
     dry = gpucheck.plan(["convnet", "minixception"], list(gpucheck.CHECKS), dry_run=True)
     names = [r.name for r in dry.runs]
     assert not any(r.cpu for r in dry.runs)  # a dry run's both sides would be the CPU
-    assert [(s["check"], s["model"]) for s in dry.skipped] == [
-        ("c", "convnet"),
-        ("c", "minixception"),
+    assert [(s["what"], s["reason"]) for s in dry.skipped] == [
+        ("c convnet", gpucheck.GPU_ONLY["c"]),
+        ("c minixception", gpucheck.GPU_ONLY["c"]),
     ]
     for pair in dry.pairs:
         assert pair.a in names and pair.b in names and pair.a != pair.b
@@ -73,6 +74,51 @@ def test_the_bench_measures_the_nondeterministic_mode_only_when_asked():
         for s, v in (("jax", 90.0), ("jax-gpu-nondet", 100.0))
     ]
     assert bench.ratios(rows)["convnet"]["jaxrepro/jax-gpu-nondet"] == pytest.approx(0.9)
+
+
+def test_a_step_past_the_budget_is_skipped_or_stopped_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpucheck, "MIN_START_S", 0.5)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    late = gpucheck.run_process(sleeper, os.environ, tmp_path / "a.log", gpucheck.Clock(0.1))
+    assert late == {"status": "skipped", "reason": gpucheck.BUDGET_SPENT}
+    stopped = gpucheck.run_process(sleeper, os.environ, tmp_path / "b.log", gpucheck.Clock(2.0))
+    assert stopped["status"] == "stopped" and stopped["seconds"] < 30
+    failing = [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
+    bad = gpucheck.run_process(failing, os.environ, tmp_path / "c.log", gpucheck.Clock(60.0))
+    assert (bad["status"], bad["rc"], bad["reason"].strip()) == ("error", 3, "boom")
+
+
+def test_pairs_are_compared_in_priority_order_as_soon_as_their_runs_are_done(monkeypatch):
+    """With one process at a time, a's runs train first and a's comparison needs only
+    them: a budget that ends after a still leaves a complete row."""
+    events = []
+
+    def train(s, r):  # a training takes a while; a comparison is quick
+        time.sleep(0.3)
+        events.append(("train", r.name))
+        s.result["runs"][r.name] = {"status": "done"}
+
+    def compare(s, q):
+        events.append(("compare", q.check))
+        return {"check": q.check}
+
+    monkeypatch.setattr(gpucheck, "train", train)
+    monkeypatch.setattr(gpucheck, "compare", compare)
+    p = gpucheck.plan(["convnet"], ["a", "b", "c"], dry_run=False)
+    ordered = sorted(p.pairs, key=lambda q: gpucheck.PRIORITY.index(q.check))
+    s = gpucheck.Session(Path("."), gpucheck.Clock(60), [], 1, {"runs": {}, "checks": []})
+    gpucheck.run_stage(s, ordered, {r.name: r for r in p.runs})
+    trains = [e[1] for e in events if e[0] == "train"]
+    assert trains == [
+        "convnet-det-1",
+        "convnet-det-2",
+        "convnet-cpu",
+        "convnet-nondet-1",
+        "convnet-nondet-2",
+    ]
+    assert [c["check"] for c in s.result["checks"]] == ["a", "c", "b", "b"]
+    # a's comparison came before the last training: it did not wait for the other checks
+    assert events.index(("compare", "a")) < events.index(("train", "convnet-nondet-2"))
 
 
 def _different_report() -> dict:
@@ -194,7 +240,7 @@ def test_the_script_runs_dry_on_the_cpu(tmp_path):
     assert (a["check"], a["status"], a["verdict"]) == ("a", "done", "identical")
     assert a["initial_state_equal"] is True and a["logits_ulp_step0"] == 0
     assert result["skipped"] == [
-        {"check": "c", "model": "convnet", "reason": gpucheck.GPU_ONLY["c"]}
+        {"what": "c convnet", "status": "skipped", "reason": gpucheck.GPU_ONLY["c"]}
     ]
     table = (out / "gpu_check.md").read_text()
     assert "not a GPU result" in table and "| a | convnet | det 1 vs det 2 | yes |" in table

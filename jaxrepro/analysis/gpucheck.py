@@ -44,7 +44,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,20 @@ CHECKS = {
     "e": "data-parallel invariant mode, run to run",
 }
 GPU_ONLY = {"c": "needs a GPU: in a dry run both sides would be the CPU"}
+# The order the checks run in when the budget may not reach them all: the issue's
+# (a, b, c, d, e if time allows), with c before b, because c says what a GPU user most
+# needs to know after a (how far a GPU run is from a CPU run).
+PRIORITY = "acbde"
 INVARIANT_MICROBATCHES = 4
 # Sizes: the issue's (180 px, batch 32, 20 steps) on a GPU; in a dry run, the smallest
 # the ConvNet takes and few steps, so that the whole check runs in minutes on 2 cores.
 SIZES = {False: (180, 32, 20), True: (80, 8, 4)}
+# The time budget: on a GPU it leaves the 8 minutes' rest to the start, the wheels and
+# the writing; a dry run on 2 cores takes about 15 minutes.
+BUDGET_S = {False: 420.0, True: 1800.0}
 BENCH_REPEATS = 3
 BENCH_STEPS = 10  # timed training steps per repeat (at most; fewer if --steps is less)
+BUDGET_SPENT = "time budget spent"
 MIN_START_S = 15.0  # a step is not started with less time than this left
 TAIL_CHARS = 2000
 
@@ -106,9 +114,8 @@ class Plan:
 
 
 def plan(models: Sequence[str], checks: Sequence[str], dry_run: bool) -> Plan:
-    """The runs and comparisons of `checks` for `models`, in the order they should run
-    (a, c, b, e: the issue's priorities, with c's CPU run started early because it is
-    the longest); what a dry run cannot do goes to `skipped`."""
+    """The runs and comparisons of `checks` for `models`, model by model (`check` runs
+    them in the order of `PRIORITY`); what a dry run cannot do goes to `skipped`."""
     p = Plan()
     runs: dict[str, Run] = {}
 
@@ -122,7 +129,9 @@ def plan(models: Sequence[str], checks: Sequence[str], dry_run: bool) -> Plan:
             p.pairs.append(Pair("a", model, "det 1 vs det 2", *det))
         if "c" in checks:
             if dry_run:
-                p.skipped.append({"check": "c", "model": model, "reason": GPU_ONLY["c"]})
+                p.skipped.append(
+                    {"what": f"c {model}", "status": "skipped", "reason": GPU_ONLY["c"]}
+                )
             else:
                 cpu = run(Run(f"{model}-cpu", model, cpu=True))
                 p.pairs.append(Pair("c", model, "GPU vs CPU", det[0], cpu))
@@ -194,7 +203,7 @@ def run_process(
     """Run one child within the budget, its stderr (and its stdout, unless `stdout`
     names a file for it) in `log`; what happened. Exit codes in `ok` count as done."""
     if clock.left() < MIN_START_S:
-        return {"status": "skipped", "reason": "time budget spent"}
+        return {"status": "skipped", "reason": BUDGET_SPENT}
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with log.open("w") as err, (stdout or log).open("a") as out_file:
@@ -211,7 +220,7 @@ def run_process(
             rc = None
     seconds = round(time.monotonic() - start, 1)
     if rc is None:
-        return {"status": "error", "seconds": seconds, "reason": "stopped: time budget spent"}
+        return {"status": "stopped", "seconds": seconds, "reason": BUDGET_SPENT}
     out = {"status": "done" if rc in ok else "error", "rc": rc, "seconds": seconds}
     if out["status"] == "error":
         out["reason"] = log.read_text(errors="replace")[-TAIL_CHARS:]
@@ -392,9 +401,9 @@ def markdown(result: Mapping[str, Any]) -> str:
                 f"{_fmt(n.get('infer_images_per_s'), '.1f')} |"
             )
     lines += ["", "Goals:", *(f"- {g}" for g in goals(result))]
-    notes = [
-        f"- {k['check']} {k.get('model', '')}: skipped, {k['reason']}" for k in result["skipped"]
-    ] + [f"- {e['what']}: {e['status']}, {last_line(e.get('reason'))}" for e in result["errors"]]
+    notes = [f"- {k['what']}: {k['status']}, {k['reason']}" for k in result["skipped"]] + [
+        f"- {e['what']}: {e['status']}, {last_line(e.get('reason'))}" for e in result["errors"]
+    ]
     if notes:
         lines += ["", "Skipped and failed steps (logs.tar.gz holds the logs):", *notes]
     return "\n".join(lines) + "\n"
@@ -435,7 +444,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="default 180 (dry run: 80)")
     parser.add_argument("--batch-size", type=int, help="default 32 (dry run: 8)")
     parser.add_argument("--steps", type=int, help="training steps per run; default 20 (dry run: 4)")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="time budget (s)")
+    parser.add_argument(
+        "--budget-s", type=float, help="time budget in seconds; default 420 (dry run: 1800)"
+    )
     parser.add_argument(
         "--jobs", type=int, help="processes at once; default 4 on a GPU, 1 in a dry run"
     )
@@ -448,6 +459,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.batch_size = args.batch_size or batch
     args.steps = args.steps or steps
     args.jobs = args.jobs or (1 if args.dry_run else 4)
+    args.budget_s = args.budget_s or BUDGET_S[args.dry_run]
     for name in ("image_size", "batch_size", "steps", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -473,22 +485,35 @@ class Session:
         return self.work / "logs" / f"{name}.log"
 
 
-def train_runs(s: Session, runs: Sequence[Run]) -> None:
-    """Train each run not trained yet, `s.jobs` at a time; the very first alone, since
-    it prepares the data set the others read."""
-    todo = [r for r in runs if r.name not in s.result["runs"]]
+def train(s: Session, r: Run) -> None:
+    """One training process, recorded in the result."""
+    print(f"training {r.name} ...", file=sys.stderr, flush=True)
+    env = child_env(os.environ, s.work, r.variant, r.cpu)
+    got = run_process(train_command(r, s.overrides, s.work), env, s.log(r.name), s.clock)
+    s.result["runs"][r.name] = {"variant": r.variant, "cpu": r.cpu, **got}
+    print(f"  {r.name}: {got['status']} {got.get('seconds', '')}", file=sys.stderr, flush=True)
 
-    def train(r: Run) -> None:
-        print(f"training {r.name} ...", file=sys.stderr, flush=True)
-        env = child_env(os.environ, s.work, r.variant, r.cpu)
-        got = run_process(train_command(r, s.overrides, s.work), env, s.log(r.name), s.clock)
-        s.result["runs"][r.name] = {"variant": r.variant, "cpu": r.cpu, **got}
-        print(f"  {r.name}: {got['status']} {got.get('seconds', '')}", file=sys.stderr, flush=True)
 
-    if todo and not s.result["runs"]:
-        train(todo.pop(0))
-    with ThreadPoolExecutor(s.jobs) as pool:
-        list(pool.map(train, todo))
+def run_stage(s: Session, pairs: Sequence[Pair], runs: Mapping[str, Run]) -> None:
+    """Train the runs of `pairs` in the pairs' order, `s.jobs` at a time, and compare
+    each pair as soon as its two runs are done: if the budget runs out, the first pairs
+    are complete. Comparisons have a pool of their own, so one waiting for its runs
+    never holds up a training. The very first run of the check trains alone: it
+    prepares the data set the others read."""
+    names = list(dict.fromkeys(x for q in pairs for x in (q.a, q.b)))
+    if names and not s.result["runs"]:
+        train(s, runs[names[0]])
+    with ThreadPoolExecutor(s.jobs) as trainers, ThreadPoolExecutor(s.jobs) as comparers:
+        trained = {
+            n: trainers.submit(train, s, runs[n]) for n in names if n not in s.result["runs"]
+        }
+
+        def compare_when_trained(pair: Pair) -> dict[str, Any]:
+            wait([trained[n] for n in (pair.a, pair.b) if n in trained])
+            return compare(s, pair)
+
+        rows = [comparers.submit(compare_when_trained, q) for q in pairs]
+        s.result["checks"] += [f.result() for f in rows]
 
 
 def compare(s: Session, pair: Pair) -> dict[str, Any]:
@@ -575,17 +600,11 @@ def check(args: argparse.Namespace, made_by: dict) -> dict[str, Any]:
         result,
     )
     runs = {r.name: r for r in p.runs}
-
-    def stage(checks: str) -> None:
-        pairs = [q for q in p.pairs if q.check in checks]
-        train_runs(s, [runs[n] for n in dict.fromkeys(x for q in pairs for x in (q.a, q.b))])
-        with ThreadPoolExecutor(args.jobs) as pool:
-            result["checks"] += list(pool.map(lambda q: compare(s, q), pairs))
-
-    stage("abc")
-    if "d" in args.checks:
+    ordered = sorted(p.pairs, key=lambda q: PRIORITY.index(q.check))
+    run_stage(s, [q for q in ordered if q.check != "e"], runs)
+    if "d" in args.checks:  # alone, so that nothing else runs while it times
         measure_throughput(s, args.models, args.image_size, args.batch_size, args.steps)
-    stage("e")
+    run_stage(s, [q for q in ordered if q.check == "e"], runs)
     failures = [
         *((f"run {n}", r) for n, r in result["runs"].items()),
         *((f"{c['check']} {c['model']} {c['label']}", c) for c in result["checks"]),
@@ -594,8 +613,8 @@ def check(args: argparse.Namespace, made_by: dict) -> dict[str, Any]:
     for what, r in failures:
         if r["status"] == "error":
             result["errors"].append({"what": what, **r})
-        elif r["status"] == "skipped" and r.get("reason") == "time budget spent":
-            result["skipped"].append({"check": what, "reason": r["reason"]})
+        elif r.get("reason") == BUDGET_SPENT:
+            result["skipped"].append({"what": what, "status": r["status"], "reason": BUDGET_SPENT})
     result["seconds"] = round(clock.budget_s - clock.left(), 1)
     return result
 
