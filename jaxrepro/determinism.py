@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,75 @@ def without_own_flags(value: str) -> str:
     return " ".join(f for f in value.split() if f not in own_flags())
 
 
+# The jaxlib versions whose XLA is known to parse every flag above: the lock's. XLA
+# ends the process at the first flag in XLA_FLAGS it does not know, so on any other
+# jaxlib (a GPU machine's own jax, say) `known_flags` asks a child XLA first.
+FLAGS_CHECKED_WITH = ("0.10.2",)
+# Set for child processes: "<jaxlib version>:<the unknown flags>", so that a child of a
+# process that asked already does not ask again.
+CHECKED_VARIABLE = "JAXREPRO_XLA_FLAGS_CHECKED"
+_dropped: list[str] = []
+
+
+def unknown_xla_flags(flags: list[str]) -> list[str]:
+    """The flags of `flags` this jaxlib's XLA does not know. A child starts XLA's CPU
+    backend with them; XLA stops at an unknown flag and names it, and the child is
+    started again without it. Another failure ends the search (the real process will
+    then fail the same way, with XLA's own message)."""
+    unknown: list[str] = []
+    for _ in range(len(flags) + 1):
+        rest = [f for f in flags if f not in unknown]
+        r = subprocess.run(
+            [sys.executable, "-c", "import jax; jax.devices()"],
+            env={**os.environ, "XLA_FLAGS": " ".join(rest), "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        named = re.findall(r"Unknown flags? in XLA_FLAGS: (\S+)", r.stderr)
+        names = {n.split("=")[0] for n in named}
+        new = [f for f in rest if f.split("=")[0] in names]
+        if r.returncode == 0 or not new:
+            return unknown
+        unknown += new
+    return unknown
+
+
+def known_flags(flags: str) -> str:
+    """`flags` without those of jaxrepro's that this jaxlib's XLA does not know (only
+    asked on a jaxlib other than `FLAGS_CHECKED_WITH`). A CPU flag is dropped, with a
+    warning and a record in `fingerprint()`: the run is not the lock's anyway, and
+    nothing else would let it start. A GPU determinism flag is never dropped: without
+    it there is no determinism to speak of, so that is a ModeError."""
+    global _dropped
+    version = _version("jaxlib")
+    if version in FLAGS_CHECKED_WITH:
+        return flags
+    own = [f for f in flags.split() if f in own_flags()]
+    cached = os.environ.get(CHECKED_VARIABLE, "")
+    if cached.partition(":")[0] == version:
+        unknown = [f for f in cached.partition(":")[2].split() if f in own]
+    else:
+        unknown = unknown_xla_flags(own)
+        os.environ[CHECKED_VARIABLE] = f"{version}:{' '.join(unknown)}"
+    if any(f in GPU_FLAGS for f in unknown):
+        raise ModeError(
+            f"jaxlib {version}'s XLA does not know the GPU determinism flag(s) "
+            f"{' '.join(f for f in unknown if f in GPU_FLAGS)}; jaxrepro cannot promise "
+            f"determinism with it (its flags are checked with jaxlib "
+            f"{', '.join(FLAGS_CHECKED_WITH) or 'none'}, the lock file's)."
+        )
+    if unknown and unknown != _dropped:
+        print(
+            f"jaxrepro: jaxlib {version}'s XLA does not know {' '.join(unknown)}; running "
+            "without (recorded in the environment fingerprint)",
+            file=sys.stderr,
+        )
+    _dropped = unknown
+    return " ".join(f for f in flags.split() if f not in unknown)
+
+
 def backend_started() -> bool:
     """True once any JAX backend exists (after which XLA flags are ignored).
 
@@ -225,7 +295,7 @@ def apply(mode_name: str | None = None) -> str:
     mode_name = requested_mode() if mode_name is None else mode_name
     check_mode(mode_name)
     check_cpu(mode_name)
-    flags = xla_flags(mode_name)
+    flags = known_flags(xla_flags(mode_name))
     if backend_started():
         if flags != os.environ.get("XLA_FLAGS", ""):
             raise ModeError(
@@ -401,6 +471,8 @@ def fingerprint() -> dict[str, Any]:
         "cpu": _cpu_info(),
         "determinism": _mode,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # jaxrepro's flags this jaxlib's XLA did not know and the process ran without
+        "xla_flags_dropped": list(_dropped),
         "gpu": gpu_fingerprint(devices, os.environ.get("XLA_FLAGS", "")),
         "jax_config": {k: getattr(jax.config, k) for k in (*JAX_CONFIG, *RECORDED_CONFIG)},
         "threads": {"cpu_count": os.cpu_count(), "affinity": affinity, **threads},

@@ -334,3 +334,36 @@ def test_a_copy_without_git_names_the_commit_it_was_given(monkeypatch):
     assert "not a git checkout" in provenance.commit()
     monkeypatch.setenv(provenance.COMMIT_VARIABLE, "abc123def456")
     assert provenance.commit().startswith("abc123def456 (given by")
+
+
+def test_the_flags_were_checked_against_the_locked_jaxlib():
+    """Moving the lock's jaxlib means checking jaxrepro's XLA flags against it (XLA ends
+    a process at a flag it does not know) and naming it here."""
+    assert determinism._version("jaxlib") in determinism.FLAGS_CHECKED_WITH
+    assert determinism.known_flags("--xla_cpu_no_such_flag=1") == "--xla_cpu_no_such_flag=1"
+
+
+def test_a_real_xla_names_the_flags_it_does_not_know():
+    flags = ["--xla_cpu_max_isa=AVX", "--xla_cpu_no_such_flag=1", "--xla_gpu_no_such_flag=2"]
+    assert determinism.unknown_xla_flags(flags) == flags[1:]
+
+
+def test_on_another_jaxlib_unknown_cpu_flags_are_dropped_and_recorded(monkeypatch, capsys):
+    bogus = "--xla_cpu_no_such_flag=1"
+    monkeypatch.setattr(determinism, "FLAGS_CHECKED_WITH", ())
+    monkeypatch.setattr(determinism, "_dropped", [])
+    monkeypatch.delenv(determinism.CHECKED_VARIABLE, raising=False)
+    monkeypatch.setattr(determinism, "own_flags", lambda: {bogus, *determinism.GPU_FLAGS})
+    flags = f"--xla_dump_to=/tmp/d {bogus} {' '.join(determinism.GPU_FLAGS)}"
+    kept = determinism.known_flags(flags)
+    assert kept.split() == ["--xla_dump_to=/tmp/d", *determinism.GPU_FLAGS]
+    assert determinism.fingerprint()["xla_flags_dropped"] == [bogus]
+    assert bogus in capsys.readouterr().err
+    # a child (which inherits the variable) does not ask XLA again
+    monkeypatch.setattr(determinism, "unknown_xla_flags", lambda f: pytest.fail("asked again"))
+    assert determinism.known_flags(flags) == kept
+    # a GPU determinism flag is never dropped
+    monkeypatch.delenv(determinism.CHECKED_VARIABLE)
+    monkeypatch.setattr(determinism, "unknown_xla_flags", lambda f: [determinism.GPU_FLAGS[0]])
+    with pytest.raises(determinism.ModeError, match="GPU determinism flag"):
+        determinism.known_flags(flags)
