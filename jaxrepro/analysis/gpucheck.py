@@ -108,6 +108,8 @@ class Pair:
 
 @dataclass
 class Plan:
+    """What a check will do: its training runs, the pairs it compares, what it skips."""
+
     runs: list[Run] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
@@ -166,7 +168,9 @@ def train_overrides(image_size: int, batch_size: int, steps: int) -> list[str]:
     ]
 
 
-def child_env(base: Mapping[str, str], work: Path, variant: str = "default", cpu: bool = False):
+def child_env(
+    base: Mapping[str, str], work: Path, variant: str = "default", cpu: bool = False
+) -> dict[str, str]:
     """A child's environment: the check's data directory, GPU memory taken as needed
     (several processes share the GPU), a variant's flags, the CPU backend if asked."""
     env = {
