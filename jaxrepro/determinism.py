@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -196,8 +197,8 @@ def without_own_flags(value: str) -> str:
 # ends the process at the first flag in XLA_FLAGS it does not know, so on any other
 # jaxlib (a GPU machine's own jax, say) `known_flags` asks a child XLA first.
 FLAGS_CHECKED_WITH = ("0.10.2",)
-# Set for child processes: "<jaxlib version>:<the unknown flags>", so that a child of a
-# process that asked already does not ask again.
+# Set for child processes (JSON: the jaxlib version, the flags asked about, those XLA
+# did not know), so that a child does not ask again about a flag its parent asked about.
 CHECKED_VARIABLE = "JAXREPRO_XLA_FLAGS_CHECKED"
 _dropped: list[str] = []
 
@@ -238,12 +239,18 @@ def known_flags(flags: str) -> str:
     if version in FLAGS_CHECKED_WITH:
         return flags
     own = [f for f in flags.split() if f in own_flags()]
-    cached = os.environ.get(CHECKED_VARIABLE, "")
-    if cached.partition(":")[0] == version:
-        unknown = [f for f in cached.partition(":")[2].split() if f in own]
-    else:
-        unknown = unknown_xla_flags(own)
-        os.environ[CHECKED_VARIABLE] = f"{version}:{' '.join(unknown)}"
+    try:
+        cached = json.loads(os.environ.get(CHECKED_VARIABLE, "{}"))
+    except ValueError:
+        cached = {}
+    if cached.get("jaxlib") != version:
+        cached = {"jaxlib": version, "checked": [], "unknown": []}
+    new = [f for f in own if f not in cached["checked"]]
+    if new:
+        cached["checked"] += new
+        cached["unknown"] += unknown_xla_flags(new)
+        os.environ[CHECKED_VARIABLE] = json.dumps(cached)
+    unknown = [f for f in own if f in cached["unknown"]]
     if any(f in GPU_FLAGS for f in unknown):
         raise ModeError(
             f"jaxlib {version}'s XLA does not know the GPU determinism flag(s) "

@@ -359,9 +359,14 @@ def test_on_another_jaxlib_unknown_cpu_flags_are_dropped_and_recorded(monkeypatc
     assert kept.split() == ["--xla_dump_to=/tmp/d", *determinism.GPU_FLAGS]
     assert determinism.fingerprint()["xla_flags_dropped"] == [bogus]
     assert bogus in capsys.readouterr().err
-    # a child (which inherits the variable) does not ask XLA again
+    # a child (which inherits the variable) does not ask XLA again about the same flags,
+    # and asks only about those its parent did not (another mode's, say)
     monkeypatch.setattr(determinism, "unknown_xla_flags", lambda f: pytest.fail("asked again"))
     assert determinism.known_flags(flags) == kept
+    other = "--xla_cpu_other_unknown=1"
+    monkeypatch.setattr(determinism, "own_flags", lambda: {bogus, other, *determinism.GPU_FLAGS})
+    monkeypatch.setattr(determinism, "unknown_xla_flags", lambda f: f if f == [other] else 1 / 0)
+    assert determinism.known_flags(f"{flags} {other}") == kept
     # a GPU determinism flag is never dropped
     monkeypatch.delenv(determinism.CHECKED_VARIABLE)
     monkeypatch.setattr(determinism, "unknown_xla_flags", lambda f: [determinism.GPU_FLAGS[0]])
