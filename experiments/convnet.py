@@ -92,7 +92,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.probe_examples = 4  # validation images whose logits are recorded every epoch
     # Each checkpoint stores a probe of the first batch_size validation images (per-layer
     # gradients, logits) and the activations of this many of them, so that
-    # `python -m jaxrepro.diff` can name the first layer that differs (0: no probe).
+    # `python -m jaxrepro.analysis.diff` can name the first layer that differs (0: no probe).
     c.diff_probe_examples = 1
     return apply_variant(c, variant, TINY)
 
