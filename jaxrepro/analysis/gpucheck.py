@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxrepro import cli, provenance
-from jaxrepro.analysis import variants
+from jaxrepro.analysis import bench, variants
 from jaxrepro.errors import UserError
 
 CONFIGS = {"convnet": "experiments/convnet.py", "minixception": "experiments/minixception.py"}
@@ -272,19 +271,19 @@ def summarize_diff(report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def throughput(bench: Mapping[str, Any]) -> list[dict[str, Any]]:
+def throughput(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per model, from a bench.json of systems jax and jax-gpu-nondet: the median
     training and inference images/s of each, and deterministic over non-deterministic."""
     out = []
-    rows = {(r["model"], r["system"]): r for r in bench.get("rows", [])}
-    for model in dict.fromkeys(r["model"] for r in bench.get("rows", [])):
+    rows = {(r["model"], r["system"]): r for r in report.get("rows", [])}
+    for model in dict.fromkeys(r["model"] for r in report.get("rows", [])):
         det, non = rows.get((model, "jax")), rows.get((model, "jax-gpu-nondet"))
         entry: dict[str, Any] = {"model": model}
         for name, r in (("deterministic", det), ("nondeterministic", non)):
             if r:
                 entry[name] = {
-                    "train_images_per_s": statistics.median(r["train_images_per_s"]),
-                    "infer_images_per_s": statistics.median(r["infer_images_per_s"]),
+                    "train_images_per_s": bench.summary(r["train_images_per_s"])["median"],
+                    "infer_images_per_s": bench.summary(r["infer_images_per_s"])["median"],
                     "repeats_bitwise": r.get("repeats_bitwise"),
                 }
         if det and non:
