@@ -60,10 +60,49 @@ def test_bench_measures_jax_and_keras_side_by_side(tmp_path, capsys):
     tf_median = sorted(rows["tf-recipe"]["train_images_per_s"])
     jax_median = sorted(rows["jax"]["train_images_per_s"])
     assert ratios["jaxrepro/TF-deterministic"] == (sum(jax_median) / 2) / (sum(tf_median) / 2)
+    # XLA's operation count of the step (80 px, augmentation included) and the peak
+    # measured in each JAX process; TF's row is judged against the JAX count.
+    flops = rows["jax"]["train_flops_per_image"]
+    assert 1e8 < flops < 1e9 and rows["jax-flax-pool"]["fp32_peak_gflops"] > 1
+    assert rows["tf-recipe"].get("train_flops_per_image") is None
+    used = {(u["model"], u["system"]): u for u in result["fraction_of_peak"]}
+    assert set(used) == {("convnet", s) for s in rows}
+    tf_used = used["convnet", "tf-recipe"]
+    assert tf_used["gflops"] == bench.summary(tf_median)["median"] * flops / 1e9
+    assert tf_used["peak_gflops"] == rows["jax"]["fp32_peak_gflops"]
     table = (out / "bench.md").read_text()
     assert "jaxrepro/TF-deterministic" in table and "| convnet | tf-recipe |" in table
+    assert "of fp32 peak" in table and f"convnet {flops / 1e9:.2f} GFLOP" in table
     assert (out / "bench.png").stat().st_size > 0
     assert table.strip() in capsys.readouterr().out
+
+
+def test_the_fraction_of_peak_uses_one_count_per_model_and_each_process_peak():
+    rows = [
+        {
+            "model": "m",
+            "system": "jax",
+            "train_images_per_s": [9.0, 10.0, 11.0],
+            "train_flops_per_image": 2e9,
+            "fp32_peak_gflops": 100.0,
+        },
+        {
+            "model": "m",
+            "system": "jax-portable",
+            "train_images_per_s": [5.0],
+            "train_flops_per_image": 3e9,
+            "fp32_peak_gflops": 80.0,
+        },
+        {"model": "m", "system": "tf-none", "train_images_per_s": [20.0]},
+        {"model": "other", "system": "tf-none", "train_images_per_s": [1.0]},
+    ]
+    used = bench.fraction_of_peak(rows)
+    assert used["m", "jax"] == {"gflops": 20.0, "peak_gflops": 100.0, "fraction": 0.2}
+    # the same count (the first JAX row's) for every system, the row's own peak
+    assert used["m", "jax-portable"]["gflops"] == 10.0
+    assert used["m", "jax-portable"]["fraction"] == 10.0 / 80.0
+    assert used["m", "tf-none"] == {"gflops": 40.0, "peak_gflops": 100.0, "fraction": 0.4}
+    assert ("other", "tf-none") not in used  # no JAX row: nothing to count with
 
 
 def test_bench_rejects_bad_settings(tmp_path, capsys):

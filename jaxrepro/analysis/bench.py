@@ -36,7 +36,9 @@ Per process (`jaxrepro.analysis.bench_jax`, `jaxrepro.tfref.bench`): compile tim
 then `--repeats` timed repeats of `--steps` training steps (images/s, after
 compilation), inference (images/s), Grad-CAM heatmaps/s (JAX: `jaxrepro.explain.gradcam`;
 TF: the keras.io GradientTape recipe), LRP heatmaps/s (JAX only) and the process's peak
-resident memory. Each JAX repeat starts from the same initial state on the same
+resident memory; a JAX process also counts the training step's operations (XLA's
+cost analysis) and measures its fp32 peak (the fastest 2048^3 matrix product), and the
+table gives training's GFLOP/s and their fraction of that peak. Each JAX repeat starts from the same initial state on the same
 batches, so the repeats must end with the same bits; the table says whether they did.
 The table gives the median and the spread (min-max) of the repeats and the ratios
 `jaxrepro/TF-deterministic` and `jaxrepro/TF-default` per model. Written to
@@ -197,6 +199,42 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def flops_per_image(rows: list[dict]) -> dict[str, float]:
+    """Per model: XLA's count of the operations of one training image, from the model's
+    first JAX row (the same mathematics for every system, so GFLOP/s compare as img/s)."""
+    out: dict[str, float] = {}
+    for r in rows:
+        if r.get("train_flops_per_image"):
+            out.setdefault(r["model"], r["train_flops_per_image"])
+    return out
+
+
+def fraction_of_peak(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (model, system): median training GFLOP/s and its fraction of the fp32 peak.
+
+    The peak is the fastest large matrix product of the row's own process
+    (`bench_jax.fp32_peak_gflops`); a TensorFlow row takes the peak of the model's first
+    JAX row.
+    """
+    flops = flops_per_image(rows)
+    peaks: dict[str, float] = {}
+    for r in rows:
+        if r.get("fp32_peak_gflops"):
+            peaks.setdefault(r["model"], r["fp32_peak_gflops"])
+    out = {}
+    for r in rows:
+        peak = r.get("fp32_peak_gflops") or peaks.get(r["model"])
+        if r["model"] not in flops or not peak:
+            continue
+        gflops = summary(r["train_images_per_s"])["median"] * flops[r["model"]] / 1e9
+        out[r["model"], r["system"]] = {
+            "gflops": gflops,
+            "peak_gflops": peak,
+            "fraction": gflops / peak,
+        }
+    return out
+
+
 def _cell(values: list[float] | None, spec: str = ".1f") -> str:
     s = summary(values)
     if s is None:
@@ -209,14 +247,21 @@ def table(rows: list[dict], made_by: dict) -> str:
     lines = [
         provenance.markdown(made_by),
         "",
-        "| model | system | train img/s | compile s | inference img/s | Grad-CAM /s | "
-        "LRP /s | peak MiB | repeats bitwise |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | system | train img/s | train GFLOP/s (of fp32 peak) | compile s | "
+        "inference img/s | Grad-CAM /s | LRP /s | peak MiB | repeats bitwise |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    peak = fraction_of_peak(rows)
     for r in rows:
         bitwise = {True: "yes", False: "NO", None: "-"}[r.get("repeats_bitwise")]
+        p = peak.get((r["model"], r["system"]))
+        used = (
+            "-"
+            if p is None
+            else f"{p['gflops']:.0f} ({p['fraction']:.2f} of {p['peak_gflops']:.0f})"
+        )
         lines.append(
-            f"| {r['model']} | {r['system']} | {_cell(r['train_images_per_s'])} | "
+            f"| {r['model']} | {r['system']} | {_cell(r['train_images_per_s'])} | {used} | "
             f"{r['compile_s']:.1f} | {_cell(r['infer_images_per_s'])} | "
             f"{_cell(r.get('gradcam_per_s'))} | {_cell(r.get('lrp_per_s'))} | "
             f"{r['peak_memory_mib']:.0f} | {bitwise} |"
@@ -224,6 +269,18 @@ def table(rows: list[dict], made_by: dict) -> str:
     lines += ["", "| model | ratio (median train images/s) | value |", "|---|---|---|"]
     for model, values in ratios(rows).items():
         lines += [f"| {model} | {name} | {v:.2f}x |" for name, v in values.items()]
+    flops = flops_per_image(rows)
+    sizes = sorted({r["fp32_peak_size"] for r in rows if r.get("fp32_peak_size")})
+    if flops:
+        lines += [
+            "",
+            "Training operations per image (XLA's count of the JAX step, augmentation "
+            "included): "
+            + ", ".join(f"{m} {f / 1e9:.2f} GFLOP" for m, f in flops.items())
+            + ". The fp32 peak is the fastest "
+            + "/".join(f"{n}^3" for n in sizes)
+            + " matrix product of each JAX process.",
+        ]
     return "\n".join(lines)
 
 
@@ -339,7 +396,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("image_size", "batch_size", "steps", "repeats")}
     (out / "bench.json").write_text(
         json.dumps(
-            {"provenance": made_by, **settings, "rows": rows, "ratios": ratios(rows)}, indent=1
+            {
+                "provenance": made_by,
+                **settings,
+                "rows": rows,
+                "ratios": ratios(rows),
+                "fraction_of_peak": [
+                    {"model": m, "system": s, **v} for (m, s), v in fraction_of_peak(rows).items()
+                ],
+            },
+            indent=1,
         )
         + "\n"
     )

@@ -6,7 +6,9 @@
 Compile time of the train step, then `--repeats` timed repeats of `--steps` training
 steps (each from the same initial state on the same batches, as the trainer runs them:
 the loss and fingerprints read back every step), inference, Grad-CAM and LRP
-heatmaps/s and the peak resident memory. The switches run one of jaxrepro's speed-ups
+heatmaps/s and the peak resident memory; XLA's count of a training step's floating-point
+operations and this process's fp32 peak (`fp32_peak_gflops`), whose quotient says how
+close training comes to what the cores can do. The switches run one of jaxrepro's speed-ups
 the way it was before (`--flax-pool`: Flax's select-and-scatter max-pool gradient;
 `--xla-convs`: XLA's own depthwise and 1x1 convolutions; `--one-chunk`: the depthwise
 backward pass over the whole batch at once).
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxrepro import cli, determinism, fingerprint
@@ -34,6 +37,30 @@ from jaxrepro.train import setup, steps
 from jaxrepro.train.loop import load_data
 
 SWITCHES = ("flax_pool", "xla_convs", "one_chunk")
+PEAK_MATMUL_SIZE = 2048
+
+
+def fp32_peak_gflops(n: int = PEAK_MATMUL_SIZE, repeats: int = 5) -> float:
+    """This process's fp32 peak: GFLOP/s of the fastest of `repeats` n x n x n products.
+
+    A large square matrix product is the best case of every CPU kernel library, so it
+    stands for what the cores can do (2 n^3 operations; the fastest call, as a peak).
+    """
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    product = jax.jit(jnp.dot)
+    jax.block_until_ready(product(a, b))  # compile outside the timed calls
+    best = min(timed(lambda: jax.block_until_ready(product(a, b)), repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(compiled: jax.stages.Compiled) -> float | None:
+    """XLA's count of the floating-point operations of one call of `compiled`."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax: one dict per device
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
 def measure(
@@ -101,15 +128,23 @@ def measure(
     for warm in (infer, explain(cam), explain(relevance)):
         warm()  # compile outside the timed calls
     images = steps_per_repeat * batch_size
-    return {
-        "compile_s": compile_s,
+    flops = step_flops(compiled)
+    timings = {
         "train_images_per_s": [images / s for s in train_s],
         "infer_images_per_s": [images / s for s in timed(infer, repeats)],
         "gradcam_per_s": [batch_size / s for s in timed(explain(cam), repeats)],
         "lrp_per_s": [batch_size / s for s in timed(explain(relevance), repeats)],
+    }
+    peak_memory = peak_memory_mib()  # before the peak's product allocates its matrices
+    return {
+        "compile_s": compile_s,
+        "train_flops_per_image": None if flops is None else flops / batch_size,
+        "fp32_peak_gflops": fp32_peak_gflops(),
+        "fp32_peak_size": PEAK_MATMUL_SIZE,
+        **timings,
         "repeats_bitwise": len(set(finals)) == 1,
         "final_sha256": finals[0],
-        "peak_memory_mib": peak_memory_mib(),
+        "peak_memory_mib": peak_memory,
         "runtime": {
             "jax": jax.__version__,
             "backend": jax.default_backend(),
