@@ -9,8 +9,9 @@ A tiny variant (80 px, 64 training images, 8 steps; what the tests run, in secon
 
     python -m jaxrepro.train experiments/convnet.py:tiny
 
-The defaults follow the paper's protocol except the number of epochs, which is kept
-small so that the README's main command trains in under 10 minutes on a 2-core CPU.
+The defaults follow the paper's protocol except the number of epochs: 8 instead of 90,
+so that the README's main command trains in under 10 minutes on a 2-core CPU and still
+learns the embedded task (validation accuracy above 0.9; docs/results/main-command/).
 The paper's protocol in full (90 epochs, 2,000 train / 1,000 validation images at
 180x180, Keras RMSprop defaults, flip/rotate 0.1/zoom 0.2, dropout 0.5):
 
@@ -85,7 +86,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.num_devices = 1
     c.microbatches = 0
     c.eval_batch_size = 100
-    c.num_epochs = 2  # about 7 minutes on 2 CPU cores; the paper: 90
+    # The paper: 90. The ConvNet stays at chance for 2 epochs, then learns the embedded
+    # task: validation accuracy 0.918 (seed 1001) and 0.914 (seed 1002) after 8 epochs,
+    # in about 9 minutes of training on 2 CPU cores (docs/results/main-command/).
+    c.num_epochs = 8
 
     c.checkpoint_every_steps = 25
     c.keep_checkpoints = 3
