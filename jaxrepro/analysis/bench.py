@@ -38,8 +38,9 @@ compilation), inference (images/s), Grad-CAM heatmaps/s (JAX: `jaxrepro.explain.
 TF: the keras.io GradientTape recipe), LRP heatmaps/s (JAX only) and the process's peak
 resident memory; a JAX process also counts the training step's operations (XLA's
 cost analysis) and measures its fp32 peak (the fastest 2048^3 matrix product), and the
-table gives training's GFLOP/s and their fraction of that peak. Each JAX repeat starts from the same initial state on the same
-batches, so the repeats must end with the same bits; the table says whether they did.
+table gives training's GFLOP/s and their fraction of that peak. Each JAX repeat starts
+from the same initial state on the same batches, so the repeats must end with the same
+bits; the table says whether they did.
 The table gives the median and the spread (min-max) of the repeats and the ratios
 `jaxrepro/TF-deterministic` and `jaxrepro/TF-default` per model. Written to
 DIR/bench.json, DIR/bench.md and DIR/bench.png.
