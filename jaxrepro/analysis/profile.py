@@ -1,0 +1,295 @@
+"""Where a training step's or an inference batch's time goes, by XLA:CPU's own profiler.
+
+    python -m jaxrepro.analysis.profile CONFIG_FILE [--step train|infer] [--steps 3]
+                     [--top 25] [--out DIR] [--config.KEY=VALUE ...]
+
+Compiles the config's training step (`--step train`, augmentation and optimizer
+included) or its evaluation step on a batch (`--step infer`, what the bench's inference
+runs), in its determinism mode on its data, runs it once to warm up, then `--steps`
+times under `jax.profiler.trace`, and reads the trace back (`jax.profiler.ProfileData`).
+XLA:CPU records one event per thunk, i.e. per compiled HLO instruction (a convolution,
+a fusion, a copy); its time, from its start to its `end:` event, is summed per
+instruction and divided by the steps. The compiled module's metadata names the source
+of each instruction (`jit(step_fn)/transpose(jvp(ConvNet))/conv2/...`), which gives its
+layer (the first path component that is a parameter of the model) and its pass
+(`transpose(...)`: backward; otherwise forward, or outside the model: augmentation,
+loss, optimizer, fingerprints). Thunks may overlap on the thread pool, so their sum can
+exceed the step's wall time, which is measured separately without the profiler.
+
+Writes DIR/profile.md (by layer and pass, then the `--top` instructions) and
+DIR/profile.json. The timings are the machine's and the load's; the table is a map of
+where to look, not a benchmark (that is `jaxrepro.analysis.bench`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.profiler import ProfileData
+
+from jaxrepro import cli, determinism, provenance
+from jaxrepro import config as configlib
+from jaxrepro import data as datalib
+from jaxrepro.train import setup
+from jaxrepro.train import steps as steplib
+from jaxrepro.train.loop import load_data
+
+# One HLO instruction of the compiled module's text: its name, its opcode and the
+# op_name of its metadata (its source).
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?:\([^=]*?\)|\S+) (?P<opcode>[a-z][\w-]*)\("
+    r"(?:.*?metadata=\{[^}]*?op_name=\"(?P<op_name>[^\"]*)\")?"
+)
+
+
+def instructions(hlo_text: str) -> dict[str, dict[str, str]]:
+    """Name -> {"opcode", "op_name"} for every instruction of a compiled module's text."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            out[m["name"]] = {"opcode": m["opcode"], "op_name": m["op_name"] or ""}
+    return out
+
+
+def attribute(op_name: str, layers: set[str], model_name: str) -> tuple[str, str]:
+    """(layer, pass) of an instruction from its op_name.
+
+    The layer is the first path component that names a parameter of the model; an op
+    of the model outside its parameterised layers (ReLU, pooling, flatten) is
+    "between layers"; "-" is outside the model (augmentation, loss, optimizer,
+    fingerprints) or without a source (layout copies XLA adds).
+    """
+    if not op_name:
+        return "-", "no source (XLA's layout copies)"
+    parts = op_name.split("/")
+    pass_ = "backward" if "transpose(" in op_name else "forward"
+    layer = next((p for p in parts if p in layers), None)
+    if layer is not None:
+        return layer, pass_
+    if f"({model_name})" in op_name:
+        return "between layers", pass_
+    return "-", "outside the model"
+
+
+def primitive(row: dict) -> str:
+    """What an instruction computes: the last component of its source, else its opcode."""
+    return row["op_name"].rsplit("/", 1)[-1] if row["op_name"] else row["opcode"]
+
+
+def thunk_seconds(xspace: bytes, names: set[str]) -> dict[str, float]:
+    """Summed time (s) of the trace's thunks per instruction name in `names`.
+
+    A thunk's time runs from its event's start to its `end: NAME` event: an
+    asynchronous one (a convolution handed to the thread pool) returns at once and ends
+    later, so its own event's duration would count only the launch. Without `end:`
+    events, the events' durations are summed.
+    """
+    starts: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    ends: dict[str, list[int]] = collections.defaultdict(list)
+    for plane in ProfileData.from_serialized_xspace(xspace).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in names:
+                    starts[event.name].append((event.start_ns, event.duration_ns))
+                elif event.name.startswith("end: ") and event.name[5:] in names:
+                    ends[event.name[5:]].append(event.start_ns)
+    total = {}
+    for name, begun in starts.items():
+        begun.sort()
+        done = sorted(ends.get(name, ()))
+        if len(done) == len(begun):
+            total[name] = sum(max(e - b, d) for (b, d), e in zip(begun, done)) * 1e-9
+        else:
+            total[name] = sum(d for _, d in begun) * 1e-9
+    return total
+
+
+STEPS = ("train", "infer")
+
+
+def profile(config_file: str, overrides: Sequence[str], steps: int, what: str = "train") -> dict:
+    """Profile `steps` calls of the config's training step (`what="train"`) or of its
+    evaluation step on one batch (`what="infer"`) in this process."""
+    if what not in STEPS:
+        raise ValueError(f"what={what!r}: one of {STEPS}")
+    config = configlib.resolve(config_file, overrides)
+    determinism.apply_config(config)  # before any JAX work
+    data = load_data(config)
+    model, tx = setup.build_model(config), setup.build_optimizer(config)
+    keys = setup.stream_keys(config)
+    state = setup.init_state(model, tx, keys["init"], config.data.image_size)
+    n_train = len(data.train.labels)
+    batches = [
+        (data.train.images[i], data.train.labels[i])
+        for i in (
+            datalib.batch_at(keys["shuffle"], 0, b, config.batch_size, n_train)
+            for b in range(steps + 1)
+        )
+    ]
+    if what == "train":
+        train_step = steplib.make_train_step(model, tx, config.augment)
+        compiled = train_step.lower(state, *batches[0], keys).compile()
+
+        def step(state, batch):
+            return jax.block_until_ready(compiled(state, *batch, keys)[0])
+
+    else:
+        weights = np.ones(config.batch_size, np.float32)
+        eval_step = steplib.make_eval_step(model)
+        compiled = eval_step.lower(state.variables, *batches[0], weights).compile()
+
+        def step(state, batch):
+            jax.block_until_ready(compiled(state.variables, *batch, weights))
+            return state
+
+    layers = set(state.variables["params"])
+    hlo = instructions(compiled.as_text())
+    state = step(state, batches[0])  # warm-up
+    wall = []
+    for batch in batches[1:]:
+        start = time.perf_counter()
+        state = step(state, batch)
+        wall.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for batch in batches[1:]:
+                state = step(state, batch)
+        (xplane,) = Path(trace_dir).rglob("*.xplane.pb")
+        seconds = thunk_seconds(xplane.read_bytes(), set(hlo))
+    rows = []
+    for name, s in seconds.items():
+        layer, pass_ = attribute(hlo[name]["op_name"], layers, type(model).__name__)
+        rows.append(
+            {
+                "instruction": name,
+                "opcode": hlo[name]["opcode"],
+                "layer": layer,
+                "pass": pass_,
+                "ms_per_step": 1e3 * s / steps,
+                "op_name": hlo[name]["op_name"],
+            }
+        )
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return {
+        "config": config_file,
+        "model": config.model,
+        "image_size": config.data.image_size,
+        "batch_size": config.batch_size,
+        "step": what,
+        "steps": steps,
+        "mode": determinism.mode(),
+        "step_wall_ms": [1e3 * s for s in wall],
+        "instructions": rows,
+    }
+
+
+def by_layer(rows: list[dict]) -> list[dict]:
+    """Thunk time per (layer, pass), largest first, with its share of the total."""
+    total = sum(r["ms_per_step"] for r in rows) or 1.0
+    groups: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        g = groups.setdefault(
+            (r["layer"], r["pass"]),
+            {"layer": r["layer"], "pass": r["pass"], "ms_per_step": 0.0, "primitives": {}},
+        )
+        g["ms_per_step"] += r["ms_per_step"]
+        what = primitive(r)
+        g["primitives"][what] = g["primitives"].get(what, 0.0) + r["ms_per_step"]
+    out = sorted(groups.values(), key=lambda g: -g["ms_per_step"])
+    for g in out:
+        g["share"] = g["ms_per_step"] / total
+    return out
+
+
+def table(result: dict, made_by: dict, top: int) -> str:
+    """Markdown: the provenance, the time by layer and pass, the top instructions."""
+    rows = result["instructions"]
+    thunks = sum(r["ms_per_step"] for r in rows)
+    lines = [
+        provenance.markdown(made_by),
+        "",
+        f"{result['model']}, {result['image_size']} px, batch {result['batch_size']}, "
+        f"{result['mode']} mode, {result['step']} step, {result['steps']} calls profiled. "
+        "Wall time per call "
+        f"(without the profiler): median {statistics.median(result['step_wall_ms']):.0f} ms; "
+        f"XLA thunks in the trace: {thunks:.0f} ms per step (thunks may overlap).",
+        "",
+        "| layer | pass | ms per step | share of thunk time | largest parts (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for g in by_layer(rows):
+        parts = sorted(g["primitives"].items(), key=lambda kv: -kv[1])[:4]
+        largest = ", ".join(f"{k} {v:.1f}" for k, v in parts)
+        lines.append(
+            f"| {g['layer']} | {g['pass']} | {g['ms_per_step']:.1f} | {g['share']:.1%} | "
+            f"{largest} |"
+        )
+    lines += [
+        "",
+        f"The {min(top, len(rows))} longest instructions:",
+        "",
+        "| instruction | opcode | layer | pass | ms per step | source (op_name) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows[:top]:
+        lines.append(
+            f"| `{r['instruction']}` | {r['opcode']} | {r['layer']} | {r['pass']} | "
+            f"{r['ms_per_step']:.1f} | `{r['op_name']}` |"
+        )
+    return "\n".join(lines)
+
+
+@cli.guarded
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: profile a config's training step, print and write the tables."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = cli.split_overrides(argv)
+    parser = cli.parser(
+        prog="python -m jaxrepro.analysis.profile",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    parser.add_argument("config_file", metavar="CONFIG_FILE")
+    parser.add_argument(
+        "--step",
+        choices=STEPS,
+        default="train",
+        help="the training step, or the evaluation step on one batch (default: %(default)s)",
+    )
+    parser.add_argument("--steps", type=int, default=3, help="profiled calls of the step")
+    parser.add_argument("--top", type=int, default=25, help="instructions listed one by one")
+    parser.add_argument("--out", default="checkpoints/profile", help="output directory")
+    args = parser.parse_args(rest)
+    if args.steps < 1 or args.top < 0:
+        parser.error("--steps must be at least 1 and --top at least 0")
+    made_by = provenance.record("python -m jaxrepro.analysis.profile", argv)
+    result = profile(args.config_file, overrides, args.steps, args.step)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(result, made_by, args.top)
+    (out / "profile.json").write_text(
+        json.dumps(
+            {"provenance": made_by, **result, "by_layer": by_layer(result["instructions"])},
+            indent=1,
+        )
+        + "\n"
+    )
+    (out / "profile.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {out / 'profile.md'}, {out / 'profile.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

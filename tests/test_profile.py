@@ -1,0 +1,90 @@
+"""`python -m jaxrepro.analysis.profile`: XLA:CPU's trace of a training step, by layer.
+
+The timings themselves are never asserted (shared CI cores); what is tested is that
+the trace is read, that every instruction is found in the compiled module and put in
+the right layer and pass, and that bad input is an error with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import tiny_spec
+
+from jaxrepro.analysis import profile
+
+
+def test_instructions_name_the_source_of_a_compiled_module():
+    def f(x, k):
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(jnp.maximum(y, 0.0))
+
+    x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    hlo = profile.instructions(jax.jit(f).lower(x, k).compile().as_text())
+    convs = [v for v in hlo.values() if v["opcode"] == "convolution"]
+    assert len(convs) == 1 and convs[0]["op_name"].endswith("conv_general_dilated")
+    assert all(name and " " not in name for name in hlo)
+
+
+@pytest.mark.parametrize(
+    "op_name, expected",
+    [
+        ("jit(step_fn)/jvp(ConvNet)/conv2/conv_general_dilated", ("conv2", "forward")),
+        ("jit(step_fn)/transpose(jvp(ConvNet))/conv2/conv_general_dilated", ("conv2", "backward")),
+        ("jit(step_fn)/transpose(jvp(ConvNet))/select_n", ("between layers", "backward")),
+        ("jit(step_fn)/jvp(ConvNet)/jit(relu)/max", ("between layers", "forward")),
+        ("jit(step_fn)/vmap()/gather", ("-", "outside the model")),
+        ("", ("-", "no source (XLA's layout copies)")),
+    ],
+)
+def test_each_instruction_gets_its_layer_and_pass(op_name, expected):
+    assert profile.attribute(op_name, {"conv1", "conv2", "dense"}, "ConvNet") == expected
+
+
+def test_the_profile_of_the_tiny_convnet_covers_every_layer_both_ways(tmp_path, capsys):
+    out = tmp_path / "profile"
+    spec = tiny_spec("convnet")
+    assert profile.main([spec, "--steps", "1", "--top", "5", "--out", str(out)]) == 0
+    result = json.loads((out / "profile.json").read_text())
+    groups = {(g["layer"], g["pass"]): g for g in result["by_layer"]}
+    for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+        for pass_ in ("forward", "backward"):
+            assert groups[layer, pass_]["primitives"].get("conv_general_dilated", 0) > 0
+    assert ("dense", "backward") in groups and ("-", "outside the model") in groups
+    assert sum(g["share"] for g in result["by_layer"]) == pytest.approx(1.0)
+    assert result["mode"] == "machine" and len(result["step_wall_ms"]) == 1
+    text = (out / "profile.md").read_text()
+    assert (
+        "| conv2 | backward |" in text
+        and sum(line.startswith("| `") for line in text.splitlines()) == 5
+    )
+    assert text.strip() in capsys.readouterr().out
+
+
+def test_the_profile_of_inference_is_the_forward_pass_alone(tmp_path):
+    out = tmp_path / "infer"
+    assert (
+        profile.main([tiny_spec("convnet"), "--step", "infer", "--steps", "1", "--out", str(out)])
+        == 0
+    )
+    result = json.loads((out / "profile.json").read_text())
+    passes = {g["pass"] for g in result["by_layer"] if g["layer"] != "-"}
+    assert result["step"] == "infer" and passes == {"forward"}
+    layers = {g["layer"] for g in result["by_layer"]}
+    assert {"conv1", "conv5", "dense"} <= layers
+
+
+@pytest.mark.parametrize(
+    "args", [["--steps", "0"], ["--config.no_such_key=1"], ["--top", "-1"], ["--step", "predict"]]
+)
+def test_bad_input_is_exit_status_2(tmp_path, args):
+    try:
+        code = profile.main([tiny_spec("convnet"), "--out", str(tmp_path), *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
