@@ -3,7 +3,8 @@
 * `command_line(argv)`: the arguments and the `--config.KEY=VALUE` overrides apart;
   `parser(prog, description)`: the argument parser every tool's `--help` is laid out by.
 * `guarded(main)`: a `main(argv) -> int` that reports a `UserError` as `error: ...`
-  and returns exit status 2.
+  and returns exit status 2; run from the command line, it first gives the process
+  transparent huge pages (`jaxrepro.hugepages.ensure`).
 * `run_child(module, args, ...)`: run `python -m module args` in a fresh process, the
   one way every tool starts a child (another XLA flag, another core count, an emulated
   CPU, a TensorFlow process); a failure raises `ChildError` with the child's stderr.
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from jaxrepro import hugepages
 from jaxrepro.errors import UserError
 
 CONFIG_PREFIX = "--config."
@@ -56,10 +58,16 @@ def as_arguments(overrides: Sequence[str]) -> list[str]:
 
 
 def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
-    """`main` with every `UserError` printed as `error: ...` and turned into exit status 2."""
+    """`main` with every `UserError` printed as `error: ...` and turned into exit status 2.
+
+    Called without arguments (the command line's), it first re-executes a jaxrepro
+    command with transparent huge pages for XLA's buffers (`jaxrepro.hugepages`).
+    """
 
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None) -> int:
+        if argv is None:
+            hugepages.ensure()
         try:
             return main(argv)
         except UserError as e:

@@ -17,11 +17,17 @@ import numpy as np
 import pytest
 
 from jaxrepro import config as configlib
-from jaxrepro import train
+from jaxrepro import hugepages, train
 from jaxrepro.analysis import variants
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("convnet", "minixception")
+
+# The test processes started after this (pytest-xdist's workers, the tools' children)
+# get transparent huge pages for XLA's buffers, as a jaxrepro command gives itself
+# (`jaxrepro.hugepages`): the same bits, fewer page faults, a faster suite.
+if hugepages.supported():
+    os.environ[hugepages.VARIABLE] = hugepages.with_tunable(os.environ.get(hugepages.VARIABLE, ""))
 
 
 def tiny_spec(model: str) -> str:
