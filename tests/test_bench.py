@@ -48,6 +48,7 @@ def test_bench_measures_jax_and_keras_side_by_side(tmp_path, capsys):
     for r in rows.values():
         assert len(r["train_images_per_s"]) == 2 and min(r["train_images_per_s"]) > 0
         assert r["compile_s"] >= 0 and r["peak_memory_mib"] > 100
+        assert 100 < r["train_peak_memory_mib"] <= r["peak_memory_mib"]
         assert len(r["gradcam_per_s"]) == 2 and len(r["infer_images_per_s"]) == 2
     # Each JAX repeat restarts from the same state on the same batches: the same bits.
     assert rows["jax"]["repeats_bitwise"] and rows["jax-flax-pool"]["repeats_bitwise"]
@@ -60,6 +61,11 @@ def test_bench_measures_jax_and_keras_side_by_side(tmp_path, capsys):
     tf_median = sorted(rows["tf-recipe"]["train_images_per_s"])
     jax_median = sorted(rows["jax"]["train_images_per_s"])
     assert ratios["jaxrepro/TF-deterministic"] == (sum(jax_median) / 2) / (sum(tf_median) / 2)
+    memory = result["ratios_by_measure"]["training peak memory"]["convnet"]
+    assert memory["jaxrepro/TF-deterministic"] == (
+        rows["jax"]["train_peak_memory_mib"] / rows["tf-recipe"]["train_peak_memory_mib"]
+    )
+    assert set(result["ratios_by_measure"]) == {"train", "inference", "training peak memory"}
     # XLA's operation count of the step (80 px, augmentation included) and the peak
     # measured in each JAX process; TF's row is judged against the JAX count.
     flops = rows["jax"]["train_flops_per_image"]
@@ -103,6 +109,34 @@ def test_the_fraction_of_peak_uses_one_count_per_model_and_each_process_peak():
     assert used["m", "jax-portable"]["fraction"] == 10.0 / 80.0
     assert used["m", "tf-none"] == {"gflops": 40.0, "peak_gflops": 100.0, "fraction": 0.4}
     assert ("other", "tf-none") not in used  # no JAX row: nothing to count with
+
+
+def test_ratios_compare_medians_per_measure_and_skip_what_is_missing():
+    rows = [
+        {
+            "model": "m",
+            "system": "jax",
+            "train_images_per_s": [9.0, 10.0, 11.0],
+            "infer_images_per_s": [30.0, 40.0],
+            "train_peak_memory_mib": 1000.0,
+        },
+        {
+            "model": "m",
+            "system": "tf-none",
+            "train_images_per_s": [20.0],
+            "infer_images_per_s": [20.0],
+            "train_peak_memory_mib": 4000.0,
+        },
+        {"model": "m", "system": "tf-recipe", "train_images_per_s": [5.0]},
+    ]
+    assert bench.ratios(rows)["m"] == {"jaxrepro/TF-default": 0.5, "jaxrepro/TF-deterministic": 2.0}
+    assert bench.ratios(rows, "inference")["m"] == {"jaxrepro/TF-default": 1.75}
+    assert bench.ratios(rows, "training peak memory")["m"] == {"jaxrepro/TF-default": 0.25}
+    full = [
+        {"compile_s": 1.0, "peak_memory_mib": 5000.0, "infer_images_per_s": [], **r} for r in rows
+    ]
+    table = bench.table(full, {"command": "c", "commit": "x", "machine": "m", "date": "d"})
+    assert "| m | jaxrepro/TF-deterministic | 2.00x | - | - |" in table
 
 
 def test_bench_rejects_bad_settings(tmp_path, capsys):

@@ -36,13 +36,14 @@ Per process (`jaxrepro.analysis.bench_jax`, `jaxrepro.tfref.bench`): compile tim
 then `--repeats` timed repeats of `--steps` training steps (images/s, after
 compilation), inference (images/s), Grad-CAM heatmaps/s (JAX: `jaxrepro.explain.gradcam`;
 TF: the keras.io GradientTape recipe), LRP heatmaps/s (JAX only) and the process's peak
-resident memory; a JAX process also counts the training step's operations (XLA's
-cost analysis) and measures its fp32 peak (the fastest 2048^3 matrix product), and the
-table gives training's GFLOP/s and their fraction of that peak. Each JAX repeat starts
-from the same initial state on the same batches, so the repeats must end with the same
-bits; the table says whether they did.
-The table gives the median and the spread (min-max) of the repeats and the ratios
-`jaxrepro/TF-deterministic` and `jaxrepro/TF-default` per model. Written to
+resident memory, once after training (the training peak) and once at the end. A JAX
+process also counts the training step's operations (XLA's cost analysis) and measures
+its fp32 peak (the fastest 2048^3 matrix product), and the table gives training's
+GFLOP/s and their fraction of that peak. Each JAX repeat starts from the same initial
+state on the same batches, so the repeats must end with the same bits; the table says
+whether they did. The table gives the median and the spread (min-max) of the repeats,
+and the ratios of the medians (`jaxrepro/TF-deterministic`, `jaxrepro/TF-default`, ...)
+per model for training, inference and the training peak memory. Written to
 DIR/bench.json, DIR/bench.md and DIR/bench.png.
 """
 
@@ -179,14 +180,31 @@ def summary(values: list[float] | None) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per model: median training images/s of each JAX system over each TF baseline's,
-    portable over machine mode, and jaxrepro over each of its "before" systems."""
-    by = {(r["model"], r["system"]): summary(r["train_images_per_s"])["median"] for r in rows}
+# What the ratios compare: each measure's key in a row, and how it is summarised.
+MEASURES = {
+    "train": "train_images_per_s",
+    "inference": "infer_images_per_s",
+    "training peak memory": "train_peak_memory_mib",
+}
+
+
+def _median(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    if isinstance(value, list):
+        return summary(value)["median"] if value else None
+    return value
+
+
+def ratios(rows: list[dict], measure: str = "train") -> dict[str, dict[str, float]]:
+    """Per model: the median of `measure` (a key of `MEASURES`) of each JAX system over
+    each TF baseline's, portable over machine mode, and jaxrepro over each of its
+    "before" systems. For speed above 1 is faster; for memory below 1 is smaller."""
+    key = MEASURES[measure]
+    by = {(r["model"], r["system"]): v for r in rows if (v := _median(r, key)) is not None}
     out: dict[str, dict[str, float]] = {}
 
     def ratio(model: str, a: str, b: str, label: str) -> None:
-        if (model, a) in by and (model, b) in by:
+        if (model, a) in by and (model, b) in by and by[model, b]:
             out.setdefault(model, {})[label] = by[model, a] / by[model, b]
 
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -236,6 +254,10 @@ def fraction_of_peak(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]
     return out
 
 
+def _memory(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib:.0f}"
+
+
 def _cell(values: list[float] | None, spec: str = ".1f") -> str:
     s = summary(values)
     if s is None:
@@ -249,8 +271,9 @@ def table(rows: list[dict], made_by: dict) -> str:
         provenance.markdown(made_by),
         "",
         "| model | system | train img/s | train GFLOP/s (of fp32 peak) | compile s | "
-        "inference img/s | Grad-CAM /s | LRP /s | peak MiB | repeats bitwise |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "inference img/s | Grad-CAM /s | LRP /s | training peak MiB | peak MiB | "
+        "repeats bitwise |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peak = fraction_of_peak(rows)
     for r in rows:
@@ -265,11 +288,25 @@ def table(rows: list[dict], made_by: dict) -> str:
             f"| {r['model']} | {r['system']} | {_cell(r['train_images_per_s'])} | {used} | "
             f"{r['compile_s']:.1f} | {_cell(r['infer_images_per_s'])} | "
             f"{_cell(r.get('gradcam_per_s'))} | {_cell(r.get('lrp_per_s'))} | "
-            f"{r['peak_memory_mib']:.0f} | {bitwise} |"
+            f"{_memory(r.get('train_peak_memory_mib'))} | {r['peak_memory_mib']:.0f} | "
+            f"{bitwise} |"
         )
-    lines += ["", "| model | ratio (median train images/s) | value |", "|---|---|---|"]
-    for model, values in ratios(rows).items():
-        lines += [f"| {model} | {name} | {v:.2f}x |" for name, v in values.items()]
+    every = {m: ratios(rows, m) for m in MEASURES}
+    lines += [
+        "",
+        "Ratios of medians (speed: above 1 is faster; training peak memory: below 1 is smaller):",
+        "",
+        "| model | ratio | " + " | ".join(MEASURES) + " |",
+        "|---|---|" + "---|" * len(MEASURES),
+    ]
+    for model, train in every["train"].items():
+        for label in train:
+            cells = [every[m].get(model, {}).get(label) for m in MEASURES]
+            lines.append(
+                f"| {model} | {label} | "
+                + " | ".join("-" if v is None else f"{v:.2f}x" for v in cells)
+                + " |"
+            )
     flops = flops_per_image(rows)
     sizes = sorted({r["fp32_peak_size"] for r in rows if r.get("fp32_peak_size")})
     if flops:
@@ -402,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **settings,
                 "rows": rows,
                 "ratios": ratios(rows),
+                "ratios_by_measure": {m: ratios(rows, m) for m in MEASURES},
                 "fraction_of_peak": [
                     {"model": m, "system": s, **v} for (m, s), v in fraction_of_peak(rows).items()
                 ],

@@ -6,12 +6,13 @@
 Compile time of the train step, then `--repeats` timed repeats of `--steps` training
 steps (each from the same initial state on the same batches, as the trainer runs them:
 the loss and fingerprints read back every step), inference, Grad-CAM and LRP
-heatmaps/s and the peak resident memory; XLA's count of a training step's floating-point
-operations and this process's fp32 peak (`fp32_peak_gflops`), whose quotient says how
-close training comes to what the cores can do. The switches run one of jaxrepro's speed-ups
-the way it was before (`--flax-pool`: Flax's select-and-scatter max-pool gradient;
-`--xla-convs`: XLA's own depthwise and 1x1 convolutions; `--one-chunk`: the depthwise
-backward pass over the whole batch at once).
+heatmaps/s and the peak resident memory (after training, and at the end); XLA's count
+of a training step's floating-point operations and this process's fp32 peak
+(`fp32_peak_gflops`), whose quotient says how close training comes to what the cores
+can do. The switches run one of jaxrepro's speed-ups the way it was before
+(`--flax-pool`: Flax's select-and-scatter max-pool gradient; `--xla-convs`: XLA's own
+depthwise and 1x1 convolutions; `--one-chunk`: the depthwise backward pass over the
+whole batch at once).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def measure(
         finals.append(fingerprint.combine_hex(fingerprint.sha256_leaves(state.variables)))
 
     train_s = timed(train_steps, repeats)
+    train_peak_memory = peak_memory_mib()  # training alone, as TF's row measures it
     variables = jax.device_put(initial).variables
     eval_step = steps.make_eval_step(model)
     ones = np.ones(batch_size, np.float32)
@@ -144,6 +146,7 @@ def measure(
         **timings,
         "repeats_bitwise": len(set(finals)) == 1,
         "final_sha256": finals[0],
+        "train_peak_memory_mib": train_peak_memory,
         "peak_memory_mib": peak_memory,
         "runtime": {
             "jax": jax.__version__,

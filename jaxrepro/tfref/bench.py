@@ -63,6 +63,7 @@ def measure(
     first = timed(fit(batch_size), 1)[0]  # traces the train function
     train_s = timed(fit(n), repeats)
     compile_s = max(first - min(train_s) / steps, 0.0)
+    train_peak_memory = peak_memory_mib()  # training alone, as the JAX row measures it
 
     def infer():
         model.predict(x, batch_size=batch_size, verbose=0)
@@ -78,6 +79,7 @@ def measure(
         "gradcam_per_s": [batch_size / s for s in timed(lambda: gradcam(explain_x), repeats)],
         "lrp_per_s": None,
         "repeats_bitwise": None,  # Keras continues training across repeats; see tfref.determinism
+        "train_peak_memory_mib": train_peak_memory,
         "peak_memory_mib": peak_memory_mib(),
         "runtime": {**runtime.describe(tf, recipe), "cpus": usable_cpus()},
     }
