@@ -22,7 +22,13 @@ parity of the input's row and column (even rows and columns are shared by two
 windows), adding shared gradients in window order. About 2x faster than
 select-and-scatter on the mini Xception's maps (measured: block 1 at 180 px, batch 32).
 
-The forward passes are Flax's `nn.max_pool` itself.
+The forward passes take the maximum of the window's strided slices in row-major window
+order, elementwise code XLA fuses with the ReLU before it; they give the bits of Flax's
+`nn.max_pool` (tested, signed zeros included). As a `reduce_window`, the pool was where
+XLA:CPU's YNNPACK reduce fusion began, and in an inference graph that fusion took in
+every convolution before it, to run them far slower than XLA's own convolutions (the
+ConvNet's evaluation step was one YNNPACK fusion: 455 ms of 462 for a batch of 32 at
+180 px, 2-core AMD EPYC; `docs/results/profile/`).
 """
 
 from __future__ import annotations
@@ -55,17 +61,31 @@ def flax_max_pool_2x2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
-_pool = flax_max_pool_2x2
+def _window_max(padded: jax.Array, window: tuple[int, int], out: tuple[int, int]) -> jax.Array:
+    """The maximum over each stride-2 window of `padded` [N, H, W, C], `out` windows per
+    axis, taken over its strided slices in row-major window order."""
+    (kh, kw), (ho, wo) = window, out
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            part = padded[:, i : i + 2 * ho - 1 : 2, j : j + 2 * wo - 1 : 2]
+            y = part if y is None else jnp.maximum(y, part)
+    return y
+
+
+def _max_2x2(x: jax.Array) -> jax.Array:
+    """2x2, stride 2, VALID max pooling as four strided slices (the bits of Flax's)."""
+    return _window_max(x, (2, 2), (x.shape[1] // 2, x.shape[2] // 2))
 
 
 @jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """`nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")` for NHWC `x`."""
-    return _pool(x)
+    return _max_2x2(x)
 
 
 def _forward(x: jax.Array):
-    y = _pool(x)
+    y = _max_2x2(x)
     return y, (x, y)
 
 
@@ -99,14 +119,23 @@ def flax_max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
 
 
+def _max_3x3_s2(x: jax.Array) -> jax.Array:
+    """3x3, stride 2, SAME max pooling as nine strided slices of the input padded with
+    -inf (the bits of Flax's, which pads the same way)."""
+    _, h, w, _ = x.shape
+    (top, bottom), (left, right) = lax.padtype_to_pads((h, w), (3, 3), (2, 2), "SAME")
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf)
+    return _window_max(padded, (3, 3), (-(-h // 2), -(-w // 2)))
+
+
 @jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """`nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")` for NHWC `x`."""
-    return flax_max_pool_3x3_s2(x)
+    return _max_3x3_s2(x)
 
 
 def _forward_3x3(x: jax.Array):
-    y = flax_max_pool_3x3_s2(x)
+    y = _max_3x3_s2(x)
     return y, (x, y)
 
 
