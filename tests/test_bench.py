@@ -156,12 +156,13 @@ def test_bench_rejects_bad_settings(tmp_path, capsys):
 
 def test_each_before_system_passes_its_own_switch(tmp_path):
     args = argparse.Namespace(image_size=80, batch_size=8, steps=2, repeats=2)
-    switches = {"--flax-pool", "--xla-convs", "--one-chunk"}
+    switches = {"--flax-pool", "--xla-convs", "--one-chunk", "--shifted-sums"}
     for system, switch in [
         ("jax", None),
         ("jax-flax-pool", "--flax-pool"),
         ("jax-xla-convs", "--xla-convs"),
         ("jax-one-chunk", "--one-chunk"),
+        ("jax-shifted-sums", "--shifted-sums"),
     ]:
         module, cmd = bench.child_command(
             system, MINIXCEPTION, "minixception", args, tmp_path / "out.json"
@@ -179,7 +180,10 @@ def test_fast_convs_systems_run_only_for_a_model_that_has_them():
     args = argparse.Namespace(
         configs=[CONVNET, MINIXCEPTION],
         image_size=80,
-        systems=["jax", "jax-xla-convs", "jax-one-chunk"],
+        systems=["jax", "jax-xla-convs", "jax-one-chunk", "jax-shifted-sums"],
     )
     plan = {model: systems for _, model, systems in bench.plan(args)}
-    assert plan == {"convnet": ["jax"], "minixception": ["jax", "jax-xla-convs", "jax-one-chunk"]}
+    assert plan == {
+        "convnet": ["jax"],
+        "minixception": ["jax", "jax-xla-convs", "jax-one-chunk", "jax-shifted-sums"],
+    }

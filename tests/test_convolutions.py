@@ -60,7 +60,9 @@ def test_batch_chunk_is_the_largest_divisor_that_fits():
 
 
 def test_depthwise_backward_in_chunks_matches_xla_and_repeats_op_by_op(monkeypatch):
-    # 6 images of 8x8x4 floats (1 KiB each) in 2 KiB chunks: 3 chunks, summed in order.
+    # The XLA form (float64, or with the kernels off): 6 images of 8x8x4 floats (1 KiB
+    # each) in 2 KiB chunks: 3 chunks, summed in order.
+    monkeypatch.setattr(convolutions, "NATIVE", False)
     monkeypatch.setattr(convolutions, "CHUNK_BYTES", 2048)
     x, k, g = _normal((6, 8, 8, 4), 20), _normal((3, 3, 1, 4), 21), _normal((6, 8, 8, 4), 22)
 

@@ -21,9 +21,13 @@ sides. Systems:
   jax-xla-convs    XLA's own depthwise and 1x1 convolutions (`--config.fast_convs=False`,
                    i.e. without `jaxrepro.models.ops.convolutions`; other bits); only for
                    a model with the `fast_convs` option (the mini Xception)
-  jax-one-chunk    the depthwise backward pass over the whole batch at once, without
-                   the batch chunks of `jaxrepro.models.ops.convolutions` (other bits);
-                   only for a model with the `fast_convs` option
+  jax-shifted-sums the depthwise convolution as XLA's shifted sums (the forward and
+                   input gradient bits of jaxrepro's kernels, the tap gradients summed
+                   in other orders), without `jaxrepro.models.ops.native`; only for a
+                   model with the `fast_convs` option
+  jax-one-chunk    those shifted sums with the backward pass over the whole batch at
+                   once, without their batch chunks (other bits); only for a model with
+                   the `fast_convs` option
   jax-gpu-nondet   jaxrepro without its XLA:GPU determinism flags (`jaxrepro.analysis.
                    variants` "gpu-nondeterministic"): what determinism costs on a GPU.
                    Not in the default list: on a CPU it is the plain `jax` system
@@ -77,6 +81,7 @@ SYSTEMS = {
     "jax-ynn-convs": "jaxrepro with YNNPACK convolutions (before)",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
+    "jax-shifted-sums": "jaxrepro with the depthwise convolution as XLA shifted sums (before)",
     "jax-one-chunk": "jaxrepro with the depthwise backward pass unchunked (before)",
     "jax-gpu-nondet": "jaxrepro without the XLA:GPU determinism flags",
     "tf-recipe": "Keras/TF, determinism recipe",
@@ -88,9 +93,10 @@ CHILD_SWITCHES = {
     "jax-flax-pool": "--flax-pool",
     "jax-xla-convs": "--xla-convs",
     "jax-one-chunk": "--one-chunk",
+    "jax-shifted-sums": "--shifted-sums",
 }
 # Systems that change the `fast_convs` convolutions only (a model spec's config option).
-FAST_CONVS_ONLY = ("jax-xla-convs", "jax-one-chunk")
+FAST_CONVS_ONLY = ("jax-xla-convs", "jax-one-chunk", "jax-shifted-sums")
 # The determinism mode a JAX system runs in (the others: the config's).
 JAX_MODES = {"jax-machine": "machine", "jax-portable": "portable"}
 # The `jaxrepro.analysis.variants` variant each JAX system runs under.

@@ -1,7 +1,8 @@
 """The JAX half of `python -m jaxrepro.analysis.bench`: one config, one system, this process.
 
     python -m jaxrepro.analysis.bench_jax CONFIG_FILE --json OUT [--steps 6] [--repeats 3]
-                     [--flax-pool | --xla-convs | --one-chunk] [--config.KEY=VALUE ...]
+                     [--flax-pool | --xla-convs | --one-chunk | --shifted-sums]
+                     [--config.KEY=VALUE ...]
 
 Compile time of the train step, then `--repeats` timed repeats of `--steps` training
 steps (each from the same initial state on the same batches, as the trainer runs them:
@@ -11,8 +12,9 @@ of a training step's floating-point operations and this process's fp32 peak
 (`fp32_peak_gflops`), whose quotient says how close training comes to what the cores
 can do. The switches run one of jaxrepro's speed-ups the way it was before
 (`--flax-pool`: Flax's select-and-scatter max-pool gradient; `--xla-convs`: XLA's own
-depthwise and 1x1 convolutions; `--one-chunk`: the depthwise backward pass over the
-whole batch at once).
+depthwise and 1x1 convolutions; `--shifted-sums`: the depthwise convolution as XLA's
+shifted sums instead of jaxrepro's kernels; `--one-chunk`: those, with the backward
+pass over the whole batch at once).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from jaxrepro.timing import peak_memory_mib, timed, usable_cpus
 from jaxrepro.train import setup, steps
 from jaxrepro.train.loop import load_data
 
-SWITCHES = ("flax_pool", "xla_convs", "one_chunk")
+SWITCHES = ("flax_pool", "xla_convs", "one_chunk", "shifted_sums")
 PEAK_MATMUL_SIZE = 2048
 
 
@@ -72,8 +74,11 @@ def measure(
     flax_pool: bool = False,
     xla_convs: bool = False,
     one_chunk: bool = False,
+    shifted_sums: bool = False,
 ) -> dict:
     """Measure jaxrepro's training, inference and explanations in this process."""
+    if one_chunk or shifted_sums:
+        convolutions.NATIVE = False  # the depthwise convolution as XLA ops
     if one_chunk:
         convolutions.CHUNK_BYTES = sys.maxsize  # every batch fits: one chunk
     config = configlib.resolve(

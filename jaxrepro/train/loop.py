@@ -41,6 +41,7 @@ from tqdm import tqdm
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
 from jaxrepro import determinism, fingerprint, models
+from jaxrepro.models.ops import native
 from jaxrepro.records import append_jsonl, write_jsonl
 from jaxrepro.train import checkpoint as ckpt
 from jaxrepro.train import parallel, probe, report, rundir, setup, steps
@@ -168,7 +169,7 @@ def start(
     mesh = make_mesh(config)
     model, tx = setup.build_model(config), setup.build_optimizer(config)  # a bad name fails here
     rundir.prepare(run_dir, config, config_file, resume, overwrite)
-    env = determinism.fingerprint()
+    env = {**determinism.fingerprint(), "kernels": native.describe()}
 
     data = load_data(config)
     steps_per_epoch = data_steps_per_epoch(data, config.batch_size)

@@ -10,24 +10,28 @@
   YNNPACK's convolutions (XLA:CPU's default) the patch form had been 2.3x faster.
 * `depthwise_conv`: a depthwise convolution (SAME, stride 1) as k*k shifted
   multiply-adds in a fixed (row-major) tap order, with its gradients written out
-  (`_depthwise_backward`): the input gradient is the same shifted sum over the
-  output gradient with flipped taps, each tap's gradient one reduction; both over the
-  batch in chunks of whole images of at most `CHUNK_BYTES` (one image if it is
-  larger; a `lax.scan`), so that the shifted maps XLA writes out stay in cache (the
-  mini Xception's compiled step at 180 px: about 3.0 against 4.5 s; bench in the
-  README). XLA:CPU runs a depthwise convolution (`feature_group_count` = channels)
-  as a generic grouped-convolution loop: one 3x3 depthwise layer of 128 channels at
-  46x46, batch 32, took 12.9 s forward and backward against 1.6 s shifted (2 loaded
-  cores).
+  (`_depthwise_backward`): the input gradient is the same shifted sum over the output
+  gradient with flipped taps, and each tap's gradient a sum of its shifted input times
+  the output gradient. In float32 all three run as jaxrepro's own kernels
+  (`depthwise.cc`, through `native`), one pass over memory each; the forward pass and
+  the input gradient give the bits of the same sums as XLA ops, the tap gradients are
+  summed per row, row and image in a fixed order that no core count changes. Float64
+  (the explanations' checks) runs the XLA ops, the backward pass over the batch in
+  chunks of whole images of at most `CHUNK_BYTES` (a `lax.scan`). XLA:CPU runs a
+  depthwise convolution (`feature_group_count` = channels) as a generic
+  grouped-convolution loop: one 3x3 depthwise layer of 128 channels at 46x46, batch
+  32, took 12.9 s forward and backward against 1.6 s shifted (2 loaded cores); the
+  kernels take 137 ms against 303 ms for the XLA ops on the mini Xception's first
+  block (176 px, 32 channels, batch 32; 2-core AMD EPYC, huge pages).
 * `pointwise_conv`: a strided 1x1 convolution as every s-th pixel's stride-1 one
   (SAME and VALID agree for 1x1 windows), through `patch_grad_conv`.
 
 The mini Xception's fast path (`MiniXception(fast_convs=True)`, the config's default
-`fast_convs=True`: depthwise and 1x1) trains about 3x faster than XLA's convolutions
-at 180 px (6.4 against 2.1 images/s forward and backward, batch 32, 2 quiet cores,
-convolutions outside YNNPACK, before the batch chunks). The mathematics is the
-convolution's; the bits differ from `lax.conv_general_dilated`'s by rounding only.
-Run to run each path repeats its bits, and a jitted step equals an op-by-op one
+`fast_convs=True`: depthwise and 1x1) trains several times faster than XLA's
+convolutions at 180 px (`docs/results/bench.md`, systems `jax` and `jax-xla-convs`).
+The mathematics is the convolution's; the bits differ from `lax.conv_general_dilated`'s
+by rounding only. Run to run each path repeats its bits, and a jitted step equals an
+op-by-op one
 (tested; a plain `dot_general` for the 1x1 convolutions broke that equality, which is
 why they go through `patch_grad_conv`).
 
@@ -47,7 +51,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from jaxrepro.models.ops import native
 
 
 def _supported(
@@ -138,19 +145,60 @@ def _depthwise(x: jax.Array, taps: jax.Array) -> jax.Array:
     return _shifted_sum(_pad_same(x, kh, kw), taps, x.shape[1], x.shape[2])
 
 
+# float32 depthwise convolutions run jaxrepro's own kernels (`native`, `depthwise.cc`);
+# False: the shifted sums below as XLA ops (the forward and input gradient give the
+# same bits either way, the tap gradients are summed in another order). Float64 (the
+# explanations' checks) always takes the XLA ops.
+NATIVE = True
+
+
+def _pads(kh: int, kw: int, *, transposed: bool = False) -> tuple[int, int]:
+    """(top, left) SAME padding at stride 1, as `_pad_same` pads."""
+    if transposed:
+        return kh // 2, kw // 2
+    return (kh - 1) // 2, (kw - 1) // 2
+
+
+def _native(x: jax.Array) -> bool:
+    return NATIVE and x.dtype == jnp.float32
+
+
+def _shifted_sum_native(x: jax.Array, taps: jax.Array, pads: tuple[int, int]) -> jax.Array:
+    """`_shifted_sum` of `x` zero-padded by `pads` (top, left), by `depthwise.cc`."""
+    native.library()
+    call = jax.ffi.ffi_call(
+        "jaxrepro_shifted_sum", jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential"
+    )
+    return call(x, taps, pad_top=np.int64(pads[0]), pad_left=np.int64(pads[1]))
+
+
+def _tap_gradients_native(x: jax.Array, g: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """`_tap_gradients` by `depthwise.cc`: per image, row and column in a fixed order."""
+    native.library()
+    top, left = _pads(*window)
+    call = jax.ffi.ffi_call(
+        "jaxrepro_tap_gradients",
+        jax.ShapeDtypeStruct((*window, x.shape[-1]), x.dtype),
+        vmap_method="sequential",
+    )
+    return call(x, g, pad_top=np.int64(top), pad_left=np.int64(left))
+
+
 @jax.custom_vjp
 def _depthwise_same(x: jax.Array, taps: jax.Array) -> jax.Array:
     """Depthwise SAME stride-1 convolution of NHWC `x` with taps `[kh, kw, C]`."""
+    if _native(x):
+        return _shifted_sum_native(x, taps, _pads(*taps.shape[:2]))
     return _depthwise(x, taps)
 
 
 def _depthwise_forward(x: jax.Array, taps: jax.Array):
-    return _depthwise(x, taps), (x, taps)
+    return _depthwise_same(x, taps), (x, taps)
 
 
-# Bytes of one chunk of the batch in the depthwise backward pass (see `batch_chunk`). A
-# constant, not the host's cache size: the chunking sets the order of the tap gradient's
-# sum, so it must not depend on the machine.
+# Bytes of one chunk of the batch in the XLA form of the backward pass (see
+# `batch_chunk`). A constant, not the host's cache size: the chunking sets the order of
+# the tap gradient's sum, so it must not depend on the machine.
 CHUNK_BYTES = 2 * 2**20
 
 
@@ -162,22 +210,26 @@ def batch_chunk(n: int, image_bytes: int, budget: int | None = None) -> int:
 
 
 def _depthwise_backward(residuals, g: jax.Array):
-    # Written out rather than left to autodiff, which transposes each shifted product
-    # into a padded full-size map and adds the k*k maps (k*k arrays in memory): the
-    # input gradient is the same shifted sum over the padded output gradient with the
-    # taps flipped, and each tap's gradient one reduction of its shifted map times g.
-    # Both run over the batch in chunks of at most `CHUNK_BYTES` (`lax.scan`): XLA
+    # The input gradient is the same shifted sum over the output gradient with the
+    # taps flipped and the padding transposed; each tap's gradient is one reduction of
+    # its shifted input times g. Written out rather than left to autodiff, which
+    # transposes each shifted product into a padded full-size map and adds the k*k maps.
+    x, taps = residuals
+    window = taps.shape[:2]
+    if _native(x):
+        dx = _shifted_sum_native(g, taps[::-1, ::-1], _pads(*window, transposed=True))
+        return dx, _tap_gradients_native(x, g, window)
+    # As XLA ops, over the batch in chunks of at most `CHUNK_BYTES` (`lax.scan`): XLA
     # writes each shifted map out in full before reducing it, and for the whole batch
     # (127 MiB for the mini Xception's first block at 180 px, batch 32) those k*k
     # writes cost more than the products themselves. The tap gradients are summed
     # chunk by chunk, in batch order.
-    x, taps = residuals
     n, h, w, c = g.shape
     b = batch_chunk(n, h * w * c * g.dtype.itemsize)
 
     def chunk(dtaps, xg):
         xc, gc = xg
-        return dtaps + _tap_gradients(xc, gc, taps.shape[:2]), _depthwise_input_gradient(gc, taps)
+        return dtaps + _tap_gradients(xc, gc, window), _depthwise_input_gradient(gc, taps)
 
     def split(a):
         return a.reshape(n // b, b, *a.shape[1:])

@@ -1,0 +1,175 @@
+"""jaxrepro's own depthwise convolution kernels (`jaxrepro/models/ops/depthwise.cc`).
+
+Claims: the forward pass and the input gradient are the XLA shifted sums' bits; the
+tap gradients are the documented order of sums (checked against the same order in
+NumPy, bit for bit), within float32 rounding of XLA's own convolution gradient, and
+the same bits on one core as on all; jitted equals op by op; no compiler is an error
+that says what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, assert_bitwise_equal
+from jax import lax
+
+from jaxrepro.models.ops import convolutions, native
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _inputs(shape, seed):
+    """ReLU-like inputs: a third exact +0.0, a tenth -0.0, the rest normal."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype(np.float32)
+    x = np.where(rng.random(shape) < 1 / 3, np.float32(0.0), x)
+    return jnp.asarray(np.where(rng.random(shape) < 0.1, np.float32(-0.0), x))
+
+
+def _vjp(x, taps, g):
+    y, back = jax.vjp(convolutions._depthwise_same, x, taps)
+    return (y, *back(g))
+
+
+def _xla_form(monkeypatch):
+    """`_vjp` with the kernels switched off: the shifted sums as XLA ops."""
+    monkeypatch.setattr(convolutions, "NATIVE", False)
+    return jax.jit(lambda *a: _vjp(*a))
+
+
+# The mini Xception's channel counts at small sizes, odd sizes, and other windows.
+CASES = [
+    ((2, 9, 9, 32), 3),
+    ((2, 6, 7, 64), 3),
+    ((1, 5, 4, 128), 3),
+    ((2, 3, 3, 256), 3),
+    ((1, 2, 2, 512), 3),
+    ((3, 7, 9, 6), 5),
+    ((2, 8, 6, 5), 2),
+    ((1, 1, 1, 8), 3),
+]
+
+
+@pytest.mark.parametrize("shape, k", CASES)
+def test_forward_and_input_gradient_are_the_xla_shifted_sums_bits(shape, k, monkeypatch):
+    x, g = _inputs(shape, 0), _inputs(shape, 1)
+    taps = _inputs((k, k, shape[-1]), 2)
+    y, dx, _ = jax.jit(_vjp)(x, taps, g)
+    want_y, want_dx, _ = _xla_form(monkeypatch)(x, taps, g)
+    assert_bitwise_equal((y, dx), (want_y, want_dx))
+
+
+def _tap_gradients_in_documented_order(x, g, k):
+    """depthwise.cc's order in NumPy float32: per image, per row the sum over columns
+    from +0, rows added from +0, images added from +0."""
+    x, g = np.asarray(x), np.asarray(g)
+    n, h, w, c = x.shape
+    top, left = (k - 1) // 2, (k - 1) // 2
+    padded = np.zeros((n, h + k - 1, w + k - 1, c), np.float32)
+    padded[:, top : top + h, left : left + w] = x
+    out = np.zeros((k, k, c), np.float32)
+    for b in range(n):
+        image = np.zeros((k, k, c), np.float32)
+        for r in range(h):
+            for i in range(k):
+                for j in range(k):
+                    row = np.zeros(c, np.float32)
+                    for col in range(w):
+                        row = row + padded[b, r + i, col + j] * g[b, r, col]
+                    image[i, j] = image[i, j] + row
+        out = out + image
+    return out
+
+
+@pytest.mark.parametrize("shape, k", [((3, 5, 6, 16), 3), ((2, 4, 3, 8), 5), ((2, 3, 4, 8), 2)])
+def test_tap_gradients_are_summed_in_the_documented_order(shape, k):
+    x, g = _inputs(shape, 3), _inputs(shape, 4)
+    dtaps = jax.jit(convolutions._tap_gradients_native, static_argnums=2)(x, g, (k, k))
+    assert_bitwise_equal(dtaps, _tap_gradients_in_documented_order(x, g, k))
+
+
+def test_the_order_check_can_fail():
+    # Summing the rows in the other direction gives other bits on these inputs.
+    x, g = _inputs((2, 9, 9, 16), 3), _inputs((2, 9, 9, 16), 4)
+    flipped = _tap_gradients_in_documented_order(x[:, ::-1], g[:, ::-1], 3)[::-1]
+    assert not np.array_equal(flipped, np.asarray(convolutions._tap_gradients_native(x, g, (3, 3))))
+
+
+@pytest.mark.parametrize("shape, k", [((4, 12, 12, 32), 3), ((2, 7, 9, 6), 5)])
+def test_the_gradient_is_xlas_convolution_gradient_up_to_rounding(shape, k):
+    x, g = _inputs(shape, 5), _inputs(shape, 6)
+    kernel = _inputs((k, k, 1, shape[-1]), 7)
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, NHWC)
+
+    def conv(impl):
+        return lambda x, w: impl(
+            x, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=shape[-1]
+        )
+
+    y, back = jax.vjp(conv(convolutions.depthwise_conv), x, kernel)
+    want_y, want_back = jax.vjp(conv(lax.conv_general_dilated), x, kernel)
+    for got, want in zip((y, *back(g)), (want_y, *want_back(g))):
+        got, want = np.asarray(got), np.asarray(want)
+        assert np.max(np.abs(got - want)) <= 2e-6 * np.max(np.abs(want))
+
+
+def test_jitted_equals_op_by_op():
+    x, g = _inputs((2, 9, 9, 32), 8), _inputs((2, 9, 9, 32), 9)
+    taps = _inputs((3, 3, 32), 10)
+    jitted = jax.jit(_vjp)(x, taps, g)
+    with jax.disable_jit():
+        assert_bitwise_equal(_vjp(x, taps, g), jitted)
+
+
+CORE_COUNT_CHILD = """
+import hashlib, sys, jax, numpy as np
+from jaxrepro.models.ops import convolutions
+x = jax.random.normal(jax.random.key(0), (8, 40, 40, 32))
+g = jax.random.normal(jax.random.key(1), (8, 40, 40, 32))
+taps = jax.random.normal(jax.random.key(2), (3, 3, 32))
+y, back = jax.vjp(convolutions._depthwise_same, x, taps)
+out = [np.asarray(a) for a in (y, *back(g))]
+print(len(jax.devices()), hashlib.sha256(b"".join(a.tobytes() for a in out)).hexdigest())
+"""
+
+
+def _child_digest(cpus: set[int]) -> str:
+    r = subprocess.run(
+        [sys.executable, "-c", CORE_COUNT_CHILD],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
+    return r.stdout.split()[-1]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_one_core_gives_the_bits_of_all_cores():
+    everything = os.sched_getaffinity(0)
+    assert _child_digest({min(everything)}) == _child_digest(everything)
+
+
+def test_without_a_compiler_the_error_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(native.KernelBuildError, match="apt-get install g\\+\\+"):
+        native.compiler()
+
+
+def test_a_failed_build_is_an_error_with_the_compilers_message(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(native.KernelBuildError, match="failed"):
+        native.build(native.compiler(), tmp_path / "lib.so")
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
