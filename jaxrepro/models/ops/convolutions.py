@@ -23,8 +23,10 @@
   32, took 12.9 s forward and backward against 1.6 s shifted (2 loaded cores); the
   kernels take 137 ms against 303 ms for the XLA ops on the mini Xception's first
   block (176 px, 32 channels, batch 32; 2-core AMD EPYC, huge pages).
-* `pointwise_conv`: a strided 1x1 convolution as every s-th pixel's stride-1 one
-  (SAME and VALID agree for 1x1 windows), through `patch_grad_conv`.
+* `pointwise_conv`: a 1x1 convolution (SAME and VALID agree for 1x1 windows). At
+  stride 1, XLA's forward pass with the gradients written out as the matrix products
+  they are (`_pointwise_matmul`), which YNNPACK runs; strided, every s-th pixel's
+  stride-1 convolution through `patch_grad_conv`.
 
 The mini Xception's fast path (`MiniXception(fast_convs=True)`, the config's default
 `fast_convs=True`: depthwise and 1x1) trains several times faster than XLA's
@@ -306,10 +308,12 @@ def pointwise_conv(
             **kwargs,
         )
     sh, sw = window_strides
-    x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-    return patch_grad_conv(
-        x, rhs, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
-    )
+    if (sh, sw) == (1, 1):
+        return _pointwise_matmul(lhs, rhs, precision)
+    # Strided: XLA's 1x1 convolution of the strided pixels. As a YNNPACK product, XLA
+    # made the strided slice feeding it 5x slower (153 against 29 ms in the mini
+    # Xception's first block, inference, batch 32).
+    return _conv_patch_grad(lhs[:, ::sh, ::sw, :], rhs, "VALID", precision)
 
 
 def patch_grad_conv(
@@ -356,6 +360,36 @@ def patch_grad_conv(
             **kwargs,
         )
     return _conv_patch_grad(lhs, rhs, padding, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise_matmul(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
+    """A 1x1 stride-1 NHWC convolution: XLA's forward pass, the gradients as the matrix
+    products over channels and pixels that they are.
+
+    XLA:CPU rewrites a 1x1 convolution into a product late, after it chose which
+    products YNNPACK runs, so the convolution's input gradient ran as XLA's own
+    product (the mini Xception's first block: 74 ms for 32 channels at 176 px, batch
+    32). As a `dot_general` YNNPACK runs it. The forward pass stays XLA's convolution:
+    as a YNNPACK product it made the evaluation step slower (93 against 108 images/s,
+    the mini Xception at 180 px, batch 32; 2-core AMD EPYC). The kernel gradient is
+    the patch form's product for a 1x1 window.
+    """
+    return _xla_conv(x, kernel, "VALID", precision)
+
+
+def _pointwise_matmul_forward(x, kernel, precision):
+    return _pointwise_matmul(x, kernel, precision), (x, kernel)
+
+
+def _pointwise_matmul_backward(precision, residuals, g):
+    x, kernel = residuals
+    dx = lax.dot_general(g, kernel[0, 0], (((3,), (1,)), ((), ())), precision=precision)
+    dkernel = lax.dot_general(x, g, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision)
+    return dx, dkernel.reshape(kernel.shape)
+
+
+_pointwise_matmul.defvjp(_pointwise_matmul_forward, _pointwise_matmul_backward)
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, padding: str, precision: Any) -> jax.Array:
