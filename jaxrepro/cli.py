@@ -4,7 +4,7 @@
   `parser(prog, description)`: the argument parser every tool's `--help` is laid out by.
 * `guarded(main)`: a `main(argv) -> int` that reports a `UserError` as `error: ...`
   and returns exit status 2; run from the command line, it first gives the process
-  transparent huge pages (`jaxrepro.hugepages.ensure`).
+  transparent huge pages (`jaxrepro.allocator.ensure`).
 * `run_child(module, args, ...)`: run `python -m module args` in a fresh process, the
   one way every tool starts a child (another XLA flag, another core count, an emulated
   CPU, a TensorFlow process); a failure raises `ChildError` with the child's stderr.
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from jaxrepro import hugepages
+from jaxrepro import allocator
 from jaxrepro.errors import UserError
 
 CONFIG_PREFIX = "--config."
@@ -61,13 +61,13 @@ def guarded(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     """`main` with every `UserError` printed as `error: ...` and turned into exit status 2.
 
     Called without arguments (the command line's), it first re-executes a jaxrepro
-    command with transparent huge pages for XLA's buffers (`jaxrepro.hugepages`).
+    command with transparent huge pages for XLA's buffers (`jaxrepro.allocator`).
     """
 
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None) -> int:
         if argv is None:
-            hugepages.ensure()
+            allocator.ensure()
         try:
             return main(argv)
         except UserError as e:

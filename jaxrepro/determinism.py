@@ -29,7 +29,7 @@ import subprocess
 import sys
 from typing import Any
 
-from jaxrepro import hugepages
+from jaxrepro import allocator
 from jaxrepro.errors import UserError
 
 
@@ -484,9 +484,9 @@ def fingerprint() -> dict[str, Any]:
         "gpu": gpu_fingerprint(devices, os.environ.get("XLA_FLAGS", "")),
         "jax_config": {k: getattr(jax.config, k) for k in (*JAX_CONFIG, *RECORDED_CONFIG)},
         "threads": {"cpu_count": os.cpu_count(), "affinity": affinity, **threads},
-        # Speed only, never bits (jaxrepro.hugepages); recorded to explain timings.
+        # Speed only, never bits (jaxrepro.allocator); recorded to explain timings.
         "memory": {
-            "glibc_tunables": os.environ.get(hugepages.VARIABLE, ""),
-            "transparent_hugepages": hugepages.kernel_mode(),
+            "glibc_tunables": os.environ.get(allocator.VARIABLE, ""),
+            "transparent_hugepages": allocator.kernel_mode(),
         },
     }

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrepro import allocator, train
 from jaxrepro import config as configlib
-from jaxrepro import hugepages, train
 from jaxrepro.analysis import variants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +25,9 @@ MODELS = ("convnet", "minixception")
 
 # The test processes started after this (pytest-xdist's workers, the tools' children)
 # get transparent huge pages for XLA's buffers, as a jaxrepro command gives itself
-# (`jaxrepro.hugepages`): the same bits, fewer page faults, a faster suite.
-if hugepages.supported():
-    os.environ[hugepages.VARIABLE] = hugepages.with_tunable(os.environ.get(hugepages.VARIABLE, ""))
+# (`jaxrepro.allocator`): the same bits, fewer page faults, a faster suite.
+if allocator.supported():
+    os.environ[allocator.VARIABLE] = allocator.with_tunable(os.environ.get(allocator.VARIABLE, ""))
 
 
 def tiny_spec(model: str) -> str:

@@ -100,6 +100,32 @@ def test_pointwise_matches_xla_forward_and_backward(stride, padding):
         _close(a, b)
 
 
+# The mini Xception's 1x1 convolutions at a small size: (channels in, out) of the
+# separable convolutions and of the strided shortcuts.
+@pytest.mark.parametrize(
+    "cin, cout, stride", [(32, 32, 1), (64, 128, 1), (256, 512, 2), (3, 32, 2)]
+)
+def test_pointwise_keeps_xlas_forward_bits_and_its_gradients_to_rounding(cin, cout, stride):
+    x = _normal((3, 9, 7, cin), 15)
+    k = _normal((1, 1, cin, cout), 16)
+    fast, back_fast = jax.jit(
+        lambda x, k: jax.vjp(
+            lambda x, k: _pointwise(convolutions.pointwise_conv, x, k, stride, "SAME"), x, k
+        )
+    )(x, k)
+    want, back_want = jax.jit(
+        lambda x, k: jax.vjp(
+            lambda x, k: _pointwise(lax.conv_general_dilated, x, k, stride, "SAME"), x, k
+        )
+    )(x, k)
+    if stride == 1:  # the same convolution; strided, the convolution of a slice
+        assert_bitwise_equal(fast, want)
+    _close(fast, want)
+    g = _normal(want.shape, 17)
+    for a, b in zip(back_fast(g), back_want(g)):
+        _close(a, b)
+
+
 @pytest.mark.parametrize("kernel, cin", [(3, 3), (5, 4), (1, 6)])
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 def test_patch_grad_conv_keeps_xlas_forward_and_input_gradient_bits(kernel, cin, padding):

@@ -19,7 +19,10 @@ PACKAGE = ROOT / "jaxrepro"
 LAYERS = {"data": 1, "models": 1, "train": 2, "explain": 3, "analysis": 4, "pretrained": 5}
 # Function-level imports are allowed only where a process must not load a framework yet:
 # TensorFlow on the TF side (after its recipe is applied), JAX before its XLA flags are set.
-LAZY_ALLOWED = {"jaxrepro/determinism.py": {"jax", "jax._src"}}
+LAZY_ALLOWED = {
+    "jaxrepro/determinism.py": {"jax", "jax._src"},
+    "jaxrepro/allocator.py": {"jax.monitoring"},
+}
 
 
 def module_name(path: Path) -> str:

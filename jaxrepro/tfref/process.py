@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jaxrepro import determinism, hugepages  # flags only; imports no JAX
+from jaxrepro import allocator, determinism  # flags only; imports no JAX
 
 # Marks a TF reference process: `jaxrepro/__init__` then neither imports JAX nor sets
 # XLA flags, so that neither framework's settings leak into the other.
@@ -75,8 +75,8 @@ def child_environment(recipe: Recipe, base: dict[str, str] | None = None) -> dic
 
 def tf_side_environment(base: dict[str, str] | os._Environ) -> dict[str, str]:
     """`base` marked as a TF process, without the XLA flags and the glibc huge-page
-    tunable jaxrepro adds for JAX (`jaxrepro.hugepages`): TF runs as its users run it."""
-    env = hugepages.without_own_setting(base)
+    tunable jaxrepro adds for JAX (`jaxrepro.allocator`): TF runs as its users run it."""
+    env = allocator.without_own_setting(base)
     env[SIDE_VARIABLE] = "tensorflow"
     flags = determinism.without_own_flags(env.get("XLA_FLAGS", ""))
     if flags:

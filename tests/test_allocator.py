@@ -1,5 +1,6 @@
-"""`jaxrepro.hugepages`: a jaxrepro command runs with transparent huge pages, with the
-same bits as without, and a TensorFlow reference process runs without them."""
+"""`jaxrepro.allocator`: a jaxrepro command runs with transparent huge pages, with the
+same bits as without, and a TensorFlow reference process runs without them; every XLA
+compilation is followed by giving malloc's free memory back."""
 
 from __future__ import annotations
 
@@ -10,26 +11,28 @@ import sys
 import types
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 from conftest import ROOT, records, tiny_spec
 
-from jaxrepro import hugepages
+from jaxrepro import allocator
 from jaxrepro.tfref import process
 
 needs_glibc_thp = pytest.mark.skipif(
-    not hugepages.supported(), reason="needs Linux, glibc 2.35+ and THP not 'never'"
+    not allocator.supported(), reason="needs Linux, glibc 2.35+ and THP not 'never'"
 )
 
 
 def test_the_tunable_is_added_once_and_a_users_choice_is_kept():
-    assert hugepages.with_tunable("") == "glibc.malloc.hugetlb=1"
+    assert allocator.with_tunable("") == "glibc.malloc.hugetlb=1"
     assert (
-        hugepages.with_tunable("glibc.malloc.arena_max=2")
+        allocator.with_tunable("glibc.malloc.arena_max=2")
         == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     )
-    once = hugepages.with_tunable("glibc.malloc.arena_max=2")
-    assert hugepages.with_tunable(once) == once
-    assert hugepages.with_tunable("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"
+    once = allocator.with_tunable("glibc.malloc.arena_max=2")
+    assert allocator.with_tunable(once) == once
+    assert allocator.with_tunable("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"
 
 
 def test_a_tensorflow_process_runs_without_the_setting_but_keeps_the_users_tunables():
@@ -49,8 +52,8 @@ def test_a_tensorflow_process_runs_without_the_setting_but_keeps_the_users_tunab
 def test_the_kernel_mode_is_the_bracketed_word(tmp_path):
     setting = tmp_path / "enabled"
     setting.write_text("always [madvise] never\n")
-    assert hugepages.kernel_mode(setting) == "madvise"
-    assert hugepages.kernel_mode(tmp_path / "missing") is None
+    assert allocator.kernel_mode(setting) == "madvise"
+    assert allocator.kernel_mode(tmp_path / "missing") is None
 
 
 def test_only_a_process_started_as_a_jaxrepro_command_is_replaced(monkeypatch):
@@ -60,17 +63,17 @@ def test_only_a_process_started_as_a_jaxrepro_command_is_replaced(monkeypatch):
         return module
 
     monkeypatch.setitem(sys.modules, "__main__", main_module("jaxrepro.train.__main__"))
-    assert hugepages.started_as_command()
+    assert allocator.started_as_command()
     monkeypatch.setitem(sys.modules, "__main__", main_module("ipykernel_launcher"))
-    assert not hugepages.started_as_command()
+    assert not allocator.started_as_command()
     monkeypatch.setitem(sys.modules, "__main__", main_module(None))
     monkeypatch.setattr(sys, "argv", ["/venv/bin/jaxrepro-train", "x.py"])
-    assert hugepages.started_as_command()
+    assert allocator.started_as_command()
     monkeypatch.setattr(sys, "argv", ["/usr/bin/my-notebook"])
-    assert not hugepages.started_as_command()
+    assert not allocator.started_as_command()
     # Not a command: `ensure` returns instead of replacing the process.
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    hugepages.ensure()
+    allocator.ensure()
 
 
 def _train(workdir: Path, tunables: str | None) -> dict:
@@ -99,3 +102,25 @@ def test_a_command_gives_itself_huge_pages_and_they_change_no_bit(tmp_path):
     memory = _train(tmp_path / "small", "glibc.malloc.hugetlb=0")
     assert memory["glibc_tunables"] == "glibc.malloc.hugetlb=0"
     assert records(tmp_path / "huge") == records(tmp_path / "small")
+
+
+def test_each_compilation_gives_mallocs_free_memory_back(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "_malloc_trim", lambda: lambda pad: calls.append(pad))
+    allocator.release_after_compiles()  # jaxrepro's import registered it; once is enough
+    x = jnp.arange(7.0).block_until_ready()
+
+    def fresh(x):  # a function never compiled before in this process
+        return jnp.sin(x) * 3.25 + 0.125
+
+    before = len(calls)
+    jax.jit(fresh)(x).block_until_ready()
+    after_compile = len(calls)
+    assert after_compile > before and set(calls) == {0}
+    jax.jit(fresh)(x).block_until_ready()  # cached: no compilation, nothing given back
+    assert len(calls) == after_compile
+
+
+@pytest.mark.skipif(allocator.glibc_version() is None, reason="needs glibc")
+def test_giving_memory_back_calls_glibc():
+    assert allocator.give_back_free_memory() is True
