@@ -189,3 +189,48 @@ def test_fast_convs_systems_run_only_for_a_model_that_has_them():
         "convnet": ["jax"],
         "minixception": ["jax", "jax-xla-convs", "jax-one-chunk", "jax-shifted-sums"],
     }
+
+
+def test_rounds_run_every_system_once_per_round_round_after_round():
+    todo = [("a.py", "a", ["jax", "tf-none"]), ("b.py", "b", ["jax"])]
+    assert bench.schedule(todo, 2) == [
+        (0, "a.py", "a", "jax"),
+        (0, "a.py", "a", "tf-none"),
+        (0, "b.py", "b", "jax"),
+        (1, "a.py", "a", "jax"),
+        (1, "a.py", "a", "tf-none"),
+        (1, "b.py", "b", "jax"),
+    ]
+
+
+def _process(train, sha, peak=100.0, memory=1000.0, bitwise=True):
+    return {
+        "model": "m",
+        "system": "jax",
+        "train_images_per_s": train,
+        "infer_images_per_s": [1.0],
+        "gradcam_per_s": [2.0],
+        "lrp_per_s": None,
+        "compile_s": memory / 100,
+        "train_peak_memory_mib": memory,
+        "peak_memory_mib": memory + 1,
+        "fp32_peak_gflops": peak,
+        "repeats_bitwise": bitwise,
+        "final_sha256": sha,
+    }
+
+
+def test_processes_of_one_system_pool_their_repeats_and_must_share_their_bits():
+    a, b, c = (
+        _process([1.0, 2.0], "x", 90.0, 1000.0),
+        _process([3.0], "x", 110.0, 3000.0),
+        _process([5.0], "x", 100.0, 2000.0),
+    )
+    row = bench.merge_runs([a, b, c])
+    assert row["train_images_per_s"] == [1.0, 2.0, 3.0, 5.0] and row["lrp_per_s"] is None
+    assert row["train_peak_memory_mib"] == 2000.0 and row["compile_s"] == 20.0
+    assert row["fp32_peak_gflops"] == 110.0 and row["processes"] == 3
+    assert row["repeats_bitwise"] is True
+    assert bench.merge_runs([a, _process([3.0], "y")])["repeats_bitwise"] is False
+    assert bench.merge_runs([a, _process([3.0], "x", bitwise=False)])["repeats_bitwise"] is False
+    assert bench.merge_runs([a]) == a

@@ -1,7 +1,7 @@
 """Speed and memory of jaxrepro next to the paper's Keras/TF runs, measured in one run.
 
     python -m jaxrepro.analysis.bench [CONFIG_FILE ...] [--systems ...] [--image-size 180]
-                     [--batch-size 32] [--steps 6] [--repeats 3] [--out DIR]
+                     [--batch-size 32] [--steps 6] [--repeats 3] [--rounds 1] [--out DIR]
 
 CONFIG_FILEs default to experiments/convnet.py and experiments/minixception.py. Every
 (config, system) is measured in a fresh process of its own, one after the other, on
@@ -45,11 +45,14 @@ process also counts the training step's operations (XLA's cost analysis) and mea
 its fp32 peak (the fastest 2048^3 matrix product), and the table gives training's
 GFLOP/s and their fraction of the highest peak the model's processes measured. Each
 JAX repeat starts from the same initial state on the same batches, so the repeats must
-end with the same bits; the table says whether they did. The table gives the median
-and the spread (min-max) of the repeats, and the ratios of the medians
-(`jaxrepro/TF-deterministic`, `jaxrepro/TF-default`, ...) per model for training,
-inference and the training peak memory. Written to
-DIR/bench.json, DIR/bench.md and DIR/bench.png.
+end with the same bits; the table says whether they did. With `--rounds N` every
+(config, system) is measured by N processes, round by round, and their repeats are
+pooled: on a machine whose speed changes from one minute to the next, a slow spell
+then falls on every system alike (and the N processes must end with the same bits).
+The table gives the median and the spread (min-max) of the repeats, and the ratios of
+the medians (`jaxrepro/TF-deterministic`, `jaxrepro/TF-default`, ...) per model for
+training, inference and the training peak memory. Written to DIR/bench.json,
+DIR/bench.md and DIR/bench.png.
 """
 
 from __future__ import annotations
@@ -178,6 +181,49 @@ def run_system(
     module, child_args = child_command(system, config_file, model, args, out)
     cli.run_child(module, child_args, env=child_environment(system), what=f"{system} on {model}")
     return {"system": system, "model": model, **json.loads(out.read_text())}
+
+
+def schedule(
+    todo: list[tuple[str, str, list[str]]], rounds: int
+) -> list[tuple[int, str, str, str]]:
+    """(round, config file, model, system) in the order they run: every (config, system)
+    once per round, round after round."""
+    return [
+        (r, config_file, model, system)
+        for r in range(rounds)
+        for config_file, model, systems in todo
+        for system in systems
+    ]
+
+
+# A row's per-repeat measurements (pooled over processes) and its per-process figures
+# (their median over processes; the fp32 peak: the highest).
+POOLED = ("train_images_per_s", "infer_images_per_s", "gradcam_per_s", "lrp_per_s")
+PER_PROCESS = ("compile_s", "train_peak_memory_mib", "peak_memory_mib")
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One row from the processes that measured one (model, system): the repeats pooled,
+    the per-process figures' medians, the highest fp32 peak, and `repeats_bitwise` only
+    if every process repeated its bits and all ended with the same final SHA-256."""
+    row = dict(runs[0])
+    if len(runs) == 1:
+        return row
+    for key in POOLED:
+        values = [r.get(key) for r in runs]
+        row[key] = None if any(v is None for v in values) else [x for v in values for x in v]
+    for key in PER_PROCESS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    peaks = [r["fp32_peak_gflops"] for r in runs if r.get("fp32_peak_gflops")]
+    if peaks:
+        row["fp32_peak_gflops"] = max(peaks)
+    if row.get("repeats_bitwise") is not None:
+        row["repeats_bitwise"] = all(r["repeats_bitwise"] for r in runs) and (
+            len({r["final_sha256"] for r in runs}) == 1
+        )
+    row["processes"] = len(runs)
+    return row
 
 
 def summary(values: list[float] | None) -> dict | None:
@@ -374,10 +420,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=180)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="training steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per process")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="processes per (config, system), run round by round so that a slow spell of "
+        "the machine falls on every system alike; their repeats are pooled",
+    )
     parser.add_argument("--out", default="checkpoints/bench", help="output directory")
     args = parser.parse_args(argv)
-    for name in ("image_size", "batch_size", "steps", "repeats"):
+    for name in ("image_size", "batch_size", "steps", "repeats", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -412,8 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = plan(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for config_file, model, systems in todo:
+    for _, model, systems in todo:
         skipped = [s for s in args.systems if s not in systems]
         if skipped:
             print(
@@ -422,24 +474,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        for system in systems:
-            print(f"measuring {system} on {model} ...", file=sys.stderr, flush=True)
-            try:
-                rows.append(
-                    run_system(system, config_file, model, args, out / f"{model}_{system}.json")
-                )
-            except cli.ChildError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            r = rows[-1]
-            print(
-                f"  {summary(r['train_images_per_s'])['median']:.1f} train images/s, "
-                f"compile {r['compile_s']:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for round_, config_file, model, system in schedule(todo, args.rounds):
+        print(
+            f"measuring {system} on {model}"
+            + (f" (round {round_ + 1} of {args.rounds})" if args.rounds > 1 else "")
+            + " ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        name = f"{model}_{system}" + (f"_round{round_ + 1}" if args.rounds > 1 else "")
+        try:
+            r = run_system(system, config_file, model, args, out / f"{name}.json")
+        except cli.ChildError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        runs.setdefault((model, system), []).append(r)
+        print(
+            f"  {summary(r['train_images_per_s'])['median']:.1f} train images/s, "
+            f"compile {r['compile_s']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    rows = [merge_runs(r) for r in runs.values()]
     text = table(rows, made_by)
-    settings = {k: getattr(args, k) for k in ("image_size", "batch_size", "steps", "repeats")}
+    settings = {
+        k: getattr(args, k) for k in ("image_size", "batch_size", "steps", "repeats", "rounds")
+    }
     (out / "bench.json").write_text(
         json.dumps(
             {
