@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, assert_bitwise_equal
 from jax import lax
 
-from jaxrepro.models.ops import convolutions, native
+from jaxrepro.models.ops import convolutions, native, portable
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -33,8 +33,12 @@ def _inputs(shape, seed):
     return jnp.asarray(np.where(rng.random(shape) < 0.1, np.float32(-0.0), x))
 
 
+def _depthwise(x, taps):
+    return convolutions._depthwise_same(x, taps, True)
+
+
 def _vjp(x, taps, g):
-    y, back = jax.vjp(convolutions._depthwise_same, x, taps)
+    y, back = jax.vjp(_depthwise, x, taps)
     return (y, *back(g))
 
 
@@ -134,7 +138,7 @@ from jaxrepro.models.ops import convolutions
 x = jax.random.normal(jax.random.key(0), (8, 40, 40, 32))
 g = jax.random.normal(jax.random.key(1), (8, 40, 40, 32))
 taps = jax.random.normal(jax.random.key(2), (3, 3, 32))
-y, back = jax.vjp(convolutions._depthwise_same, x, taps)
+y, back = jax.vjp(lambda x, t: convolutions._depthwise_same(x, t, True), x, taps)
 out = [np.asarray(a) for a in (y, *back(g))]
 print(len(jax.devices()), hashlib.sha256(b"".join(a.tobytes() for a in out)).hexdigest())
 """
@@ -173,3 +177,25 @@ def test_a_failed_build_is_an_error_with_the_compilers_message(monkeypatch, tmp_
     with pytest.raises(native.KernelBuildError, match="failed"):
         native.build(native.compiler(), tmp_path / "lib.so")
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+
+
+def test_the_portable_mode_never_runs_the_kernels(monkeypatch):
+    # Portable bits may depend on the config and the lock file only; the kernels are
+    # built by the host's C++ compiler, which the lock file does not pin.
+    def refused(*args, **kwargs):
+        raise AssertionError("the portable mode called depthwise.cc")
+
+    x, g = _inputs((2, 6, 6, 8), 11), _inputs((2, 6, 6, 8), 12)
+    kernel = _inputs((3, 3, 1, 8), 13)
+
+    def conv(impl):
+        return lambda x, w: impl(
+            x, w, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=8
+        )
+
+    for name in ("_shifted_sum_native", "_tap_gradients_native"):
+        monkeypatch.setattr(convolutions, name, refused)
+    y, back = jax.vjp(conv(portable.conv_general_dilated), x, kernel)
+    jax.block_until_ready((y, back(g)))
+    with pytest.raises(AssertionError, match="depthwise.cc"):
+        jax.vjp(conv(convolutions.depthwise_conv), x, kernel)

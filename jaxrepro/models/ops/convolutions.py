@@ -94,9 +94,15 @@ def depthwise_conv(
     dimension_numbers: Any = None,
     feature_group_count: int = 1,
     precision: Any = None,
+    *,
+    native: bool = True,
     **kwargs: Any,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`, with depthwise SAME stride-1 NHWC as shifted sums."""
+    """`lax.conv_general_dilated`, with depthwise SAME stride-1 NHWC as shifted sums.
+
+    `native=False` keeps float32 on the XLA ops too, whatever `NATIVE` says: the
+    portable mode's bits may not depend on the host's C++ compiler.
+    """
     if kwargs or not _supported(
         lhs,
         rhs,
@@ -119,7 +125,7 @@ def depthwise_conv(
             precision=precision,
             **kwargs,
         )
-    return _depthwise_same(lhs, rhs[:, :, 0])
+    return _depthwise_same(lhs, rhs[:, :, 0], native)
 
 
 def _shifted_sum(padded: jax.Array, taps: jax.Array, h: int, w: int) -> jax.Array:
@@ -161,8 +167,8 @@ def _pads(kh: int, kw: int, *, transposed: bool = False) -> tuple[int, int]:
     return (kh - 1) // 2, (kw - 1) // 2
 
 
-def _native(x: jax.Array) -> bool:
-    return NATIVE and x.dtype == jnp.float32
+def _native(x: jax.Array, allowed: bool) -> bool:
+    return allowed and NATIVE and x.dtype == jnp.float32
 
 
 def _shifted_sum_native(x: jax.Array, taps: jax.Array, pads: tuple[int, int]) -> jax.Array:
@@ -186,16 +192,17 @@ def _tap_gradients_native(x: jax.Array, g: jax.Array, window: tuple[int, int]) -
     return call(x, g, pad_top=np.int64(top), pad_left=np.int64(left))
 
 
-@jax.custom_vjp
-def _depthwise_same(x: jax.Array, taps: jax.Array) -> jax.Array:
-    """Depthwise SAME stride-1 convolution of NHWC `x` with taps `[kh, kw, C]`."""
-    if _native(x):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_same(x: jax.Array, taps: jax.Array, native: bool) -> jax.Array:
+    """Depthwise SAME stride-1 convolution of NHWC `x` with taps `[kh, kw, C]`; `native`
+    allows `depthwise.cc` for float32."""
+    if _native(x, native):
         return _shifted_sum_native(x, taps, _pads(*taps.shape[:2]))
     return _depthwise(x, taps)
 
 
-def _depthwise_forward(x: jax.Array, taps: jax.Array):
-    return _depthwise_same(x, taps), (x, taps)
+def _depthwise_forward(x: jax.Array, taps: jax.Array, native: bool):
+    return _depthwise_same(x, taps, native), (x, taps)
 
 
 # Bytes of one chunk of the batch in the XLA form of the backward pass (see
@@ -211,14 +218,14 @@ def batch_chunk(n: int, image_bytes: int, budget: int | None = None) -> int:
     return max([b for b in range(1, n + 1) if n % b == 0 and b * image_bytes <= budget], default=1)
 
 
-def _depthwise_backward(residuals, g: jax.Array):
+def _depthwise_backward(native: bool, residuals, g: jax.Array):
     # The input gradient is the same shifted sum over the output gradient with the
     # taps flipped and the padding transposed; each tap's gradient is one reduction of
     # its shifted input times g. Written out rather than left to autodiff, which
     # transposes each shifted product into a padded full-size map and adds the k*k maps.
     x, taps = residuals
     window = taps.shape[:2]
-    if _native(x):
+    if _native(x, native):
         dx = _shifted_sum_native(g, taps[::-1, ::-1], _pads(*window, transposed=True))
         return dx, _tap_gradients_native(x, g, window)
     # As XLA ops, over the batch in chunks of at most `CHUNK_BYTES` (`lax.scan`): XLA

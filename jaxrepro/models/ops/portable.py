@@ -17,7 +17,9 @@ a dot goes to Eigen). So, for the models in portable mode:
 * `conv_general_dilated` is the convolution as a matrix product of the input's patches
   (im2col: the taps concatenated in the kernel's row-major (kh, kw, cin) order) and the
   [kh*kw*cin, cout] kernel, through `dot_general`; a depthwise convolution is
-  `convolutions.depthwise_conv` (shifted multiply-adds, its reductions XLA's own loops).
+  `convolutions.depthwise_conv` (shifted multiply-adds, its reductions XLA's own loops;
+  never jaxrepro's own kernels, which the host's C++ compiler builds outside the lock
+  file).
 
 The mathematics is the convolution's and the dot's; the bits are other than XLA's own
 ops' (other summation orders). Any other form (dilation, other layouts, other groups) is
@@ -242,6 +244,7 @@ def conv_general_dilated(
                 padding,
                 dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count,
+                native=False,  # depthwise.cc is built by the host's compiler
             )
         raise NotPortable("portable depthwise convolutions are SAME with stride 1")
     if feature_group_count != 1:
