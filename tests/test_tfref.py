@@ -319,6 +319,7 @@ TF_SIDE = {
 # What the TF side may import of jaxrepro: the core and the weight exchange.
 TF_SIDE_MAY_IMPORT = {
     "jaxrepro",
+    "jaxrepro.allocator",  # to take jaxrepro's malloc tunable out of TF's environment
     "jaxrepro.cli",
     "jaxrepro.config",
     "jaxrepro.data",
