@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -176,6 +178,33 @@ def test_each_before_system_passes_its_own_switch(tmp_path):
     )
     assert module == "jaxrepro.tfref.bench" and cmd[cmd.index("--mode") + 1] == "single"
     assert cmd[cmd.index("--gradcam-layer") + 1] == "block5_add"  # from the model's spec
+
+
+ONEDNN_ISA_CHILD = """
+import tensorflow as tf
+tf.nn.conv2d(tf.ones([1, 8, 8, 4]), tf.ones([3, 3, 4, 4]), 1, "SAME")
+"""
+
+
+def test_the_avx2_system_caps_onednn_and_the_others_do_not(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    capped = bench.child_environment("tf-none-avx2")
+    assert capped["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "ONEDNN_MAX_CPU_ISA" not in bench.child_environment("tf-none")
+    assert {k: v for k, v in capped.items() if k != "ONEDNN_MAX_CPU_ISA"} == (
+        bench.child_environment("tf-none")
+    )
+    # oneDNN itself says which ISA it runs at (its verbose mode's info line).
+    r = subprocess.run(
+        [sys.executable, "-c", ONEDNN_ISA_CHILD],
+        env={**capped, "ONEDNN_VERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    isa = [line for line in r.stdout.splitlines() if ",isa:" in line]
+    assert isa and "AVX-512" not in isa[0] and "AVX2" in isa[0], isa
 
 
 def test_fast_convs_systems_run_only_for_a_model_that_has_them():

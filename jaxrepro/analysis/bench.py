@@ -35,6 +35,9 @@ sides. Systems:
                    enable_op_determinism), TF's oneDNN kernels, multi-threaded
   tf-none          Keras model.fit without the recipe (TF's default)
   tf-single        the recipe plus Listing 7 (one inter-op and one intra-op thread)
+  tf-none-avx2     tf-none with oneDNN's kernels capped at AVX2 (`ONEDNN_MAX_CPU_ISA`):
+                   TF as it runs on a CPU without AVX-512 (its Eigen code has none
+                   anyway). Not in the default list
 
 Per process (`jaxrepro.analysis.bench_jax`, `jaxrepro.tfref.bench`): compile time,
 then `--repeats` timed repeats of `--steps` training steps (images/s, after
@@ -91,6 +94,7 @@ SYSTEMS = {
     "tf-recipe": "Keras/TF, determinism recipe",
     "tf-none": "Keras/TF default",
     "tf-single": "Keras/TF, recipe, single thread",
+    "tf-none-avx2": "Keras/TF default, oneDNN capped at AVX2 (no AVX-512)",
 }
 # The child's switch for each "before" system that runs jaxrepro's own code another way.
 CHILD_SWITCHES = {
@@ -110,10 +114,18 @@ JAX_VARIANTS = {
     "jax-gpu-nondet": "gpu-nondeterministic",
 }
 # Systems measured only when asked for by name (`--systems`).
-NOT_BY_DEFAULT = ("jax-gpu-nondet",)
-TF_MODES = {"tf-recipe": "recipe", "tf-none": "none", "tf-single": "single"}
+NOT_BY_DEFAULT = ("jax-gpu-nondet", "tf-none-avx2")
+TF_MODES = {"tf-recipe": "recipe", "tf-none": "none", "tf-single": "single", "tf-none-avx2": "none"}
+# oneDNN's ISA cap per TF system: oneDNN generates its kernels for the CPU it finds
+# unless `ONEDNN_MAX_CPU_ISA` names a lower ISA.
+TF_ISA_CAPS = {"tf-none-avx2": "AVX2"}
 # The TF baselines every JAX system is compared with.
-RATIOS = {"tf-recipe": "TF-deterministic", "tf-none": "TF-default", "tf-single": "TF-single-thread"}
+RATIOS = {
+    "tf-recipe": "TF-deterministic",
+    "tf-none": "TF-default",
+    "tf-single": "TF-single-thread",
+    "tf-none-avx2": "TF-default-AVX2",
+}
 
 
 class BenchError(UserError, ValueError):
@@ -169,7 +181,10 @@ def child_command(
 def child_environment(system: str) -> dict[str, str]:
     """Environment of the measuring process (a TF one gets its recipe's)."""
     if system in TF_MODES:
-        return process.child_environment(process.MODES[TF_MODES[system]], dict(os.environ))
+        env = process.child_environment(process.MODES[TF_MODES[system]], dict(os.environ))
+        if system in TF_ISA_CAPS:
+            env["ONEDNN_MAX_CPU_ISA"] = TF_ISA_CAPS[system]
+        return env
     variant = variants.VARIANTS[JAX_VARIANTS.get(system, "default")]
     return variants.variant_env(variant, os.environ)
 
