@@ -30,12 +30,11 @@
 
 The mini Xception's fast path (`MiniXception(fast_convs=True)`, the config's default
 `fast_convs=True`: depthwise and 1x1) trains several times faster than XLA's
-convolutions at 180 px (`docs/results/bench.md`, systems `jax` and `jax-xla-convs`).
-The mathematics is the convolution's; the bits differ from `lax.conv_general_dilated`'s
-by rounding only. Run to run each path repeats its bits, and a jitted step equals an
-op-by-op one
-(tested; a plain `dot_general` for the 1x1 convolutions broke that equality, which is
-why they go through `patch_grad_conv`).
+convolutions at 180 px (`python -m jaxrepro.analysis.bench experiments/minixception.py
+--systems jax jax-xla-convs`). The mathematics is the convolution's; the bits differ
+from `lax.conv_general_dilated`'s by rounding only. Run to run each path repeats its
+bits, and a jitted step equals an op-by-op one (`tests/test_train.py`,
+`tests/test_native_kernels.py`).
 
 All three have the signature of `lax.conv_general_dilated` and are passed to
 `nn.Conv(conv_general_dilated=...)`, so the layers stay `nn.Conv`s (parameters, names,
