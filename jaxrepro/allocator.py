@@ -9,7 +9,7 @@ freed (a worker thread's arena maps every block over 64 MiB, whatever `mallopt` 
 So each training step or inference batch touches its whole working set as new memory:
 one page fault per 4 KiB page. On a 2-core AMD EPYC that was 0.65 million faults per mini
 Xception step, and `relu(x * a + b)` on a 127 MB map took 47 ms, against 7 ms once
-the pages stayed mapped (`docs/results/profile/`).
+the pages stayed mapped (`docs/results/speed/`).
 
 glibc 2.35 and newer take the tunable `glibc.malloc.hugetlb=1`: malloc then asks the
 kernel for transparent huge pages (`madvise`) on the maps it makes, one fault per 2

@@ -28,7 +28,7 @@ order, elementwise code XLA fuses with the ReLU before it; they give the bits of
 XLA:CPU's YNNPACK reduce fusion began, and in an inference graph that fusion took in
 every convolution before it, to run them far slower than XLA's own convolutions (the
 ConvNet's evaluation step was one YNNPACK fusion: 455 ms of 462 for a batch of 32 at
-180 px, 2-core AMD EPYC; `docs/results/profile/`).
+180 px, 2-core AMD EPYC; `docs/results/speed/`).
 """
 
 from __future__ import annotations
