@@ -1,4 +1,5 @@
-"""jaxrepro's own depthwise convolution kernels (`jaxrepro/models/ops/depthwise.cc`).
+"""jaxrepro's own kernels (`jaxrepro/models/ops/depthwise.cc`, `pooling.cc`; the pooling
+kernel's bits are checked in test_pooling.py).
 
 Claims: the forward pass and the input gradient are the XLA shifted sums' bits; the
 tap gradients are the documented order of sums (checked against the same order in
@@ -17,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, assert_bitwise_equal
+from conftest import ROOT, assert_bitwise_equal, loss_and_grads
 from jax import lax
 
-from jaxrepro.models.ops import convolutions, native, portable
+from jaxrepro.models import minixception
+from jaxrepro.models.ops import convolutions, native, pooling, portable
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -173,7 +175,7 @@ def test_without_a_compiler_the_error_says_what_to_install(monkeypatch, tmp_path
 def test_a_failed_build_is_an_error_with_the_compilers_message(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
     with pytest.raises(native.KernelBuildError, match="failed"):
         native.build(native.compiler(), tmp_path / "lib.so")
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
@@ -199,3 +201,23 @@ def test_the_portable_mode_never_runs_the_kernels(monkeypatch):
     jax.block_until_ready((y, back(g)))
     with pytest.raises(AssertionError, match="depthwise.cc"):
         jax.vjp(conv(convolutions.depthwise_conv), x, kernel)
+
+
+def test_the_portable_mode_takes_the_pooling_gradient_off_the_kernel(monkeypatch):
+    def refused(*args, **kwargs):
+        raise AssertionError("the portable mode called pooling.cc")
+
+    monkeypatch.setattr(pooling, "_gradient_native", refused)
+    config = {"dropout_rate": 0.0, "fast_convs": True}
+    images = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 21, 21, 3)), jnp.float32)
+    labels = jnp.asarray([0.0, 1.0])
+
+    def gradient(mode):
+        model = minixception.SPEC.build({**config, "determinism": mode})
+        model = model.clone(sizes=(8, 16), stem_features=8)
+        variables = model.init(jax.random.key(0), images[:1], train=False)
+        return jax.block_until_ready(loss_and_grads(model, variables, images, labels))
+
+    gradient("portable")
+    with pytest.raises(AssertionError, match="pooling.cc"):
+        gradient("machine")

@@ -1,6 +1,7 @@
 """Max pooling with a cheaper backward pass and the bits of the default (Flax's).
 
-The ConvNet's 2x2 VALID pooling and the mini Xception's overlapping 3x3/2 SAME pooling."""
+The ConvNet's 2x2 VALID pooling and the mini Xception's overlapping 3x3/2 SAME pooling,
+each as XLA ops and with its float32 backward pass by jaxrepro's kernel (`pooling.cc`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,18 @@ import pytest
 from conftest import assert_bitwise_equal, loss_and_grads
 
 from jaxrepro.models import convnet, minixception
+from jaxrepro.models.ops import pooling
 from jaxrepro.models.ops.pooling import flax_max_pool_2x2 as flax_pool
-from jaxrepro.models.ops.pooling import flax_max_pool_3x3_s2, max_pool_2x2, max_pool_3x3_s2
+from jaxrepro.models.ops.pooling import (
+    flax_max_pool_3x3_s2,
+    max_pool_2x2,
+    max_pool_2x2_native,
+    max_pool_3x3_s2,
+    max_pool_3x3_s2_native,
+)
+
+POOLS_2X2 = {"xla": max_pool_2x2, "kernel": max_pool_2x2_native}
+POOLS_3X3 = {"xla": max_pool_3x3_s2, "kernel": max_pool_3x3_s2_native}
 
 
 def pool_vjp(pool, x, g):
@@ -40,17 +51,18 @@ def gradients(shape) -> np.ndarray:
     return np.where(rng.random(shape) < 0.2, -0.0, g).astype(np.float32)
 
 
+@pytest.mark.parametrize("form", POOLS_2X2)
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "no_jit"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 5), (1, 2, 3, 1)])
-def test_max_pool_2x2_matches_flax_bitwise(shape, kind, jit):
+def test_max_pool_2x2_matches_flax_bitwise(shape, kind, jit, form):
     x = jnp.asarray(inputs(kind, shape))
     g = jnp.asarray(gradients((shape[0], shape[1] // 2, shape[2] // 2, shape[3])))
     context = contextlib.nullcontext() if jit else jax.disable_jit()
     with context:
         run = jax.jit(pool_vjp, static_argnums=0) if jit else pool_vjp
         want = run(flax_pool, x, g)
-        got = run(max_pool_2x2, x, g)
+        got = run(POOLS_2X2[form], x, g)
     assert_bitwise_equal(got, want)
     assert np.count_nonzero(np.asarray(got[1])) <= g.size  # one input per window
 
@@ -64,19 +76,20 @@ def test_a_backward_pass_that_routes_ties_elsewhere_is_caught():
     assert not np.array_equal(np.asarray(last), np.asarray(want))
 
 
+@pytest.mark.parametrize("form", POOLS_3X3)
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "no_jit"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 8, 3), (3, 7, 9, 5), (2, 5, 4, 2), (1, 2, 2, 1), (1, 1, 1, 1)]
+    "shape", [(2, 8, 8, 3), (3, 7, 9, 5), (2, 5, 4, 2), (1, 2, 2, 1), (1, 1, 1, 1), (2, 9, 9, 11)]
 )
-def test_max_pool_3x3_s2_matches_flax_bitwise(shape, kind, jit):
+def test_max_pool_3x3_s2_matches_flax_bitwise(shape, kind, jit, form):
     x = jnp.asarray(inputs(kind, shape))
     g = jnp.asarray(gradients(flax_max_pool_3x3_s2(x).shape))
     context = contextlib.nullcontext() if jit else jax.disable_jit()
     with context:
         run = jax.jit(pool_vjp, static_argnums=0) if jit else pool_vjp
         want = run(flax_max_pool_3x3_s2, x, g)
-        got = run(max_pool_3x3_s2, x, g)
+        got = run(POOLS_3X3[form], x, g)
     assert_bitwise_equal(got, want)
 
 
@@ -91,10 +104,27 @@ def test_an_input_chosen_by_four_windows_sums_their_gradients_in_window_order():
     in_order = ((np.float32(1e8) + np.float32(1.0)) + np.float32(-1e8)) + np.float32(1.0)
     reversed_ = ((np.float32(1.0) + np.float32(-1e8)) + np.float32(1.0)) + np.float32(1e8)
     assert (in_order, reversed_) == (1.0, 0.0)
-    for pool in (flax_max_pool_3x3_s2, max_pool_3x3_s2):
+    for pool in (flax_max_pool_3x3_s2, *POOLS_3X3.values()):
         _, dx = pool_vjp(pool, jnp.asarray(x), jnp.asarray(g))
         assert float(dx[0, 2, 2, 0]) == in_order
         assert np.count_nonzero(np.asarray(dx)) == 1
+
+
+@pytest.mark.parametrize("pool", [max_pool_2x2_native, max_pool_3x3_s2_native])
+def test_the_kernel_runs_the_float32_gradient_and_float64_stays_on_xla_ops(pool):
+    # The comparisons above would pass if the kernel were never called: the gradient's
+    # program must call it in float32, and must not in float64 (the explanations' checks),
+    # which the kernel does not take.
+    def program(dtype):
+        x = jnp.zeros((2, 9, 9, 3), dtype)
+        return str(jax.jit(lambda x, g: jax.vjp(pool, x)[1](g)).lower(x, pool(x)).as_text())
+
+    assert "jaxrepro_max_pool_gradient" in program(jnp.float32)
+    with jax.enable_x64(True):
+        assert "jaxrepro_max_pool_gradient" not in program(jnp.float64)
+        x = jnp.asarray(inputs("ties", (2, 9, 9, 3)), jnp.float64)
+        g = jnp.asarray(gradients(pool(x).shape), jnp.float64)
+        assert_bitwise_equal(pool_vjp(pool, x, g), pool_vjp(pooling.REFERENCE[pool], x, g))
 
 
 def test_the_convnet_gradient_keeps_its_bits():
@@ -113,6 +143,7 @@ def test_the_mini_xception_gradient_keeps_its_bits():
     x = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 37, 37, 3)), jnp.float32)
     y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
     fast = minixception.MiniXception(dropout_rate=0.0, sizes=(8, 16, 16), stem_features=8)
+    assert fast.pool is max_pool_3x3_s2_native  # the kernel's backward pass
     plain = fast.clone(pool=flax_max_pool_3x3_s2)
     variables = fast.init(jax.random.key(0), x[:1], train=False)
     assert_bitwise_equal(

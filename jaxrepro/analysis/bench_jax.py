@@ -1,7 +1,7 @@
 """The JAX half of `python -m jaxrepro.analysis.bench`: one config, one system, this process.
 
     python -m jaxrepro.analysis.bench_jax CONFIG_FILE --json OUT [--steps 6] [--repeats 3]
-                     [--flax-pool | --xla-convs | --one-chunk | --shifted-sums]
+                     [--flax-pool | --xla-pool | --xla-convs | --one-chunk | --shifted-sums]
                      [--config.KEY=VALUE ...]
 
 Compile time of the train step, then `--repeats` timed repeats of `--steps` training
@@ -11,7 +11,8 @@ heatmaps/s and the peak resident memory (after training, and at the end); XLA's 
 of a training step's floating-point operations and this process's fp32 peak
 (`fp32_peak_gflops`), whose quotient says how close training comes to what the cores
 can do. The switches run one of jaxrepro's speed-ups the way it was before
-(`--flax-pool`: Flax's select-and-scatter max-pool gradient; `--xla-convs`: XLA's own
+(`--flax-pool`: Flax's select-and-scatter max-pool gradient; `--xla-pool`: the max-pool
+gradient as XLA ops instead of jaxrepro's kernel; `--xla-convs`: XLA's own
 depthwise and 1x1 convolutions; `--shifted-sums`: the depthwise convolution as XLA's
 shifted sums instead of jaxrepro's kernels; `--one-chunk`: those, with the backward
 pass over the whole batch at once).
@@ -39,7 +40,7 @@ from jaxrepro.timing import peak_memory_mib, timed, usable_cpus
 from jaxrepro.train import setup, steps
 from jaxrepro.train.loop import load_data
 
-SWITCHES = ("flax_pool", "xla_convs", "one_chunk", "shifted_sums")
+SWITCHES = ("flax_pool", "xla_pool", "xla_convs", "one_chunk", "shifted_sums")
 PEAK_MATMUL_SIZE = 2048
 
 
@@ -72,6 +73,7 @@ def measure(
     steps_per_repeat: int,
     repeats: int,
     flax_pool: bool = False,
+    xla_pool: bool = False,
     xla_convs: bool = False,
     one_chunk: bool = False,
     shifted_sums: bool = False,
@@ -89,6 +91,8 @@ def measure(
     model, tx = setup.build_model(config), setup.build_optimizer(config)
     if flax_pool:
         model = model.clone(pool=pooling.REFERENCE[model.pool])
+    if xla_pool:
+        model = model.clone(pool=pooling.XLA_FORM.get(model.pool, model.pool))
     keys = setup.stream_keys(config)
     initial = jax.device_get(setup.init_state(model, tx, keys["init"], config.data.image_size))
     batch_size = config.batch_size

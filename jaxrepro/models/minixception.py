@@ -21,7 +21,7 @@ from jax import lax
 from jaxrepro.models.convnet import BIAS_INIT, KERNEL_INIT, rescale
 from jaxrepro.models.layers import batch_norm
 from jaxrepro.models.ops import convolutions
-from jaxrepro.models.ops.pooling import max_pool_3x3_s2
+from jaxrepro.models.ops.pooling import max_pool_3x3_s2, max_pool_3x3_s2_native
 from jaxrepro.models.spec import DecisionPoints, GradcamLayer, ModelSpec, PoolPoint
 
 
@@ -87,7 +87,7 @@ class XceptionBlock(nn.Module):
     features: int
     activation: Callable[[jax.Array], jax.Array] = nn.relu
     fast_convs: bool = False
-    pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
+    pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2_native
     conv: Callable[..., jax.Array] | None = None
 
     @nn.compact
@@ -143,9 +143,11 @@ class MiniXception(nn.Module):
     # (`jaxrepro.models.ops.convolutions`; other bits than XLA's convolutions; the
     # experiment config turns it on), or XLA's own convolutions (the module default).
     fast_convs: bool = False
-    # 3x3 max pooling, stride 2, SAME; `max_pool_3x3_s2` is `nn.max_pool` with a cheaper
-    # backward pass that gives the same bits (see `jaxrepro.models.ops.pooling`).
-    pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
+    # 3x3 max pooling, stride 2, SAME: `nn.max_pool` with a cheaper backward pass that
+    # gives the same bits, in float32 by jaxrepro's kernel (`max_pool_3x3_s2_native`;
+    # the portable mode takes the XLA form `max_pool_3x3_s2`, see
+    # `jaxrepro.models.ops.pooling`).
+    pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2_native
     # Every convolution's implementation, if given (the portable mode's,
     # `jaxrepro.models.ops.portable`); None: the stem is XLA's, the others by `fast_convs`.
     conv: Callable[..., jax.Array] | None = None
@@ -239,4 +241,5 @@ SPEC = ModelSpec(
     keras_layers=keras_layers,
     config_options=("fast_convs",),
     decision_points=decision_points,
+    portable_fields={"pool": max_pool_3x3_s2},
 )

@@ -86,6 +86,10 @@ class ModelSpec:
     # (`jaxrepro.explain.lrp.COMPOSITES` name or spec string); None: "thesis".
     lrp_composite: str | None = None
     decision_points: Callable[[nn.Module], DecisionPoints] | None = None
+    # Module fields the portable mode sets besides the convolutions and the dense
+    # product (`portable.FIELDS`): the XLA form of an op whose default runs one of
+    # jaxrepro's kernels, which the host's compiler builds.
+    portable_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def pretrained(self) -> bool:
@@ -96,7 +100,7 @@ class ModelSpec:
         """The module, with `dropout_rate` and `config_options` from `config`, then `kwargs`.
 
         A config in the portable determinism mode gets the portable convolutions and
-        dense product (`jaxrepro.models.ops.portable`).
+        dense product (`jaxrepro.models.ops.portable`) and the spec's `portable_fields`.
         """
         settings: dict[str, Any] = {}
         fields = {f.name for f in dataclasses.fields(self.module)}
@@ -105,5 +109,5 @@ class ModelSpec:
                 settings["dropout_rate"] = config["dropout_rate"]
             settings.update({k: config[k] for k in self.config_options if k in config})
             if config.get("determinism") == "portable":
-                settings.update(portable.FIELDS)
+                settings.update({**portable.FIELDS, **self.portable_fields})
         return self.module(**{**settings, **kwargs})

@@ -1,7 +1,8 @@
-"""jaxrepro's own CPU kernels (`depthwise.cc`): built on first use, called through JAX's FFI.
+"""jaxrepro's own CPU kernels: built on first use, called through JAX's FFI.
 
-The source is compiled once per source, compiler and jaxlib (whose FFI headers it
-includes) into a cache directory (`$JAXREPRO_KERNEL_CACHE`, else
+`depthwise.cc` (depthwise convolutions) and `pooling.cc` (max pooling's backward pass)
+share `parallel.h`. They are compiled into one library once per source, compiler and
+jaxlib (whose FFI headers they include) into a cache directory (`$JAXREPRO_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/jaxrepro/kernels`, else `~/.cache/jaxrepro/kernels`), loaded with
 ctypes and registered as XLA:CPU custom calls. A process that finds the library
 built loads it; processes that build it at once each write their own file and move
@@ -33,7 +34,9 @@ import jax
 
 from jaxrepro.errors import UserError
 
-SOURCE = Path(__file__).with_name("depthwise.cc")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "depthwise.cc", HERE / "pooling.cc")
+HEADERS = (HERE / "parallel.h",)
 FLAGS = (
     "-O3",
     "-std=c++17",
@@ -43,10 +46,11 @@ FLAGS = (
     "-ffp-contract=off",
     "-fno-fast-math",
 )
-# FFI target name -> the symbol `depthwise.cc` exports for it.
+# FFI target name -> the symbol the library exports for it.
 TARGETS = {
     "jaxrepro_shifted_sum": "JaxreproShiftedSum",
     "jaxrepro_tap_gradients": "JaxreproTapGradients",
+    "jaxrepro_max_pool_gradient": "JaxreproMaxPoolGradient",
 }
 
 
@@ -60,7 +64,7 @@ def compiler() -> str:
         if name and shutil.which(name):
             return shutil.which(name)
     raise KernelBuildError(
-        "jaxrepro's CPU kernels (jaxrepro/models/ops/depthwise.cc) are built on first use "
+        "jaxrepro's CPU kernels (jaxrepro/models/ops/*.cc) are built on first use "
         "and need a C++17 compiler; none was found (tried $CXX, c++, g++). Install one "
         "(Debian/Ubuntu: apt-get install g++) or set CXX."
     )
@@ -83,18 +87,20 @@ def cache_dir() -> Path:
 
 def build_key(cxx: str) -> str:
     """A digest of everything the library's code depends on."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     for part in (*FLAGS, compiler_version(cxx), jax.__version__, jax.ffi.include_dir()):
         h.update(b"\0" + str(part).encode())
     return h.hexdigest()[:16]
 
 
 def build(cxx: str, target: Path) -> None:
-    """Compile `SOURCE` into `target` (written under another name, then moved)."""
+    """Compile `SOURCES` into `target` (written under another name, then moved)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
     r = subprocess.run(command, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
@@ -108,7 +114,7 @@ def build(cxx: str, target: Path) -> None:
 def library() -> ctypes.CDLL:
     """The built kernel library, its FFI targets registered with XLA:CPU."""
     cxx = compiler()
-    path = cache_dir() / f"depthwise-{build_key(cxx)}.so"
+    path = cache_dir() / f"kernels-{build_key(cxx)}.so"
     if not path.exists():
         build(cxx, path)
     lib = ctypes.CDLL(str(path))

@@ -22,6 +22,16 @@ parity of the input's row and column (even rows and columns are shared by two
 windows), adding shared gradients in window order. About 2x faster than
 select-and-scatter on the mini Xception's maps (measured: block 1 at 180 px, batch 32).
 
+`max_pool_3x3_s2_native` and `max_pool_2x2_native` are the same functions whose float32
+backward pass is one call of jaxrepro's kernel (`pooling.cc`, built by `native`): the
+same first maxima and the same sums in window order, so the same bits, in one pass
+over memory. The mini Xception's default: its five pools' gradients took 0.24 s of a
+1.45 s training step as the XLA form and about half that by the kernel (180 px, batch
+32, 2-core AMD EPYC; `docs/results/speed/`). The portable mode keeps the XLA form, as
+it keeps every op off the kernels, which the host's compiler builds. The ConvNet keeps
+`max_pool_2x2`: with windows that do not overlap, XLA fuses the selects and the
+kernel was slower (70 against 52 ms forward and backward for conv1's map).
+
 The forward passes take the maximum of the window's strided slices in row-major window
 order, elementwise code XLA fuses with the ReLU before it; they give the bits of Flax's
 `nn.max_pool` (tested, signed zeros included). As a `reduce_window`, the pool was where
@@ -38,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxrepro.models.ops import native
 
 
 def _as_scattered(g: jax.Array) -> jax.Array:
@@ -207,6 +219,82 @@ def _backward_3x3(residuals, g: jax.Array):
 max_pool_3x3_s2.defvjp(_forward_3x3, _backward_3x3)
 
 
+# --- the backward pass by jaxrepro's kernel (pooling.cc) ------------------------------
+
+
+def _gradient_native(
+    x: jax.Array,
+    y: jax.Array,
+    g: jax.Array,
+    window: tuple[int, int],
+    pads: tuple[int, int],
+) -> jax.Array:
+    """Select-and-scatter's gradient of a stride-2 max pool by `pooling.cc`, one pass."""
+    native.library()
+    call = jax.ffi.ffi_call(
+        "jaxrepro_max_pool_gradient",
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        vmap_method="sequential",
+    )
+    return call(
+        x,
+        y,
+        g,
+        window_h=np.int64(window[0]),
+        window_w=np.int64(window[1]),
+        stride_h=np.int64(2),
+        stride_w=np.int64(2),
+        pad_top=np.int64(pads[0]),
+        pad_left=np.int64(pads[1]),
+    )
+
+
+def _runs_native(x: jax.Array, g: jax.Array) -> bool:
+    """The kernel takes float32 maps of more than one window (see `_single_window`)."""
+    return x.dtype == jnp.float32 and g.dtype == jnp.float32 and g.size > 1
+
+
+@jax.custom_vjp
+def max_pool_2x2_native(x: jax.Array) -> jax.Array:
+    """`max_pool_2x2`, its float32 backward pass by jaxrepro's kernel: the same bits."""
+    return _max_2x2(x)
+
+
+def _backward_2x2_native(residuals, g: jax.Array):
+    x, y = residuals
+    if not _runs_native(x, g):
+        return _backward(residuals, g)
+    return (_gradient_native(x, y, g, (2, 2), (0, 0)),)
+
+
+max_pool_2x2_native.defvjp(_forward, _backward_2x2_native)
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2_native(x: jax.Array) -> jax.Array:
+    """`max_pool_3x3_s2`, its float32 backward pass by jaxrepro's kernel: the same bits."""
+    return _max_3x3_s2(x)
+
+
+def _backward_3x3_native(residuals, g: jax.Array):
+    x, y = residuals
+    if not _runs_native(x, g):
+        return _backward_3x3(residuals, g)
+    (top, _), (left, _) = lax.padtype_to_pads(x.shape[1:3], (3, 3), (2, 2), "SAME")
+    return (_gradient_native(x, y, g, (3, 3), (top, left)),)
+
+
+max_pool_3x3_s2_native.defvjp(_forward_3x3, _backward_3x3_native)
+
+
+# Each pooling whose backward pass runs the kernel, and its XLA form (the portable mode's).
+XLA_FORM = {max_pool_2x2_native: max_pool_2x2, max_pool_3x3_s2_native: max_pool_3x3_s2}
+
 # Each fast pooling and Flax's own, which XLA differentiates by select-and-scatter (the
 # reference the tests compare against and the benchmark's "before").
-REFERENCE = {max_pool_2x2: flax_max_pool_2x2, max_pool_3x3_s2: flax_max_pool_3x3_s2}
+REFERENCE = {
+    max_pool_2x2: flax_max_pool_2x2,
+    max_pool_2x2_native: flax_max_pool_2x2,
+    max_pool_3x3_s2: flax_max_pool_3x3_s2,
+    max_pool_3x3_s2_native: flax_max_pool_3x3_s2,
+}
