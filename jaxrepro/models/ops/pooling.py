@@ -25,9 +25,10 @@ select-and-scatter on the mini Xception's maps (measured: block 1 at 180 px, bat
 `max_pool_3x3_s2_native` and `max_pool_2x2_native` are the same functions whose float32
 backward pass is one call of jaxrepro's kernel (`pooling.cc`, built by `native`): the
 same first maxima and the same sums in window order, so the same bits, in one pass
-over memory. The mini Xception's default: its five pools' gradients took 0.24 s of a
-1.45 s training step as the XLA form and about half that by the kernel (180 px, batch
-32, 2-core AMD EPYC; `docs/results/speed/`). The portable mode keeps the XLA form, as
+over memory. The mini Xception's default: its first pool forward and backward took 206
+ms as XLA ops and 141 ms with the kernel, and a training step 1451 and 1261 ms (180 px,
+batch 32, 2-core AMD EPYC; `docs/results/speed/pool-kernel/`). The portable mode keeps
+the XLA form, as
 it keeps every op off the kernels, which the host's compiler builds. The ConvNet keeps
 `max_pool_2x2`: with windows that do not overlap, XLA fuses the selects and the
 kernel was slower (70 against 52 ms forward and backward for conv1's map).
