@@ -241,5 +241,5 @@ SPEC = ModelSpec(
     keras_layers=keras_layers,
     config_options=("fast_convs",),
     decision_points=decision_points,
-    portable_fields={"pool": max_pool_3x3_s2},
+    portable_fields=(("pool", max_pool_3x3_s2),),
 )

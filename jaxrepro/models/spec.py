@@ -86,10 +86,11 @@ class ModelSpec:
     # (`jaxrepro.explain.lrp.COMPOSITES` name or spec string); None: "thesis".
     lrp_composite: str | None = None
     decision_points: Callable[[nn.Module], DecisionPoints] | None = None
-    # Module fields the portable mode sets besides the convolutions and the dense
-    # product (`portable.FIELDS`): the XLA form of an op whose default runs one of
-    # jaxrepro's kernels, which the host's compiler builds.
-    portable_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # (field, value) pairs the portable mode sets besides the convolutions and the
+    # dense product (`portable.FIELDS`): the XLA form of an op whose default runs one
+    # of jaxrepro's kernels, which the host's compiler builds. Pairs, not a dict, so
+    # that a spec stays hashable.
+    portable_fields: tuple[tuple[str, Any], ...] = ()
 
     @property
     def pretrained(self) -> bool:
@@ -109,5 +110,5 @@ class ModelSpec:
                 settings["dropout_rate"] = config["dropout_rate"]
             settings.update({k: config[k] for k in self.config_options if k in config})
             if config.get("determinism") == "portable":
-                settings.update({**portable.FIELDS, **self.portable_fields})
+                settings.update({**portable.FIELDS, **dict(self.portable_fields)})
         return self.module(**{**settings, **kwargs})
