@@ -2,8 +2,9 @@
 
 `depthwise.cc` (depthwise convolutions) and `pooling.cc` (max pooling's backward pass)
 share `parallel.h`. They are compiled into one library once per source, compiler and
-jaxlib (whose FFI headers they include) into a cache directory (`$JAXREPRO_KERNEL_CACHE`, else
-`$XDG_CACHE_HOME/jaxrepro/kernels`, else `~/.cache/jaxrepro/kernels`), loaded with
+jaxlib (whose FFI headers they include) into a cache directory
+(`$JAXREPRO_KERNEL_CACHE`, else `$XDG_CACHE_HOME/jaxrepro/kernels`, else
+`~/.cache/jaxrepro/kernels`), loaded with
 ctypes and registered as XLA:CPU custom calls. A process that finds the library
 built loads it; processes that build it at once each write their own file and move
 it into place, so none reads a half-written library.

@@ -22,16 +22,15 @@ parity of the input's row and column (even rows and columns are shared by two
 windows), adding shared gradients in window order. About 2x faster than
 select-and-scatter on the mini Xception's maps (measured: block 1 at 180 px, batch 32).
 
-`max_pool_3x3_s2_native` and `max_pool_2x2_native` are the same functions whose float32
-backward pass is one call of jaxrepro's kernel (`pooling.cc`, built by `native`): the
-same first maxima and the same sums in window order, so the same bits, in one pass
-over memory. The mini Xception's default: its first pool forward and backward took 206
-ms as XLA ops and 141 ms with the kernel, and a training step 1451 and 1261 ms (180 px,
-batch 32, 2-core AMD EPYC; `docs/results/speed/pool-kernel/`). The portable mode keeps
-the XLA form, as
+`max_pool_3x3_s2_native` is the same function whose float32 backward pass is one call
+of jaxrepro's kernel (`pooling.cc`, built by `native`): the same first maxima and the
+same sums in window order, so the same bits, in one pass over memory. It is the mini
+Xception's default: its first pool forward and backward took 206 ms as XLA ops and 141
+ms with the kernel, and a training step 1451 and 1261 ms (180 px, batch 32, 2-core
+AMD EPYC; `docs/results/speed/pool-kernel/`). The portable mode keeps the XLA form, as
 it keeps every op off the kernels, which the host's compiler builds. The ConvNet keeps
-`max_pool_2x2`: with windows that do not overlap, XLA fuses the selects and the
-kernel was slower (70 against 52 ms forward and backward for conv1's map).
+`max_pool_2x2`: its windows do not overlap, XLA fuses the selects, and the kernel was
+slower there (70 against 52 ms forward and backward on conv1's map).
 
 The forward passes take the maximum of the window's strided slices in row-major window
 order, elementwise code XLA fuses with the ReLU before it; they give the bits of Flax's
@@ -230,7 +229,8 @@ def _gradient_native(
     window: tuple[int, int],
     pads: tuple[int, int],
 ) -> jax.Array:
-    """Select-and-scatter's gradient of a stride-2 max pool by `pooling.cc`, one pass."""
+    """Select-and-scatter's gradient of a stride-2 max pool by `pooling.cc`, one pass
+    (the kernel takes any window, stride and padding; the mini Xception's is 3x3/2 SAME)."""
     native.library()
     call = jax.ffi.ffi_call(
         "jaxrepro_max_pool_gradient",
@@ -256,22 +256,6 @@ def _runs_native(x: jax.Array, g: jax.Array) -> bool:
 
 
 @jax.custom_vjp
-def max_pool_2x2_native(x: jax.Array) -> jax.Array:
-    """`max_pool_2x2`, its float32 backward pass by jaxrepro's kernel: the same bits."""
-    return _max_2x2(x)
-
-
-def _backward_2x2_native(residuals, g: jax.Array):
-    x, y = residuals
-    if not _runs_native(x, g):
-        return _backward(residuals, g)
-    return (_gradient_native(x, y, g, (2, 2), (0, 0)),)
-
-
-max_pool_2x2_native.defvjp(_forward, _backward_2x2_native)
-
-
-@jax.custom_vjp
 def max_pool_3x3_s2_native(x: jax.Array) -> jax.Array:
     """`max_pool_3x3_s2`, its float32 backward pass by jaxrepro's kernel: the same bits."""
     return _max_3x3_s2(x)
@@ -289,13 +273,12 @@ max_pool_3x3_s2_native.defvjp(_forward_3x3, _backward_3x3_native)
 
 
 # Each pooling whose backward pass runs the kernel, and its XLA form (the portable mode's).
-XLA_FORM = {max_pool_2x2_native: max_pool_2x2, max_pool_3x3_s2_native: max_pool_3x3_s2}
+XLA_FORM = {max_pool_3x3_s2_native: max_pool_3x3_s2}
 
 # Each fast pooling and Flax's own, which XLA differentiates by select-and-scatter (the
 # reference the tests compare against and the benchmark's "before").
 REFERENCE = {
     max_pool_2x2: flax_max_pool_2x2,
-    max_pool_2x2_native: flax_max_pool_2x2,
     max_pool_3x3_s2: flax_max_pool_3x3_s2,
     max_pool_3x3_s2_native: flax_max_pool_3x3_s2,
 }
