@@ -1,11 +1,11 @@
 """jaxrepro's own kernels (`jaxrepro/models/ops/depthwise.cc`, `pooling.cc`; the pooling
-kernel's bits are checked in test_pooling.py).
+kernel's bits against Flax's are checked in test_pooling.py).
 
 Claims: the forward pass and the input gradient are the XLA shifted sums' bits; the
 tap gradients are the documented order of sums (checked against the same order in
-NumPy, bit for bit), within float32 rounding of XLA's own convolution gradient, and
-the same bits on one core as on all; jitted equals op by op; no compiler is an error
-that says what to install.
+NumPy, bit for bit), within float32 rounding of XLA's own convolution gradient; both
+kernels give the same bits on one core as on all; jitted equals op by op; no compiler
+is an error that says what to install; the portable mode runs neither kernel.
 """
 
 from __future__ import annotations
@@ -134,14 +134,16 @@ def test_jitted_equals_op_by_op():
         assert_bitwise_equal(_vjp(x, taps, g), jitted)
 
 
+# Both kernels: the depthwise convolution's three, and the max-pool gradient's.
 CORE_COUNT_CHILD = """
 import hashlib, sys, jax, numpy as np
-from jaxrepro.models.ops import convolutions
+from jaxrepro.models.ops import convolutions, pooling
 x = jax.random.normal(jax.random.key(0), (8, 40, 40, 32))
 g = jax.random.normal(jax.random.key(1), (8, 40, 40, 32))
 taps = jax.random.normal(jax.random.key(2), (3, 3, 32))
 y, back = jax.vjp(lambda x, t: convolutions._depthwise_same(x, t, True), x, taps)
-out = [np.asarray(a) for a in (y, *back(g))]
+pooled, pool_back = jax.vjp(pooling.max_pool_3x3_s2_native, jax.numpy.round(x))
+out = [np.asarray(a) for a in (y, *back(g), *pool_back(pooled * 1e-3 + 1.0))]
 print(len(jax.devices()), hashlib.sha256(b"".join(a.tobytes() for a in out)).hexdigest())
 """
 
