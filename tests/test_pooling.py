@@ -77,7 +77,18 @@ def test_a_backward_pass_that_routes_ties_elsewhere_is_caught():
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "no_jit"])
 @pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros"])
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 8, 3), (3, 7, 9, 5), (2, 5, 4, 2), (1, 2, 2, 1), (1, 1, 1, 1), (2, 9, 9, 11)]
+    "shape",
+    # (3, 2, 2, 4): one window per image and channel, which the kernel takes;
+    # (2, 9, 9, 11): channels that are not a multiple of a vector's width.
+    [
+        (2, 8, 8, 3),
+        (3, 7, 9, 5),
+        (2, 5, 4, 2),
+        (1, 2, 2, 1),
+        (1, 1, 1, 1),
+        (3, 2, 2, 4),
+        (2, 9, 9, 11),
+    ],
 )
 def test_max_pool_3x3_s2_matches_flax_bitwise(shape, kind, jit, form):
     x = jnp.asarray(inputs(kind, shape))
