@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrepro import cli, determinism, fingerprint
+from jaxrepro import cli, determinism, fingerprint, models
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
 from jaxrepro.explain import gradcam, lrp
@@ -88,11 +88,11 @@ def measure(
     )
     determinism.apply_config(config)  # before any JAX work
     data = load_data(config)
-    model, tx = setup.build_model(config), setup.build_optimizer(config)
+    # --xla-pool: the XLA forms the portable mode takes instead of jaxrepro's kernels.
+    xla_forms = dict(models.get_spec(config["model"]).portable_fields) if xla_pool else {}
+    model, tx = setup.build_model(config, **xla_forms), setup.build_optimizer(config)
     if flax_pool:
         model = model.clone(pool=pooling.REFERENCE[model.pool])
-    if xla_pool:
-        model = model.clone(pool=pooling.XLA_FORM.get(model.pool, model.pool))
     keys = setup.stream_keys(config)
     initial = jax.device_get(setup.init_state(model, tx, keys["init"], config.data.image_size))
     batch_size = config.batch_size

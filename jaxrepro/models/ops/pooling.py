@@ -272,9 +272,6 @@ def _backward_3x3_native(residuals, g: jax.Array):
 max_pool_3x3_s2_native.defvjp(_forward_3x3, _backward_3x3_native)
 
 
-# Each pooling whose backward pass runs the kernel, and its XLA form (the portable mode's).
-XLA_FORM = {max_pool_3x3_s2_native: max_pool_3x3_s2}
-
 # Each fast pooling and Flax's own, which XLA differentiates by select-and-scatter (the
 # reference the tests compare against and the benchmark's "before").
 REFERENCE = {
