@@ -27,7 +27,7 @@ def distinct_outputs(spec: str, mode: str) -> dict:
     model, tx = train.build_model(c), train.build_optimizer(c)
     keys = train.stream_keys(c)
     state = train.init_state(model, tx, keys["init"], c.data.image_size)
-    step = steps.make_train_step(model, tx, c.augment)
+    step = steps.make_train_step(model, tx, steps.augmentation(c))
     shape = (c.batch_size, c.data.image_size, c.data.image_size, 3)
     x = np.asarray(jax.random.randint(jax.random.key(3), shape, 0, 256), np.uint8)
     y = np.arange(c.batch_size, dtype=np.int32) % 2

@@ -1,11 +1,12 @@
-"""jaxrepro's own kernels (`jaxrepro/models/ops/depthwise.cc`, `pooling.cc`; the pooling
-kernel's bits against Flax's are checked in test_pooling.py).
+"""jaxrepro's own kernels (`jaxrepro/models/ops/depthwise.cc`, `pooling.cc`,
+`resample.cc`; the pooling kernel's bits against Flax's are checked in test_pooling.py,
+the resampling's against its XLA form in test_augment.py).
 
 Claims: the forward pass and the input gradient are the XLA shifted sums' bits; the
 tap gradients are the documented order of sums (checked against the same order in
-NumPy, bit for bit), within float32 rounding of XLA's own convolution gradient; both
-kernels give the same bits on one core as on all; jitted equals op by op; no compiler
-is an error that says what to install; the portable mode runs neither kernel.
+NumPy, bit for bit), within float32 rounding of XLA's own convolution gradient; every
+kernel gives the same bits on one core as on all; jitted equals op by op; no compiler
+is an error that says what to install; the portable mode runs none of the kernels.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, assert_bitwise_equal, loss_and_grads
+from conftest import ROOT, assert_bitwise_equal, loss_and_grads, tiny_config
 from jax import lax
 
+from jaxrepro import train
 from jaxrepro.models import minixception
 from jaxrepro.models.ops import convolutions, native, pooling, portable
+from jaxrepro.train import steps
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -134,7 +137,8 @@ def test_jitted_equals_op_by_op():
         assert_bitwise_equal(_vjp(x, taps, g), jitted)
 
 
-# Both kernels: the depthwise convolution's three, and the max-pool gradient's.
+# Every kernel: the depthwise convolution's three, the max-pool gradient's and the
+# augmentation's resampling.
 CORE_COUNT_CHILD = """
 import hashlib, sys, jax, numpy as np
 from jaxrepro.models.ops import convolutions, pooling
@@ -143,7 +147,10 @@ g = jax.random.normal(jax.random.key(1), (8, 40, 40, 32))
 taps = jax.random.normal(jax.random.key(2), (3, 3, 32))
 y, back = jax.vjp(lambda x, t: convolutions._depthwise_same(x, t, True), x, taps)
 pooled, pool_back = jax.vjp(pooling.max_pool_3x3_s2_native, jax.numpy.round(x))
-out = [np.asarray(a) for a in (y, *back(g), *pool_back(pooled * 1e-3 + 1.0))]
+from jaxrepro.data import augment
+images = jax.numpy.abs(x[..., :3]) * 60.0
+out = [np.asarray(a) for a in (y, *back(g), *pool_back(pooled * 1e-3 + 1.0),
+       augment.augment_batch(jax.random.key(3), images, native=True))]
 print(len(jax.devices()), hashlib.sha256(b"".join(a.tobytes() for a in out)).hexdigest())
 """
 
@@ -223,3 +230,21 @@ def test_the_portable_mode_takes_the_pooling_gradient_off_the_kernel(monkeypatch
     gradient("portable")
     with pytest.raises(AssertionError, match="pooling.cc"):
         gradient("machine")
+
+
+@pytest.mark.parametrize("model", ["convnet", "minixception"])
+def test_the_training_step_resamples_by_the_kernel_in_the_machine_mode_only(model):
+    # The augmentation's kernel gives the XLA form's bits (test_augment.py); the
+    # portable mode must still never call it.
+    def program(mode):
+        config = tiny_config(model, f"determinism={mode}")
+        keys = train.stream_keys(config)
+        m, tx = train.build_model(config), train.build_optimizer(config)
+        state = train.init_state(m, tx, keys["init"], config.data.image_size)
+        size = config.data.image_size
+        images = jnp.zeros((2, size, size, 3), jnp.uint8)
+        step = steps.make_train_step(m, tx, steps.augmentation(config))
+        return step.trace(state, images, jnp.zeros((2,), jnp.int32), keys).lower().as_text()
+
+    assert "jaxrepro_affine_resample" in program("machine")
+    assert "jaxrepro_affine_resample" not in program("portable")

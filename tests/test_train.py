@@ -184,7 +184,7 @@ def _one_step(config, images, labels):
     keys = train.stream_keys(config)
     m, tx = train.build_model(config), train.build_optimizer(config)
     state0 = train.init_state(m, tx, keys["init"], config.data.image_size)
-    step = steps.make_train_step(m, tx, config.augment)
+    step = steps.make_train_step(m, tx, steps.augmentation(config))
     state1, metrics, _ = step(jax.tree.map(np.asarray, state0), images, labels, keys)
     return state0, state1, epoch_order(keys["shuffle"], 0, 64)
 
@@ -264,7 +264,7 @@ class TestJitVariants(chex.TestCase):
         keys = rng.stream_keys(config.seed)
         m, tx = train.build_model(config), train.build_optimizer(config)
         state0 = train.init_state(m, tx, keys["init"], size)
-        jitted = steps.make_train_step(m, tx, config.augment)
+        jitted = steps.make_train_step(m, tx, steps.augmentation(config))
         step = self.variant(jitted.__wrapped__)
 
         def two_steps(fn):

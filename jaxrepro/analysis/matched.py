@@ -72,7 +72,7 @@ def matched_inputs(config: ml_collections.ConfigDict, num_steps: int, probe: int
     n_train, bs = len(data.train.labels), config.batch_size
     steps_per_epoch = data_steps_per_epoch(data, bs)
     keys = setup.stream_keys(config)
-    augment = jax.jit(lambda key, x: steps.augment_images(x, key, config.augment))
+    augment = jax.jit(lambda key, x: steps.augment_images(x, key, steps.augmentation(config)))
     xs, ys = [], []
     for step in range(num_steps):
         epoch, batch = divmod(step, steps_per_epoch)

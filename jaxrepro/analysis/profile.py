@@ -138,7 +138,7 @@ def profile(config_file: str, overrides: Sequence[str], steps: int, what: str = 
         )
     ]
     if what == "train":
-        train_step = steplib.make_train_step(model, tx, config.augment)
+        train_step = steplib.make_train_step(model, tx, steplib.augmentation(config))
         compiled = train_step.lower(state, *batches[0], keys).compile()
 
         def step(state, batch):

@@ -23,9 +23,17 @@ make the gather index and the bilinear weight disagree (see "exact coordinates" 
 A factor of 0 (or `flip=False`) skips that part entirely, so with all parts off the
 output is the input, bit for bit.
 
-Bits: a jitted call gives the same bits on every run. Eager and jitted calls (or this
-code jitted alone and inside a larger step) can differ in the last bits of a pixel,
-because XLA:CPU fuses `w * pixel + acc` into FMAs depending on the fusion.
+The training step resamples with jaxrepro's kernel instead (`native=True`,
+`resample_native`, `jaxrepro/models/ops/resample.cc`): the same operations in the same
+order in one pass over each image, where XLA:CPU runs the gathers element by element
+and the reflection's `mod` as integer divisions. The same bits (tested); the portable
+mode keeps the XLA form, as it keeps every op off the kernels.
+
+Bits: a jitted call gives the same bits on every run. On x86-64 jaxrepro caps XLA:CPU
+at AVX, which has no FMA, so eager and jitted calls give the same bits too (tested).
+Without that cap (another architecture), eager and jitted calls, or this code jitted
+alone and inside a larger step, can differ in the last bits of a pixel, because XLA:CPU
+fuses `w * pixel + acc` into FMAs depending on the fusion.
 
 Randomness: example i of a batch uses `fold_in(key, i)`; its flip, rotation and zoom
 draws use `fold_in(example_key, FLIP_STREAM / ROTATE_STREAM / ZOOM_STREAM)`. So an
@@ -40,6 +48,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from jaxrepro.models.ops import native as kernels
 
 # Sub-streams of an example key. Fixed forever: renumbering changes every augmentation.
 FLIP_STREAM = 0
@@ -164,22 +175,22 @@ def _reflect_index(index: jax.Array, size: int) -> jax.Array:
     return jnp.where(index >= size, 2 * size - 1 - index, index)
 
 
-def affine_transform(image: jax.Array, transform: jax.Array) -> jax.Array:
-    """Resample `image` [H, W, C] at (x_in, y_in) = transform(x, y) of each output pixel.
-
-    Bilinear, fill mode "reflect". `transform` is Keras's [a0, a1, a2, b0, b1, b2, 0, 0]:
-    x_in = a0*x + a1*y + a2, y_in = b0*x + b1*y + b2 in pixel coordinates (x = column,
-    y = row); a0, a1, b0, b1 are snapped to the exact-coordinate grid (a no-op for the
-    output of `rotation_transform` and `zoom_transform`). The arithmetic is that of
-    `jax.scipy.ndimage.map_coordinates(channel, [y_in, x_in], order=1, mode="reflect")`
-    on each channel (same weights, products and summation order), with whole RGB pixels
-    gathered at once (about 4x faster on CPU).
-    """
-    height, width, _ = image.shape
+def affine_coefficients(transform: jax.Array, height: int, width: int) -> jax.Array:
+    """The resampling's coefficients [a0, a1, a2, b0, b1, b2] of Keras's transform
+    [a0, a1, a2, b0, b1, b2, 0, 0], with a0, a1, b0, b1 snapped to the
+    exact-coordinate grid (a no-op for the output of `rotation_transform` and
+    `zoom_transform`)."""
     transform = jnp.asarray(transform, jnp.float32)
     step = _coefficient_step(height, width)
     a0, a1, b0, b1 = (_snap(transform[i], step) for i in (0, 1, 3, 4))
-    a2, b2 = transform[2], transform[5]
+    return jnp.stack([a0, a1, transform[2], b0, b1, transform[5]])
+
+
+def resample(image: jax.Array, coefficients: jax.Array) -> jax.Array:
+    """Bilinear resampling of `image` [H, W, C] at x_in = a0*x + a1*y + a2,
+    y_in = b0*x + b1*y + b2 (`affine_coefficients`), fill mode "reflect", as XLA ops."""
+    height, width, _ = image.shape
+    a0, a1, a2, b0, b1, b2 = (coefficients[i] for i in range(6))
     y, x = jnp.meshgrid(
         jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
     )
@@ -211,6 +222,44 @@ def affine_transform(image: jax.Array, transform: jax.Array) -> jax.Array:
     return out.astype(image.dtype)
 
 
+def resample_native(image: jax.Array, coefficients: jax.Array) -> jax.Array:
+    """`resample` of a float32 image [H, W, C] by jaxrepro's kernel (`resample.cc`,
+    built by `jaxrepro.models.ops.native`): the same operations in the same order, so
+    the same bits, in one pass instead of gathers and integer divisions (a batch of 32
+    at 180 px: see `docs/results/speed/`). On other backends than the CPU, the XLA
+    form. Not differentiable: the training step augments data, never parameters."""
+
+    def kernel(image, coefficients):
+        kernels.library()
+        call = jax.ffi.ffi_call(
+            "jaxrepro_affine_resample",
+            jax.ShapeDtypeStruct(image.shape, jnp.float32),
+            vmap_method="broadcast_all",
+        )
+        return call(image, coefficients)
+
+    # The kernel is an XLA:CPU custom call; other backends run the XLA form.
+    return lax.platform_dependent(image, coefficients, cpu=kernel, default=resample)
+
+
+def affine_transform(image: jax.Array, transform: jax.Array, *, native: bool = False) -> jax.Array:
+    """Resample `image` [H, W, C] at (x_in, y_in) = transform(x, y) of each output pixel.
+
+    Bilinear, fill mode "reflect". `transform` is Keras's [a0, a1, a2, b0, b1, b2, 0, 0]:
+    x_in = a0*x + a1*y + a2, y_in = b0*x + b1*y + b2 in pixel coordinates (x = column,
+    y = row); a0, a1, b0, b1 are snapped to the exact-coordinate grid. The arithmetic is
+    that of `jax.scipy.ndimage.map_coordinates(channel, [y_in, x_in], order=1,
+    mode="reflect")` on each channel (same weights, products and summation order), with
+    whole RGB pixels gathered at once (about 4x faster on CPU). `native=True` runs a
+    float32 image through jaxrepro's kernel instead (`resample_native`, the same bits).
+    """
+    height, width, _ = image.shape
+    coefficients = affine_coefficients(transform, height, width)
+    if native and image.dtype == jnp.float32:
+        return resample_native(image, coefficients)
+    return resample(image, coefficients)
+
+
 # --- the pipeline ---------------------------------------------------------------------
 
 
@@ -219,16 +268,16 @@ def flip_horizontal(image: jax.Array) -> jax.Array:
     return image[:, ::-1]
 
 
-def rotate_image(image: jax.Array, angle: jax.Array) -> jax.Array:
+def rotate_image(image: jax.Array, angle: jax.Array, *, native: bool = False) -> jax.Array:
     """Rotate one image [H, W, C] by `angle` radians, counter-clockwise, as Keras does."""
     height, width, _ = image.shape
-    return affine_transform(image, rotation_transform(angle, height, width))
+    return affine_transform(image, rotation_transform(angle, height, width), native=native)
 
 
-def zoom_image(image: jax.Array, factor: jax.Array) -> jax.Array:
+def zoom_image(image: jax.Array, factor: jax.Array, *, native: bool = False) -> jax.Array:
     """Zoom one image [H, W, C] by `factor` (> 1 out, < 1 in), as Keras RandomZoom does."""
     height, width, _ = image.shape
-    return affine_transform(image, zoom_transform(factor, height, width))
+    return affine_transform(image, zoom_transform(factor, height, width), native=native)
 
 
 def augment_params(
@@ -258,20 +307,22 @@ def augment_example(
     flip: bool = True,
     rotation: Factor = 0.1,
     zoom: Factor = 0.2,
+    native: bool = False,
 ) -> jax.Array:
     """Flip, rotate, zoom one float image [H, W, C] (0..255) with the example's key.
 
     `rotation` and `zoom` are Keras factors (a number f means [-f, f]; or a
-    (lower, upper) pair); 0 turns that part off without resampling.
+    (lower, upper) pair); 0 turns that part off without resampling. `native`: resample
+    with jaxrepro's kernel (`resample_native`, the same bits, not differentiable).
     """
     image = jnp.asarray(image, jnp.float32)
     params = augment_params(key, flip=flip, rotation=rotation, zoom=zoom)
     if flip:
         image = jnp.where(params["flip"], flip_horizontal(image), image)
     if not _is_off(_factor_range(rotation, "rotation")):
-        image = rotate_image(image, params["angle"])
+        image = rotate_image(image, params["angle"], native=native)
     if not _is_off(_factor_range(zoom, "zoom")):
-        image = zoom_image(image, params["zoom"])
+        image = zoom_image(image, params["zoom"], native=native)
     return image
 
 
@@ -288,18 +339,19 @@ def augment_batch(
     rotation: Factor = 0.1,
     zoom: Factor = 0.2,
     positions: jax.Array | None = None,
+    native: bool = False,
 ) -> jax.Array:
     """Augment a batch [N, H, W, C] of float pixels (0..255) with the batch's key.
 
     The example at batch position i (`positions`, default 0..N-1: a part of a batch
     passes its own positions) is augmented with `fold_in(key, i)`, so results depend
     neither on the batch size nor on how a batch is split. Jittable; `flip`,
-    `rotation`, `zoom` are static Python values.
+    `rotation`, `zoom` and `native` (see `augment_example`) are static Python values.
     """
     images = jnp.asarray(images, jnp.float32)
     if positions is None:
         positions = jnp.arange(images.shape[0], dtype=jnp.uint32)
     keys = example_keys(key, positions)
-    return jax.vmap(lambda k, im: augment_example(k, im, flip=flip, rotation=rotation, zoom=zoom))(
-        keys, images
-    )
+    return jax.vmap(
+        lambda k, im: augment_example(k, im, flip=flip, rotation=rotation, zoom=zoom, native=native)
+    )(keys, images)

@@ -300,7 +300,7 @@ def run_steps(run: Run, saver: Checkpointer, progress: bool = True) -> setup.Tra
     config, train = run.config, run.data.train
     bs, n_train = config.batch_size, len(train.labels)
     train_step = parallel.make_step(
-        run.model, run.tx, config.augment, run.mesh, config.microbatches, bs
+        run.model, run.tx, steps.augmentation(config), run.mesh, config.microbatches, bs
     )
     eval_step = steps.make_eval_step(run.model)
     state, keys = run.state, run.keys

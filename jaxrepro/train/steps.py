@@ -84,13 +84,23 @@ def correct_count(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum((logits > 0) == (labels > 0))
 
 
+def augmentation(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The training step's augmentation settings: the config's `augment` (flip, rotation,
+    zoom), and `native`, whether to resample with jaxrepro's kernel (the same bits as
+    the XLA form, `augment.resample_native`). The portable mode keeps every op off the
+    kernels, which the host's compiler builds, as its models do (`ModelSpec.build`)."""
+    return {**config["augment"], "native": config.get("determinism") != "portable"}
+
+
 def augment_images(
     images: jax.Array,
     key: jax.Array,
     augment: Mapping[str, Any],
     positions: jax.Array | None = None,
 ) -> jax.Array:
-    """uint8 images as augmented float pixels: example at position i with fold_in(key, i)."""
+    """uint8 images as augmented float pixels: example at position i with fold_in(key, i).
+
+    `augment`: flip, rotation, zoom and optionally native (`augmentation`)."""
     return augment_batch(
         key,
         images.astype(jnp.float32),
@@ -98,6 +108,7 @@ def augment_images(
         rotation=augment["rotation"],
         zoom=augment["zoom"],
         positions=positions,
+        native=augment.get("native", False),
     )
 
 

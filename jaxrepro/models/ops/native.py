@@ -1,10 +1,10 @@
 """jaxrepro's own CPU kernels: built on first use, called through JAX's FFI.
 
-`depthwise.cc` (depthwise convolutions) and `pooling.cc` (max pooling's backward pass)
-share `parallel.h`. They are compiled into one library once per source, compiler and
-jaxlib (whose FFI headers they include) into a cache directory
-(`$JAXREPRO_KERNEL_CACHE`, else `$XDG_CACHE_HOME/jaxrepro/kernels`, else
-`~/.cache/jaxrepro/kernels`), loaded with
+`depthwise.cc` (depthwise convolutions), `pooling.cc` (max pooling's backward pass) and
+`resample.cc` (the training augmentation's bilinear resampling) share `parallel.h`.
+They are compiled into one library once per source, compiler and jaxlib (whose FFI
+headers they include) into a cache directory (`$JAXREPRO_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/jaxrepro/kernels`, else `~/.cache/jaxrepro/kernels`), loaded with
 ctypes and registered as XLA:CPU custom calls. A process that finds the library
 built loads it; processes that build it at once each write their own file and move
 it into place, so none reads a half-written library.
@@ -36,7 +36,7 @@ import jax
 from jaxrepro.errors import UserError
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "depthwise.cc", HERE / "pooling.cc")
+SOURCES = (HERE / "depthwise.cc", HERE / "pooling.cc", HERE / "resample.cc")
 HEADERS = (HERE / "parallel.h",)
 FLAGS = (
     "-O3",
@@ -52,6 +52,7 @@ TARGETS = {
     "jaxrepro_shifted_sum": "JaxreproShiftedSum",
     "jaxrepro_tap_gradients": "JaxreproTapGradients",
     "jaxrepro_max_pool_gradient": "JaxreproMaxPoolGradient",
+    "jaxrepro_affine_resample": "JaxreproAffineResample",
 }
 
 
