@@ -160,11 +160,19 @@ def test_bench_rejects_bad_settings(tmp_path, capsys):
 
 def test_each_before_system_passes_its_own_switch(tmp_path):
     args = argparse.Namespace(image_size=80, batch_size=8, steps=2, repeats=2)
-    switches = {"--flax-pool", "--xla-pool", "--xla-convs", "--one-chunk", "--shifted-sums"}
+    switches = {
+        "--flax-pool",
+        "--xla-pool",
+        "--xla-resample",
+        "--xla-convs",
+        "--one-chunk",
+        "--shifted-sums",
+    }
     for system, switch in [
         ("jax", None),
         ("jax-flax-pool", "--flax-pool"),
         ("jax-xla-pool", "--xla-pool"),
+        ("jax-xla-resample", "--xla-resample"),
         ("jax-xla-convs", "--xla-convs"),
         ("jax-one-chunk", "--one-chunk"),
         ("jax-shifted-sums", "--shifted-sums"),

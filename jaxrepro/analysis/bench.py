@@ -20,6 +20,9 @@ sides. Systems:
                    without `jaxrepro.models.ops.pooling` (the same bits)
   jax-xla-pool     jaxrepro with the max-pool gradient as XLA ops instead of jaxrepro's
                    kernel (`pooling.cc`), as the portable mode runs it (the same bits)
+  jax-xla-resample jaxrepro with the augmentation's resampling as XLA ops (gathers)
+                   instead of jaxrepro's kernel (`resample.cc`), as the portable mode
+                   runs it (the same bits)
   jax-xla-convs    XLA's own depthwise and 1x1 convolutions (`--config.fast_convs=False`,
                    i.e. without `jaxrepro.models.ops.convolutions`; other bits); only for
                    a model with the `fast_convs` option (the mini Xception)
@@ -90,6 +93,7 @@ SYSTEMS = {
     "jax-ynn-convs": "jaxrepro with YNNPACK convolutions (before)",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
     "jax-xla-pool": "jaxrepro with the max-pool gradient as XLA ops (before)",
+    "jax-xla-resample": "jaxrepro with the augmentation's resampling as XLA ops (before)",
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
     "jax-shifted-sums": "jaxrepro with the depthwise convolution as XLA shifted sums (before)",
     "jax-one-chunk": "jaxrepro with the depthwise backward pass unchunked (before)",
@@ -103,6 +107,7 @@ SYSTEMS = {
 CHILD_SWITCHES = {
     "jax-flax-pool": "--flax-pool",
     "jax-xla-pool": "--xla-pool",
+    "jax-xla-resample": "--xla-resample",
     "jax-xla-convs": "--xla-convs",
     "jax-one-chunk": "--one-chunk",
     "jax-shifted-sums": "--shifted-sums",

@@ -1,7 +1,8 @@
 """The JAX half of `python -m jaxrepro.analysis.bench`: one config, one system, this process.
 
     python -m jaxrepro.analysis.bench_jax CONFIG_FILE --json OUT [--steps 6] [--repeats 3]
-                     [--flax-pool | --xla-pool | --xla-convs | --one-chunk | --shifted-sums]
+                     [--flax-pool | --xla-pool | --xla-resample | --xla-convs | --one-chunk |
+                      --shifted-sums]
                      [--config.KEY=VALUE ...]
 
 Compile time of the train step, then `--repeats` timed repeats of `--steps` training
@@ -12,7 +13,8 @@ of a training step's floating-point operations and this process's fp32 peak
 (`fp32_peak_gflops`), whose quotient says how close training comes to what the cores
 can do. The switches run one of jaxrepro's speed-ups the way it was before
 (`--flax-pool`: Flax's select-and-scatter max-pool gradient; `--xla-pool`: the max-pool
-gradient as XLA ops instead of jaxrepro's kernel; `--xla-convs`: XLA's own
+gradient as XLA ops instead of jaxrepro's kernel; `--xla-resample`: the augmentation's
+resampling as XLA ops instead of jaxrepro's kernel; `--xla-convs`: XLA's own
 depthwise and 1x1 convolutions; `--shifted-sums`: the depthwise convolution as XLA's
 shifted sums instead of jaxrepro's kernels; `--one-chunk`: those, with the backward
 pass over the whole batch at once).
@@ -40,7 +42,7 @@ from jaxrepro.timing import peak_memory_mib, timed, usable_cpus
 from jaxrepro.train import setup, steps
 from jaxrepro.train.loop import load_data
 
-SWITCHES = ("flax_pool", "xla_pool", "xla_convs", "one_chunk", "shifted_sums")
+SWITCHES = ("flax_pool", "xla_pool", "xla_resample", "xla_convs", "one_chunk", "shifted_sums")
 PEAK_MATMUL_SIZE = 2048
 
 
@@ -74,6 +76,7 @@ def measure(
     repeats: int,
     flax_pool: bool = False,
     xla_pool: bool = False,
+    xla_resample: bool = False,
     xla_convs: bool = False,
     one_chunk: bool = False,
     shifted_sums: bool = False,
@@ -105,7 +108,8 @@ def measure(
         )
     ]
 
-    step_fn = steps.make_train_step(model, tx, config.augment)
+    augment = {**steps.augmentation(config), **({"native": False} if xla_resample else {})}
+    step_fn = steps.make_train_step(model, tx, augment)
     start = time.perf_counter()
     compiled = step_fn.lower(jax.device_put(initial), *batches[0], keys).compile()
     compile_s = time.perf_counter() - start
