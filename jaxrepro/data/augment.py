@@ -26,8 +26,10 @@ output is the input, bit for bit.
 The training step resamples with jaxrepro's kernel instead (`native=True`,
 `resample_native`, `jaxrepro/models/ops/resample.cc`): the same operations in the same
 order in one pass over each image, where XLA:CPU runs the gathers element by element
-and the reflection's `mod` as integer divisions. The same bits (tested); the portable
-mode keeps the XLA form, as it keeps every op off the kernels.
+and the reflection's `mod` as integer divisions: a batch of 32 images of 180x180,
+flipped, rotated and zoomed, in 19-21 ms instead of 47-51 ms on 2 Zen 4 cores,
+jitted. The same bits (tested); the portable mode keeps the XLA form, as it keeps
+every op off the kernels, and so do other backends than the CPU.
 
 Bits: a jitted call gives the same bits on every run. On x86-64 jaxrepro caps XLA:CPU
 at AVX, which has no FMA, so eager and jitted calls give the same bits too (tested).
