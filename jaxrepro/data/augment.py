@@ -227,8 +227,8 @@ def resample(image: jax.Array, coefficients: jax.Array) -> jax.Array:
 def resample_native(image: jax.Array, coefficients: jax.Array) -> jax.Array:
     """`resample` of a float32 image [H, W, C] by jaxrepro's kernel (`resample.cc`,
     built by `jaxrepro.models.ops.native`): the same operations in the same order, so
-    the same bits, in one pass instead of gathers and integer divisions (a batch of 32
-    at 180 px: see `docs/results/speed/`). On other backends than the CPU, the XLA
+    the same bits, in one pass instead of gathers and integer divisions
+    (`docs/results/speed/resample-kernel/`). On other backends than the CPU, the XLA
     form. Not differentiable: the training step augments data, never parameters."""
 
     def kernel(image, coefficients):
