@@ -64,6 +64,22 @@ def test_max_pool_2x2_matches_flax_bitwise(shape, kind, jit):
     assert np.count_nonzero(np.asarray(got[1])) <= g.size  # one input per window
 
 
+def test_on_a_large_map_the_2x2_forward_pass_differs_from_flax_in_zero_signs_only():
+    # At this size machine-mode XLA:CPU runs Flax's reduce_window in YNNPACK, whose
+    # maximum of a -0.0 and a +0.0 may be -0.0 (the strided slices' is +0.0): the same
+    # values, other bits in zero maxima only; the gradients keep Flax's bits.
+    x = jnp.asarray(inputs("signed_zeros", (4, 40, 40, 32)))
+    x = x.at[0, 0, 0, 0].set(1.0).at[1, 2, 2, 1].set(-3.0)  # some nonzero maxima too
+    g = jnp.asarray(gradients((4, 20, 20, 32)))
+    run = jax.jit(pool_vjp, static_argnums=0)
+    (y, dx), (want_y, want_dx) = run(max_pool_2x2, x, g), run(flax_pool, x, g)
+    y, want_y = np.asarray(y), np.asarray(want_y)
+    assert_bitwise_equal(dx, want_dx)
+    np.testing.assert_array_equal(y, want_y)  # equal values (-0.0 == +0.0)
+    differing = y.view(np.uint32) != want_y.view(np.uint32)
+    assert np.all(y[differing] == 0.0)
+
+
 def test_a_backward_pass_that_routes_ties_elsewhere_is_caught():
     # The comparison above can fail: send tied gradients to the last maximum instead.
     x = jnp.asarray(inputs("ties", (2, 8, 8, 3)))

@@ -33,8 +33,12 @@ it keeps every op off the kernels, which the host's compiler builds. The ConvNet
 slower there (70 against 52 ms forward and backward on conv1's map).
 
 The forward passes take the maximum of the window's strided slices in row-major window
-order, elementwise code XLA fuses with the ReLU before it; they give the bits of Flax's
-`nn.max_pool` (tested, signed zeros included). As a `reduce_window`, the pool was where
+order, elementwise code XLA fuses with the ReLU before it; they give the bits of XLA's
+own `reduce_window` maximum, which are Flax's `nn.max_pool`'s (tested, signed zeros
+included) except on large maps in `machine` mode: there XLA:CPU runs Flax's
+`reduce_window` in YNNPACK, whose maximum of a -0.0 and a +0.0 may be -0.0 where the
+slices give +0.0. The values are the same and only the sign of zero maxima differs
+(tested on 4x40x40x32 maps). As a `reduce_window`, the pool was where
 XLA:CPU's YNNPACK reduce fusion began, and in an inference graph that fusion took in
 every convolution before it, to run them far slower than XLA's own convolutions (the
 ConvNet's evaluation step was one YNNPACK fusion: 455 ms of 462 for a batch of 32 at
