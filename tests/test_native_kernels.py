@@ -1,4 +1,4 @@
-"""jaxrepro's own kernels (`jaxrepro/models/ops/depthwise.cc`, `pooling.cc`,
+"""jaxrepro's own kernels (`jaxrepro/native/depthwise.cc`, `pooling.cc`,
 `resample.cc`; the pooling kernel's bits against Flax's are checked in test_pooling.py,
 the resampling's against its XLA form in test_augment.py).
 
@@ -22,9 +22,9 @@ import pytest
 from conftest import ROOT, assert_bitwise_equal, loss_and_grads, tiny_config
 from jax import lax
 
-from jaxrepro import train
+from jaxrepro import native, train
 from jaxrepro.models import minixception
-from jaxrepro.models.ops import convolutions, native, pooling, portable
+from jaxrepro.models.ops import convolutions, pooling, portable
 from jaxrepro.train import steps
 
 NHWC = ("NHWC", "HWIO", "NHWC")

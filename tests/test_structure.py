@@ -1,7 +1,7 @@
 """The package's structure: layers import downwards only, no cycles, no hidden imports.
 
 Layers, bottom up: the core (determinism, rng, config, fingerprint, records, numerics,
-cli, errors, timing), then data and models (side by side), training, explanations,
+cli, errors, timing, native), then data and models (side by side), training, explanations,
 analysis, and the pretrained networks' import (which uses them all). `tfref` (the
 TensorFlow side) imports only the core, the data pipeline and itself
 (tests/test_tfref.py). Read from the source, as imports are written.

@@ -28,7 +28,7 @@ sides. Systems:
                    a model with the `fast_convs` option (the mini Xception)
   jax-shifted-sums the depthwise convolution as XLA's shifted sums (the forward and
                    input gradient bits of jaxrepro's kernels, the tap gradients summed
-                   in other orders), without `jaxrepro.models.ops.native`; only for a
+                   in other orders), without `jaxrepro.native`; only for a
                    model with the `fast_convs` option
   jax-one-chunk    those shifted sums with the backward pass over the whole batch at
                    once, without their batch chunks (other bits); only for a model with

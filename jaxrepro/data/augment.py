@@ -24,7 +24,7 @@ A factor of 0 (or `flip=False`) skips that part entirely, so with all parts off 
 output is the input, bit for bit.
 
 The training step resamples with jaxrepro's kernel instead (`native=True`,
-`resample_native`, `jaxrepro/models/ops/resample.cc`): the same operations in the same
+`resample_native`, `jaxrepro/native/resample.cc`): the same operations in the same
 order in one pass over each image, where XLA:CPU runs the gathers element by element
 and the reflection's `mod` as integer divisions: a batch of 32 images of 180x180,
 flipped, rotated and zoomed, in 19-21 ms instead of 47-51 ms on 2 Zen 4 cores,
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrepro.models.ops import native as kernels
+from jaxrepro import native as kernels
 
 # Sub-streams of an example key. Fixed forever: renumbering changes every augmentation.
 FLIP_STREAM = 0
@@ -226,7 +226,7 @@ def resample(image: jax.Array, coefficients: jax.Array) -> jax.Array:
 
 def resample_native(image: jax.Array, coefficients: jax.Array) -> jax.Array:
     """`resample` of a float32 image [H, W, C] by jaxrepro's kernel (`resample.cc`,
-    built by `jaxrepro.models.ops.native`): the same operations in the same order, so
+    built by `jaxrepro.native`): the same operations in the same order, so
     the same bits, in one pass instead of gathers and integer divisions
     (`docs/results/speed/resample-kernel/`). On other backends than the CPU, the XLA
     form. Not differentiable: the training step augments data, never parameters."""

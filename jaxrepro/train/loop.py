@@ -40,8 +40,7 @@ from tqdm import tqdm
 
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
-from jaxrepro import determinism, fingerprint, models
-from jaxrepro.models.ops import native
+from jaxrepro import determinism, fingerprint, models, native
 from jaxrepro.records import append_jsonl, write_jsonl
 from jaxrepro.train import checkpoint as ckpt
 from jaxrepro.train import parallel, probe, report, rundir, setup, steps

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrepro.models.ops import native
+from jaxrepro import native
 
 
 def _supported(

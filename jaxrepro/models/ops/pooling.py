@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrepro.models.ops import native
+from jaxrepro import native
 
 
 def _as_scattered(g: jax.Array) -> jax.Array:

@@ -1,5 +1,5 @@
 // Max pooling's backward pass for XLA:CPU, called through JAX's FFI
-// (jaxrepro.models.ops.native builds and registers it with depthwise.cc).
+// (jaxrepro.native builds and registers it with depthwise.cc).
 //
 // jaxrepro's XLA form of this gradient (jaxrepro.models.ops.pooling) finds each
 // window's first maximum with strided compares and routes the gradient with selects,

@@ -1,5 +1,9 @@
 """jaxrepro's own CPU kernels: built on first use, called through JAX's FFI.
 
+A core package, below the data pipeline and the models that both call kernels: the
+augmentation (`jaxrepro.data.augment`) and the models' ops (`jaxrepro.models.ops`)
+hold the JAX side of each kernel, this package its C++ source and the build.
+
 `depthwise.cc` (depthwise convolutions), `pooling.cc` (max pooling's backward pass) and
 `resample.cc` (the training augmentation's bilinear resampling) share `parallel.h`.
 They are compiled into one library once per source, compiler and jaxlib (whose FFI
@@ -66,7 +70,7 @@ def compiler() -> str:
         if name and shutil.which(name):
             return shutil.which(name)
     raise KernelBuildError(
-        "jaxrepro's CPU kernels (jaxrepro/models/ops/*.cc) are built on first use "
+        "jaxrepro's CPU kernels (jaxrepro/native/*.cc) are built on first use "
         "and need a C++17 compiler; none was found (tried $CXX, c++, g++). Install one "
         "(Debian/Ubuntu: apt-get install g++) or set CXX."
     )

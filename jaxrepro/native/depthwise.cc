@@ -1,5 +1,5 @@
 // Depthwise convolution kernels for XLA:CPU, called through JAX's FFI
-// (jaxrepro.models.ops.native builds and registers them).
+// (jaxrepro.native builds and registers them).
 //
 // XLA:CPU runs a depthwise convolution as a generic grouped-convolution loop, and
 // the shifted multiply-adds jaxrepro wrote instead take one pass over memory per tap
