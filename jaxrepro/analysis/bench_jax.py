@@ -5,7 +5,8 @@
                       --shifted-sums]
                      [--config.KEY=VALUE ...]
 
-Compile time of the train step, then `--repeats` timed repeats of `--steps` training
+Compile time of the train step, one untimed step (as the TF side runs one), then
+`--repeats` timed repeats of `--steps` training
 steps (each from the same initial state on the same batches, as the trainer runs them:
 the loss and fingerprints read back every step), inference, Grad-CAM and LRP
 heatmaps/s and the peak resident memory (after training, and at the end); XLA's count
@@ -113,6 +114,9 @@ def measure(
     start = time.perf_counter()
     compiled = step_fn.lower(jax.device_put(initial), *batches[0], keys).compile()
     compile_s = time.perf_counter() - start
+    # One step outside the timed repeats, as the TF side's first `fit` call runs one:
+    # the first execution allocates and touches every buffer for the first time.
+    jax.block_until_ready(compiled(jax.device_put(initial), *batches[0], keys))
     finals = []
 
     def train_steps():
