@@ -11,9 +11,10 @@ state on the same batches, as the trainer runs them: the loss and fingerprints r
 back every step), inference, Grad-CAM and LRP heatmaps/s and the peak resident
 memory (after training, and at the end); XLA's count of a training step's
 floating-point operations and this process's fp32 peak (`fp32_peak_gflops`), whose
-quotient says how close training comes to what the cores can do. The switches run one of jaxrepro's speed-ups the way it was before
-(`--flax-pool`: Flax's select-and-scatter max-pool gradient; `--xla-pool`: the max-pool
-gradient as XLA ops instead of jaxrepro's kernel; `--xla-resample`: the augmentation's
+quotient says how close training comes to what the cores can do. The switches run
+one of jaxrepro's speed-ups the way it was before (`--flax-pool`: Flax's
+select-and-scatter max-pool gradient; `--xla-pool`: the max-pool gradient as XLA ops
+instead of jaxrepro's kernel; `--xla-resample`: the augmentation's
 resampling as XLA ops instead of jaxrepro's kernel; `--xla-convs`: XLA's own
 depthwise and 1x1 convolutions; `--shifted-sums`: the depthwise convolution as XLA's
 shifted sums instead of jaxrepro's kernels; `--one-chunk`: those, with the backward
