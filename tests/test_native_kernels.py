@@ -1,12 +1,13 @@
-"""jaxrepro's own kernels (`jaxrepro/native/depthwise.cc`, `pooling.cc`,
-`resample.cc`; the pooling kernel's bits against Flax's are checked in test_pooling.py,
-the resampling's against its XLA form in test_augment.py).
+"""jaxrepro's own kernels (`jaxrepro/native/depthwise.cc`, `first_conv.cc`,
+`pooling.cc`, `resample.cc`; the pooling kernel's bits against Flax's are checked in
+test_pooling.py, the resampling's against its XLA form in test_augment.py).
 
-Claims: the forward pass and the input gradient are the XLA shifted sums' bits; the
-tap gradients are the documented order of sums (checked against the same order in
-NumPy, bit for bit), within float32 rounding of XLA's own convolution gradient; every
-kernel gives the same bits on one core as on all; jitted equals op by op; no compiler
-is an error that says what to install; the portable mode runs none of the kernels.
+Claims: the depthwise forward pass and input gradient are the XLA shifted sums' bits;
+the tap gradients and the first convolution are the documented order of sums (checked
+against the same order in NumPy, bit for bit), within float32 rounding of XLA's own
+convolution; the first convolution's gradients are XLA's bits; every kernel gives the
+same bits on one core as on all; jitted equals op by op; no compiler is an error that
+says what to install; the portable mode runs none of the kernels.
 """
 
 from __future__ import annotations
@@ -137,8 +138,111 @@ def test_jitted_equals_op_by_op():
         assert_bitwise_equal(_vjp(x, taps, g), jitted)
 
 
-# Every kernel: the depthwise convolution's three, the max-pool gradient's and the
-# augmentation's resampling.
+# -- the first convolution (first_conv.cc) ----------------------------------------------
+
+
+def _first_conv(x, kernel):
+    return convolutions.first_conv(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
+
+
+def _xla_conv(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
+
+
+def _first_conv_in_numpy(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """The documented order: from +0.0, add each window input times its kernel row in
+    (row, column, input channel) order, every product and sum rounded to float32."""
+    kh, kw, ci, co = kernel.shape
+    n, h, w, _ = x.shape
+    acc = np.zeros((n, h - kh + 1, w - kw + 1, co), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            for c in range(ci):
+                window = x[:, i : i + h - kh + 1, j : j + w - kw + 1, c, None]
+                acc = acc + window * kernel[i, j, c]  # float32 ops, one rounding each
+    return acc
+
+
+# The paper's first convolutions (ConvNet conv1: 3x3, mini Xception stem: 5x5) at small
+# sizes; one and four input channels, 64 output channels (two passes of 32), a 1x1
+# window and an output row of odd width (the kernel takes output pixels in pairs).
+FIRST_CONV_CASES = [
+    ((2, 12, 12, 3), (3, 3, 3, 32)),
+    ((2, 11, 9, 3), (5, 5, 3, 32)),
+    ((1, 7, 8, 1), (3, 3, 1, 64)),
+    ((3, 6, 5, 4), (2, 3, 4, 32)),
+    ((1, 4, 4, 3), (1, 1, 3, 32)),
+]
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape", FIRST_CONV_CASES)
+def test_the_first_convolution_is_the_documented_order_of_sums(x_shape, kernel_shape):
+    rng = np.random.default_rng(20)
+    x = rng.uniform(0.0, 1.0, x_shape).astype(np.float32)  # rescaled pixels
+    x[0, 0, :2] = 0.0  # exact zeros, as in black pixels
+    kernel = (rng.normal(size=kernel_shape) * 10.0 ** rng.integers(-3, 3, kernel_shape)).astype(
+        np.float32
+    )
+    got = np.asarray(jax.jit(_first_conv)(x, kernel))
+    want = _first_conv_in_numpy(x, kernel)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    # Another order of the same sums gives other bits: the comparison can fail.
+    reordered = _first_conv_in_numpy(x[..., ::-1], kernel[:, :, ::-1])
+    if x_shape[-1] > 1:
+        assert not np.array_equal(reordered.view(np.uint32), want.view(np.uint32))
+    # XLA's own convolution sums in another order: equal to float32 rounding.
+    xla = np.asarray(_xla_conv(x, kernel))
+    assert np.max(np.abs(got - xla)) <= 1e-6 * np.max(np.abs(xla))
+
+
+def test_the_first_convolutions_gradients_are_xlas():
+    x, g = _inputs((2, 11, 10, 3), 21), _inputs((2, 7, 6, 32), 22)
+    kernel = _inputs((5, 5, 3, 32), 23)
+    _, back = jax.vjp(_first_conv, x, kernel)
+    _, want_back = jax.vjp(_xla_conv, x, kernel)
+    assert_bitwise_equal(jax.jit(back)(g), jax.jit(want_back)(g))
+
+
+def test_the_first_convolution_jitted_equals_op_by_op():
+    x, kernel = _inputs((2, 10, 10, 3), 24), _inputs((3, 3, 3, 32), 25)
+    jitted = jax.jit(_first_conv)(x, kernel)
+    with jax.disable_jit():
+        assert_bitwise_equal(_first_conv(x, kernel), jitted)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["stride", "same", "deep", "channels", "float64"],
+)
+def test_other_convolutions_fall_through_to_xla(case):
+    x, kernel = _inputs((2, 9, 9, 3), 26), _inputs((3, 3, 3, 32), 27)
+    strides, padding = (1, 1), "VALID"
+    if case == "stride":
+        strides = (2, 2)
+    elif case == "same":
+        padding = "SAME"
+    elif case == "deep":  # more input channels than an image has
+        x, kernel = _inputs((2, 9, 9, 8), 28), _inputs((3, 3, 8, 32), 29)
+    elif case == "channels":  # not a multiple of the kernel's 32 output channels
+        kernel = kernel[..., :24]
+
+    def run(conv, x, kernel):
+        return conv(x, kernel, strides, padding, dimension_numbers=NHWC)
+
+    with jax.enable_x64(case == "float64"):
+        if case == "float64":
+            x, kernel = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
+        program = jax.jit(run, static_argnums=0).lower(convolutions.first_conv, x, kernel)
+        assert "jaxrepro_first_conv" not in program.as_text()
+        got = run(convolutions.first_conv, x, kernel)
+        assert_bitwise_equal(got, run(lax.conv_general_dilated, x, kernel))
+    # ... and the kernel's own case does call it (the check above can fail).
+    program = jax.jit(_first_conv).lower(_inputs((2, 9, 9, 3), 26), _inputs((3, 3, 3, 32), 27))
+    assert "jaxrepro_first_conv" in program.as_text()
+
+
+# Every kernel: the depthwise convolution's three, the max-pool gradient's, the first
+# convolution's and the augmentation's resampling.
 CORE_COUNT_CHILD = """
 import hashlib, sys, jax, numpy as np
 from jaxrepro.models.ops import convolutions, pooling
@@ -147,9 +251,12 @@ g = jax.random.normal(jax.random.key(1), (8, 40, 40, 32))
 taps = jax.random.normal(jax.random.key(2), (3, 3, 32))
 y, back = jax.vjp(lambda x, t: convolutions._depthwise_same(x, t, True), x, taps)
 pooled, pool_back = jax.vjp(pooling.max_pool_3x3_s2_native, jax.numpy.round(x))
+kernel = jax.random.normal(jax.random.key(4), (5, 5, 3, 32))
+first = convolutions.first_conv(jax.numpy.abs(x[..., :3]), kernel, (1, 1), "VALID",
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
 from jaxrepro.data import augment
 images = jax.numpy.abs(x[..., :3]) * 60.0
-out = [np.asarray(a) for a in (y, *back(g), *pool_back(pooled * 1e-3 + 1.0),
+out = [np.asarray(a) for a in (y, *back(g), *pool_back(pooled * 1e-3 + 1.0), first,
        augment.augment_batch(jax.random.key(3), images, native=True))]
 print(len(jax.devices()), hashlib.sha256(b"".join(a.tobytes() for a in out)).hexdigest())
 """
@@ -233,9 +340,9 @@ def test_the_portable_mode_takes_the_pooling_gradient_off_the_kernel(monkeypatch
 
 
 @pytest.mark.parametrize("model", ["convnet", "minixception"])
-def test_the_training_step_resamples_by_the_kernel_in_the_machine_mode_only(model):
-    # The augmentation's kernel gives the XLA form's bits (test_augment.py); the
-    # portable mode must still never call it.
+def test_the_training_step_runs_the_image_kernels_in_the_machine_mode_only(model):
+    # The augmentation's kernel gives the XLA form's bits (test_augment.py), the first
+    # convolution's its own; the portable mode must never call either.
     def program(mode):
         config = tiny_config(model, f"determinism={mode}")
         keys = train.stream_keys(config)
@@ -246,5 +353,7 @@ def test_the_training_step_resamples_by_the_kernel_in_the_machine_mode_only(mode
         step = steps.make_train_step(m, tx, steps.augmentation(config))
         return step.trace(state, images, jnp.zeros((2,), jnp.int32), keys).lower().as_text()
 
-    assert "jaxrepro_affine_resample" in program("machine")
-    assert "jaxrepro_affine_resample" not in program("portable")
+    machine, portable_ = program("machine"), program("portable")
+    for target in ("jaxrepro_affine_resample", "jaxrepro_first_conv"):
+        assert target in machine
+        assert target not in portable_

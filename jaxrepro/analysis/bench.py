@@ -23,6 +23,10 @@ sides. Systems:
   jax-xla-resample jaxrepro with the augmentation's resampling as XLA ops (gathers)
                    instead of jaxrepro's kernel (`resample.cc`), as the portable mode
                    runs it (the same bits)
+  jax-xla-first-conv jaxrepro with the first convolution (over the image's channels) as
+                   XLA's own instead of jaxrepro's kernel (`first_conv.cc`; other
+                   bits); only for a model with the `first_conv` option (both paper
+                   models)
   jax-xla-convs    XLA's own depthwise and 1x1 convolutions (`--config.fast_convs=False`,
                    i.e. without `jaxrepro.models.ops.convolutions`; other bits); only for
                    a model with the `fast_convs` option (the mini Xception)
@@ -66,6 +70,7 @@ DIR/bench.md and DIR/bench.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -94,6 +99,7 @@ SYSTEMS = {
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
     "jax-xla-pool": "jaxrepro with the max-pool gradient as XLA ops (before)",
     "jax-xla-resample": "jaxrepro with the augmentation's resampling as XLA ops (before)",
+    "jax-xla-first-conv": "jaxrepro with the first convolution as XLA's (before)",
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
     "jax-shifted-sums": "jaxrepro with the depthwise convolution as XLA shifted sums (before)",
     "jax-one-chunk": "jaxrepro with the depthwise backward pass unchunked (before)",
@@ -108,6 +114,7 @@ CHILD_SWITCHES = {
     "jax-flax-pool": "--flax-pool",
     "jax-xla-pool": "--xla-pool",
     "jax-xla-resample": "--xla-resample",
+    "jax-xla-first-conv": "--xla-first-conv",
     "jax-xla-convs": "--xla-convs",
     "jax-one-chunk": "--one-chunk",
     "jax-shifted-sums": "--shifted-sums",
@@ -471,10 +478,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
                 f"{config_file}: the {config.model} needs --image-size of at "
                 f"least {spec.min_image_size}"
             )
+        fields = {f.name for f in dataclasses.fields(spec.module)}
         systems = [
             s
             for s in args.systems
-            if s not in FAST_CONVS_ONLY or "fast_convs" in spec.config_options
+            if (s not in FAST_CONVS_ONLY or "fast_convs" in spec.config_options)
+            and (s != "jax-xla-first-conv" or "first_conv" in fields)
         ]
         out.append((config_file, config.model, systems))
     return out

@@ -1,8 +1,8 @@
 """The JAX half of `python -m jaxrepro.analysis.bench`: one config, one system, this process.
 
     python -m jaxrepro.analysis.bench_jax CONFIG_FILE --json OUT [--steps 6] [--repeats 3]
-                     [--flax-pool | --xla-pool | --xla-resample | --xla-convs | --one-chunk |
-                      --shifted-sums]
+                     [--flax-pool | --xla-pool | --xla-resample | --xla-first-conv |
+                      --xla-convs | --one-chunk | --shifted-sums]
                      [--config.KEY=VALUE ...]
 
 Compile time of the train step, one untimed step (as the TF side runs one), then
@@ -15,7 +15,9 @@ quotient says how close training comes to what the cores can do. The switches ru
 one of jaxrepro's speed-ups the way it was before (`--flax-pool`: Flax's
 select-and-scatter max-pool gradient; `--xla-pool`: the max-pool gradient as XLA ops
 instead of jaxrepro's kernel; `--xla-resample`: the augmentation's
-resampling as XLA ops instead of jaxrepro's kernel; `--xla-convs`: XLA's own
+resampling as XLA ops instead of jaxrepro's kernel; `--xla-first-conv`: the first
+convolution (over the image) as XLA's own instead of jaxrepro's kernel, other bits;
+`--xla-convs`: XLA's own
 depthwise and 1x1 convolutions; `--shifted-sums`: the depthwise convolution as XLA's
 shifted sums instead of jaxrepro's kernels; `--one-chunk`: those, with the backward
 pass over the whole batch at once).
@@ -43,7 +45,15 @@ from jaxrepro.timing import peak_memory_mib, timed, usable_cpus
 from jaxrepro.train import setup, steps
 from jaxrepro.train.loop import load_data
 
-SWITCHES = ("flax_pool", "xla_pool", "xla_resample", "xla_convs", "one_chunk", "shifted_sums")
+SWITCHES = (
+    "flax_pool",
+    "xla_pool",
+    "xla_resample",
+    "xla_first_conv",
+    "xla_convs",
+    "one_chunk",
+    "shifted_sums",
+)
 PEAK_MATMUL_SIZE = 2048
 
 
@@ -78,6 +88,7 @@ def measure(
     flax_pool: bool = False,
     xla_pool: bool = False,
     xla_resample: bool = False,
+    xla_first_conv: bool = False,
     xla_convs: bool = False,
     one_chunk: bool = False,
     shifted_sums: bool = False,
@@ -97,6 +108,8 @@ def measure(
     model, tx = setup.build_model(config, **xla_forms), setup.build_optimizer(config)
     if flax_pool:
         model = model.clone(pool=pooling.REFERENCE[model.pool])
+    if xla_first_conv:
+        model = model.clone(first_conv=None)
     keys = setup.stream_keys(config)
     initial = jax.device_get(setup.init_state(model, tx, keys["init"], config.data.image_size))
     batch_size = config.batch_size

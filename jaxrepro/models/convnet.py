@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrepro.models.ops import convolutions
 from jaxrepro.models.ops.pooling import max_pool_2x2
 from jaxrepro.models.spec import DecisionPoints, GradcamLayer, ModelSpec, PoolPoint
 
@@ -50,9 +51,14 @@ class ConvNet(nn.Module):
     # 2x2 max pooling; `max_pool_2x2` is `nn.max_pool` with a cheaper backward pass that
     # gives the same bits (see `jaxrepro.models.ops.pooling`).
     pool: Callable[[jax.Array], jax.Array] = max_pool_2x2
-    # The convolutions (`lax.conv_general_dilated`'s signature): XLA's own, the fastest
-    # for 3x3 kernels with convolutions outside YNNPACK (`jaxrepro.determinism`).
-    conv: Callable[..., jax.Array] = lax.conv_general_dilated
+    # Every convolution's implementation (`lax.conv_general_dilated`'s signature), if
+    # given (the portable mode's, `jaxrepro.models.ops.portable`); None: conv1 by
+    # `first_conv`, the others XLA's own, the fastest for 3x3 kernels over 32 or more
+    # channels with convolutions outside YNNPACK (`jaxrepro.determinism`).
+    conv: Callable[..., jax.Array] | None = None
+    # conv1's convolution when `conv` is None: jaxrepro's kernel for an image's few
+    # channels (`convolutions.first_conv`, other bits than XLA's); None: XLA's own.
+    first_conv: Callable[..., jax.Array] | None = convolutions.first_conv
     # The dense layer's product (`lax.dot_general`'s signature); the portable mode's is
     # `jaxrepro.models.ops.portable.dot_general`.
     dot: Callable[..., jax.Array] = lax.dot_general
@@ -82,7 +88,7 @@ class ConvNet(nn.Module):
                 kernel_init=KERNEL_INIT,
                 bias_init=BIAS_INIT,
                 name=f"conv{i}",
-                conv_general_dilated=self.conv,
+                conv_general_dilated=self.conv or (self.first_conv if i == 1 else None),
             )(x)
             x = self.activation(x)
             self.sow("intermediates", f"conv{i}_out", x)

@@ -149,8 +149,12 @@ class MiniXception(nn.Module):
     # `jaxrepro.models.ops.pooling`).
     pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2_native
     # Every convolution's implementation, if given (the portable mode's,
-    # `jaxrepro.models.ops.portable`); None: the stem is XLA's, the others by `fast_convs`.
+    # `jaxrepro.models.ops.portable`); None: the stem by `first_conv`, the others by
+    # `fast_convs`.
     conv: Callable[..., jax.Array] | None = None
+    # The stem's convolution when `conv` is None: jaxrepro's kernel for an image's few
+    # channels (`convolutions.first_conv`, other bits than XLA's); None: XLA's own.
+    first_conv: Callable[..., jax.Array] | None = convolutions.first_conv
     # The dense layer's product (`lax.dot_general`'s signature).
     dot: Callable[..., jax.Array] = lax.dot_general
 
@@ -168,8 +172,6 @@ class MiniXception(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """Logits [N] of images [N, H, W, 3]; `train` selects batch statistics and dropout."""
         x = rescale(jnp.asarray(x, jnp.float32))
-        # XLA's own convolution in both paths: faster here than the patch form with
-        # convolutions outside YNNPACK (jaxrepro.determinism).
         x = nn.Conv(
             self.stem_features,
             (5, 5),
@@ -177,7 +179,7 @@ class MiniXception(nn.Module):
             use_bias=False,
             kernel_init=KERNEL_INIT,
             name="stem",
-            conv_general_dilated=self.conv,
+            conv_general_dilated=self.conv or self.first_conv,
         )(x)
         self.sow("intermediates", "stem_out", x)
         for i, size in enumerate(self.sizes, start=1):

@@ -4,7 +4,8 @@ A core package, below the data pipeline and the models that both call kernels: t
 augmentation (`jaxrepro.data.augment`) and the models' ops (`jaxrepro.models.ops`)
 hold the JAX side of each kernel, this package its C++ source and the build.
 
-`depthwise.cc` (depthwise convolutions), `pooling.cc` (max pooling's backward pass) and
+`depthwise.cc` (depthwise convolutions), `first_conv.cc` (a network's first convolution,
+over an image's few channels), `pooling.cc` (max pooling's backward pass) and
 `resample.cc` (the training augmentation's bilinear resampling) share `parallel.h`.
 They are compiled into one library once per source, compiler and jaxlib (whose FFI
 headers they include) into a cache directory (`$JAXREPRO_KERNEL_CACHE`, else
@@ -40,7 +41,12 @@ import jax
 from jaxrepro.errors import UserError
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "depthwise.cc", HERE / "pooling.cc", HERE / "resample.cc")
+SOURCES = (
+    HERE / "depthwise.cc",
+    HERE / "first_conv.cc",
+    HERE / "pooling.cc",
+    HERE / "resample.cc",
+)
 HEADERS = (HERE / "parallel.h",)
 FLAGS = (
     "-O3",
@@ -57,6 +63,7 @@ TARGETS = {
     "jaxrepro_tap_gradients": "JaxreproTapGradients",
     "jaxrepro_max_pool_gradient": "JaxreproMaxPoolGradient",
     "jaxrepro_affine_resample": "JaxreproAffineResample",
+    "jaxrepro_first_conv": "JaxreproFirstConv",
 }
 
 

@@ -322,6 +322,95 @@ def pointwise_conv(
     return _conv_patch_grad(lhs[:, ::sh, ::sw, :], rhs, "VALID", precision)
 
 
+# The largest input depth `first_conv` takes to its kernel: an image's channels (RGB,
+# RGBA). Deeper inputs make Eigen's product long enough to run near the peak.
+FIRST_CONV_CHANNELS = 4
+# `first_conv`'s kernel computes 32 output channels at a time.
+FIRST_CONV_BLOCK = 32
+
+
+def first_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """`lax.conv_general_dilated`, with a float32 VALID stride-1 NHWC convolution of at
+    most `FIRST_CONV_CHANNELS` input channels (a network's first, over the image) by
+    jaxrepro's kernel (`first_conv.cc`, other bits than XLA's); its gradients stay
+    XLA's convolutions."""
+    ones = (None, (1, 1), [1, 1])
+    if (
+        kwargs
+        or not is_nhwc_hwio(lhs, rhs, dimension_numbers)
+        or lhs.dtype != jnp.float32
+        or rhs.dtype != jnp.float32
+        or rhs.shape[2] > FIRST_CONV_CHANNELS
+        or rhs.shape[3] % FIRST_CONV_BLOCK != 0
+        or tuple(window_strides) != (1, 1)
+        or not _is_valid(padding)
+        or feature_group_count != 1
+        or lhs_dilation not in ones
+        or rhs_dilation not in ones
+    ):
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
+    return _first_conv(lhs, rhs, precision)
+
+
+def _is_valid(padding: Any) -> bool:
+    """Whether `padding` is VALID, by name or as explicit zero pads."""
+    if isinstance(padding, str):
+        return padding == "VALID"
+    return all(tuple(pair) == (0, 0) for pair in padding)
+
+
+def _first_conv_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    native.library()
+    kh, kw, _, cout = kernel.shape
+    n, h, w, _ = x.shape
+    call = jax.ffi.ffi_call(
+        "jaxrepro_first_conv",
+        jax.ShapeDtypeStruct((n, h - kh + 1, w - kw + 1, cout), x.dtype),
+        vmap_method="sequential",
+    )
+    return call(x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _first_conv(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
+    """The VALID stride-1 convolution by `first_conv.cc`; the gradients are XLA's."""
+    return _first_conv_native(x, kernel)
+
+
+def _first_conv_forward(x, kernel, precision):
+    return _first_conv_native(x, kernel), (x, kernel)
+
+
+def _first_conv_backward(precision, residuals, g):
+    x, kernel = residuals
+    return jax.vjp(lambda a, k: _xla_conv(a, k, "VALID", precision), x, kernel)[1](g)
+
+
+_first_conv.defvjp(_first_conv_forward, _first_conv_backward)
+
+
 def patch_grad_conv(
     lhs: jax.Array,
     rhs: jax.Array,
