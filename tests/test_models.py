@@ -182,7 +182,7 @@ def test_rescaling_multiplies_by_float32_one_over_255():
     values = np.arange(256, dtype=np.float32)
     x = jnp.asarray(np.resize(values, (1, 80, 80, 3)))
     _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-    conv1 = nn.Conv(32, (3, 3), padding="VALID")
+    conv1 = nn.Conv(32, (3, 3), padding="VALID", conv_general_dilated=model.first_conv)
     scaled = x * np.float32(1.0 / 255.0)
     # IEEE division differs for 126 of the 256 values (XLA itself rewrites x / 255.0 as
     # this multiply, so the contrast is computed with numpy).
