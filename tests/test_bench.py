@@ -12,9 +12,12 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import jax
+import numpy as np
+from conftest import ROOT, tiny_config
 
-from jaxrepro.analysis import bench
+from jaxrepro.analysis import bench, bench_jax
+from jaxrepro.train import setup, steps
 
 CONVNET = str(ROOT / "experiments" / "convnet.py")
 MINIXCEPTION = str(ROOT / "experiments" / "minixception.py")
@@ -272,3 +275,25 @@ def test_processes_of_one_system_pool_their_repeats_and_must_share_their_bits():
     assert bench.merge_runs([a, _process([3.0], "y")])["repeats_bitwise"] is False
     assert bench.merge_runs([a, _process([3.0], "x", bitwise=False)])["repeats_bitwise"] is False
     assert bench.merge_runs([a]) == a
+
+
+def test_the_operation_count_includes_what_the_kernels_compute():
+    # XLA counts no operations in a custom call: the machine-mode step, whose first
+    # convolution is jaxrepro's kernel, counts fewer than the same step with XLA's
+    # convolution there. The bench counts the XLA form, the same for both.
+    config = tiny_config("convnet")
+    keys = setup.stream_keys(config)
+    tx = setup.build_optimizer(config)
+    size = config.data.image_size
+    images = np.zeros((config.batch_size, size, size, 3), np.uint8)
+    labels = np.zeros((config.batch_size,), np.int32)
+
+    def count(model):
+        state = jax.device_get(setup.init_state(model, tx, keys["init"], size))
+        step = steps.make_train_step(model, tx, {**steps.augmentation(config), "native": False})
+        return bench_jax.step_flops(step.lower(state, images, labels, keys).compile()), state
+
+    with_kernel, state = count(setup.build_model(config))
+    with_xla, _ = count(setup.build_model(config).clone(first_conv=None))
+    assert with_kernel < with_xla
+    assert bench_jax.xla_form_flops(config, tx, state, (images, labels), keys) == with_xla

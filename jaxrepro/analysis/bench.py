@@ -397,8 +397,8 @@ def table(rows: list[dict], made_by: dict) -> str:
     if flops:
         lines += [
             "",
-            "Training operations per image (XLA's count of the JAX step, augmentation "
-            "included): "
+            "Training operations per image (XLA's count of the JAX step with "
+            "jaxrepro's kernels in their XLA forms, augmentation included): "
             + ", ".join(f"{m} {f / 1e9:.2f} GFLOP" for m, f in flops.items())
             + ". The fp32 peak is the fastest "
             + "/".join(f"{n}^3" for n in sizes)

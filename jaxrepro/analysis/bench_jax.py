@@ -10,7 +10,8 @@ Compile time of the train step, one untimed step (as the TF side runs one), then
 state on the same batches, as the trainer runs them: the loss and fingerprints read
 back every step), inference, Grad-CAM and LRP heatmaps/s and the peak resident
 memory (after training, and at the end); XLA's count of a training step's
-floating-point operations and this process's fp32 peak (`fp32_peak_gflops`), whose
+floating-point operations (`xla_form_flops`: with the kernels in their XLA forms, whose
+operations XLA counts) and this process's fp32 peak (`fp32_peak_gflops`), whose
 quotient says how close training comes to what the cores can do. The switches run
 one of jaxrepro's speed-ups the way it was before (`--flax-pool`: Flax's
 select-and-scatter max-pool gradient; `--xla-pool`: the max-pool gradient as XLA ops
@@ -25,6 +26,7 @@ pass over the whole batch at once).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -78,6 +80,24 @@ def step_flops(compiled: jax.stages.Compiled) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def xla_form_flops(config, tx, initial, batch, keys) -> float | None:
+    """XLA's count of the operations of the config's training step with every jaxrepro
+    kernel in its XLA form (the portable mode's pooling, XLA's first convolution and
+    resampling, the depthwise convolutions as shifted sums): XLA counts no operations
+    in a custom call, so the step as it runs would not count what the kernels compute.
+    The same arithmetic either way, so the same count on both sides of a comparison."""
+    spec = models.get_spec(config["model"])
+    model = setup.build_model(config, **dict(spec.portable_fields))
+    if "first_conv" in {f.name for f in dataclasses.fields(model)}:
+        model = model.clone(first_conv=None)
+    native, convolutions.NATIVE = convolutions.NATIVE, False
+    try:
+        step_fn = steps.make_train_step(model, tx, {**steps.augmentation(config), "native": False})
+        return step_flops(step_fn.lower(jax.device_put(initial), *batch, keys).compile())
+    finally:
+        convolutions.NATIVE = native
 
 
 def measure(
@@ -160,7 +180,6 @@ def measure(
     for warm in (infer, explain(cam), explain(relevance)):
         warm()  # compile outside the timed calls
     images = steps_per_repeat * batch_size
-    flops = step_flops(compiled)
     timings = {
         "train_images_per_s": [images / s for s in train_s],
         "infer_images_per_s": [images / s for s in timed(infer, repeats)],
@@ -168,6 +187,7 @@ def measure(
         "lrp_per_s": [batch_size / s for s in timed(explain(relevance), repeats)],
     }
     peak_memory = peak_memory_mib()  # before the peak's product allocates its matrices
+    flops = xla_form_flops(config, tx, initial, batches[0], keys)  # after the peaks
     return {
         "compile_s": compile_s,
         "train_flops_per_image": None if flops is None else flops / batch_size,
