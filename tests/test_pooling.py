@@ -117,6 +117,45 @@ def test_max_pool_3x3_s2_matches_flax_bitwise(shape, kind, jit, form):
     assert_bitwise_equal(got, want)
 
 
+def _float32(bits: int) -> np.float32:
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+# Values where maxima are delicate: signed zeros, denormals (XLA:CPU compares and
+# flushes them as zeros), infinities, and NaNs of both signs, quiet and signalling,
+# with payloads (XLA keeps or clears a NaN's sign by the other operand's).
+SPECIAL = np.array(
+    [0.0, -0.0, 1.0, -1.0, 2.5, np.inf, -np.inf]
+    + [_float32(b) for b in (0x00000100, 0x80000100, 0x00400000)]
+    + [_float32(b) for b in (0x7FC00001, 0xFFC00002, 0x7F800003, 0xFF800004)],
+    np.float32,
+)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 16), (3, 8, 7, 11), (1, 5, 6, 3)])
+def test_the_forward_kernel_gives_the_xla_forms_bits_on_special_values(shape):
+    # Most windows hold several special values, in every order; channel counts that
+    # fill AVX registers (16) and that leave a remainder (11, 3).
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.choice(SPECIAL, size=shape))
+    want = jax.jit(max_pool_3x3_s2)(x)
+    got = jax.jit(max_pool_3x3_s2_native)(x)
+    assert_bitwise_equal(got, want)
+    with jax.disable_jit():
+        assert_bitwise_equal(max_pool_3x3_s2_native(x), want)
+
+
+def test_the_forward_comparison_tells_nan_signs_apart():
+    # The comparison above can fail: the same values, one NaN's sign bit flipped.
+    x = np.zeros((1, 3, 3, 8), np.float32)
+    x[0, 1, 1, 0] = _float32(0xFFC00002)
+    y = np.asarray(jax.jit(max_pool_3x3_s2_native)(jnp.asarray(x)))
+    flipped = y.copy()
+    flipped.view(np.uint32)[0, 0, 0, 0] ^= 0x80000000
+    assert np.isnan(y[0, 0, 0, 0])
+    assert not np.array_equal(y.view(np.uint32), flipped.view(np.uint32))
+
+
 def test_an_input_chosen_by_four_windows_sums_their_gradients_in_window_order():
     # A peak at (2, 2) is the maximum of the four windows that overlap there. Summed in
     # row-major window order the gradients give 1.0; in reverse order they give 0.0, so
@@ -134,19 +173,20 @@ def test_an_input_chosen_by_four_windows_sums_their_gradients_in_window_order():
         assert np.count_nonzero(np.asarray(dx)) == 1
 
 
-def test_the_kernel_runs_the_float32_gradient_and_float64_stays_on_xla_ops():
-    # The comparisons above would pass if the kernel were never called: the gradient's
-    # program must call it in float32, and must not in float64 (the explanations' checks),
-    # which the kernel does not take.
+def test_the_kernels_run_float32_and_float64_stays_on_xla_ops():
+    # The comparisons above would pass if the kernels were never called: the forward
+    # and backward program must call both in float32, and neither in float64 (the
+    # explanations' checks), which the kernels do not take.
     pool = max_pool_3x3_s2_native
 
     def program(dtype):
         x = jnp.zeros((2, 9, 9, 3), dtype)
         return str(jax.jit(lambda x, g: jax.vjp(pool, x)[1](g)).lower(x, pool(x)).as_text())
 
-    assert "jaxrepro_max_pool_gradient" in program(jnp.float32)
+    for target in ("@jaxrepro_max_pool(", "@jaxrepro_max_pool_gradient("):
+        assert target in program(jnp.float32)
     with jax.enable_x64(True):
-        assert "jaxrepro_max_pool_gradient" not in program(jnp.float64)
+        assert "jaxrepro_max_pool" not in program(jnp.float64)
         x = jnp.asarray(inputs("ties", (2, 9, 9, 3)), jnp.float64)
         g = jnp.asarray(gradients(pool(x).shape), jnp.float64)
         assert_bitwise_equal(pool_vjp(pool, x, g), pool_vjp(pooling.REFERENCE[pool], x, g))

@@ -4,9 +4,10 @@ A core package, below the data pipeline and the models that both call kernels: t
 augmentation (`jaxrepro.data.augment`) and the models' ops (`jaxrepro.models.ops`)
 hold the JAX side of each kernel, this package its C++ source and the build.
 
-`depthwise.cc` (depthwise convolutions), `first_conv.cc` (a network's first convolution,
-over an image's few channels), `pooling.cc` (max pooling's backward pass) and
-`resample.cc` (the training augmentation's bilinear resampling) share `parallel.h`.
+`depthwise.cc` (depthwise convolutions), `first_conv.cc` (a network's first
+convolution, over an image's few channels), `pooling.cc` (max pooling's forward and
+backward passes) and `resample.cc` (the training augmentation's bilinear resampling)
+share `parallel.h`.
 They are compiled into one library once per source, compiler and jaxlib (whose FFI
 headers they include) into a cache directory (`$JAXREPRO_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/jaxrepro/kernels`, else `~/.cache/jaxrepro/kernels`), loaded with
@@ -61,6 +62,7 @@ FLAGS = (
 TARGETS = {
     "jaxrepro_shifted_sum": "JaxreproShiftedSum",
     "jaxrepro_tap_gradients": "JaxreproTapGradients",
+    "jaxrepro_max_pool": "JaxreproMaxPool",
     "jaxrepro_max_pool_gradient": "JaxreproMaxPoolGradient",
     "jaxrepro_affine_resample": "JaxreproAffineResample",
     "jaxrepro_first_conv": "JaxreproFirstConv",

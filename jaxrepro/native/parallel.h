@@ -1,4 +1,4 @@
-// Threading for jaxrepro's XLA:CPU kernels (depthwise.cc, pooling.cc): fixed work
+// Threading for jaxrepro's XLA:CPU kernels (every .cc here): fixed work
 // items run on XLA's intra-op thread pool, each with flush-to-zero and
 // denormals-are-zero on, as XLA:CPU's own code runs.
 

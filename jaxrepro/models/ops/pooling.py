@@ -22,13 +22,16 @@ parity of the input's row and column (even rows and columns are shared by two
 windows), adding shared gradients in window order. About 2x faster than
 select-and-scatter on the mini Xception's maps (measured: block 1 at 180 px, batch 32).
 
-`max_pool_3x3_s2_native` is the same function whose float32 backward pass is one call
-of jaxrepro's kernel (`pooling.cc`, built by `native`): the same first maxima and the
-same sums in window order, so the same bits, in one pass over memory. It is the mini
-Xception's default: its first pool forward and backward took 206 ms as XLA ops and 141
-ms with the kernel, and a training step 1451 and 1261 ms (180 px, batch 32, 2-core
-AMD EPYC; `docs/results/speed/pool-kernel/`). The portable mode keeps the XLA form, as
-it keeps every op off the kernels, which the host's compiler builds. The ConvNet keeps
+`max_pool_3x3_s2_native` is the same function whose float32 forward and backward
+passes are each one call of jaxrepro's kernels (`pooling.cc`, built by `native`): the
+same maxima, folded in the same order with XLA's maximum, the same first maxima and
+the same sums in window order, so the same bits, in one pass over memory each. It is
+the mini Xception's default: its first pool forward and backward took 206 ms as XLA
+ops and 141 ms with the backward kernel, and a training step 1451 and 1261 ms (180 px,
+batch 32, 2-core AMD EPYC; `docs/results/speed/pool-kernel/`). The forward kernel
+reads the map once instead of writing a padded copy of it first. The portable mode
+keeps the XLA form, as it keeps every op off the kernels, which the host's compiler
+builds. The ConvNet keeps
 `max_pool_2x2`: its windows do not overlap, XLA fuses the selects, and the kernel was
 slower there (70 against 52 ms forward and backward on conv1's map).
 
@@ -259,10 +262,46 @@ def _runs_native(x: jax.Array, g: jax.Array) -> bool:
     return x.dtype == jnp.float32 and g.dtype == jnp.float32 and g.size > 1
 
 
+def _max_native(x: jax.Array, window: tuple[int, int], pads: tuple[int, int]) -> jax.Array:
+    """The stride-2 max pool of `x` by `pooling.cc`, one pass: the bits of
+    `_window_max` over `x` padded with -inf by `pads` (top, left) and as much below and
+    right as SAME needs."""
+    native.library()
+    n, h, w, c = x.shape
+    call = jax.ffi.ffi_call(
+        "jaxrepro_max_pool",
+        jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), x.dtype),
+        vmap_method="sequential",
+    )
+    return call(
+        x,
+        window_h=np.int64(window[0]),
+        window_w=np.int64(window[1]),
+        stride_h=np.int64(2),
+        stride_w=np.int64(2),
+        pad_top=np.int64(pads[0]),
+        pad_left=np.int64(pads[1]),
+    )
+
+
+def _max_3x3_s2_native(x: jax.Array) -> jax.Array:
+    """`_max_3x3_s2`, by `pooling.cc` in float32."""
+    if x.dtype != jnp.float32:
+        return _max_3x3_s2(x)
+    (top, _), (left, _) = lax.padtype_to_pads(x.shape[1:3], (3, 3), (2, 2), "SAME")
+    return _max_native(x, (3, 3), (top, left))
+
+
 @jax.custom_vjp
 def max_pool_3x3_s2_native(x: jax.Array) -> jax.Array:
-    """`max_pool_3x3_s2`, its float32 backward pass by jaxrepro's kernel: the same bits."""
-    return _max_3x3_s2(x)
+    """`max_pool_3x3_s2`, in float32 forward and backward by jaxrepro's kernels: the
+    same bits."""
+    return _max_3x3_s2_native(x)
+
+
+def _forward_3x3_native(x: jax.Array):
+    y = _max_3x3_s2_native(x)
+    return y, (x, y)
 
 
 def _backward_3x3_native(residuals, g: jax.Array):
@@ -273,7 +312,7 @@ def _backward_3x3_native(residuals, g: jax.Array):
     return (_gradient_native(x, y, g, (3, 3), (top, left)),)
 
 
-max_pool_3x3_s2_native.defvjp(_forward_3x3, _backward_3x3_native)
+max_pool_3x3_s2_native.defvjp(_forward_3x3_native, _backward_3x3_native)
 
 
 # Each fast pooling and Flax's own, which XLA differentiates by select-and-scatter (the
