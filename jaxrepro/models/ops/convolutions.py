@@ -6,7 +6,8 @@
   faster forward and backward than XLA's (176 px, 32 channels, batch 32: 124 against
   212 ms). For 3x3 and 5x5 kernels XLA's own kernel gradient is faster now that
   jaxrepro runs convolutions outside YNNPACK (`jaxrepro.determinism`: 129 against 448 ms for the
-  ConvNet's conv2 at 180 px), so the ConvNet and the stem use XLA's convolutions; with
+  ConvNet's conv2 at 180 px), so the ConvNet and the stem use XLA's convolutions
+  (forward and backward; the first convolution's forward pass is `first_conv`'s); with
   YNNPACK's convolutions (XLA:CPU's default) the patch form had been 2.3x faster.
 * `depthwise_conv`: a depthwise convolution (SAME, stride 1) as k*k shifted
   multiply-adds in a fixed (row-major) tap order, with its gradients written out
@@ -27,6 +28,15 @@
   stride 1, XLA's forward pass with the gradients written out as the matrix products
   they are (`_pointwise_matmul`), which YNNPACK runs; strided, every s-th pixel's
   stride-1 convolution through `patch_grad_conv`.
+* `first_conv`: a network's first convolution, over an image's few channels (VALID,
+  stride 1, at most `FIRST_CONV_CHANNELS` inputs, float32), forward by jaxrepro's
+  kernel (`first_conv.cc`), which sums each output in (row, column, input channel)
+  order; the gradients are XLA's convolutions. Eigen's packed product is short there
+  and ran at a fifth to a third of the layers after it: the mini Xception's 5x5 stem
+  took 76 against 45 ms, the ConvNet's 3x3 conv1 50 against 25 ms (batch 32 at 180
+  px, 2-core AMD EPYC Zen 3, huge pages; the best of 15 calls). Both paper models
+  use it in `machine` mode (their `first_conv` field); the portable mode's own
+  convolution replaces it.
 
 The mini Xception's fast path (`MiniXception(fast_convs=True)`, the config's default
 `fast_convs=True`: depthwise and 1x1) trains several times faster than XLA's
@@ -36,7 +46,7 @@ from `lax.conv_general_dilated`'s by rounding only. Run to run each path repeats
 bits, and a jitted step equals an op-by-op one (`tests/test_train.py`,
 `tests/test_native_kernels.py`).
 
-All three have the signature of `lax.conv_general_dilated` and are passed to
+All four have the signature of `lax.conv_general_dilated` and are passed to
 `nn.Conv(conv_general_dilated=...)`, so the layers stay `nn.Conv`s (parameters, names,
 LRP's interception and the Keras weight transfer are unchanged). Any convolution they
 do not cover (dilation, other layouts, other windows) falls through to
