@@ -9,9 +9,10 @@ A tiny variant (80 px, 64 training images, 8 steps; what the tests run, in secon
 
     python -m jaxrepro.train experiments/convnet.py:tiny
 
-The defaults follow the paper's protocol except the number of epochs: 8 instead of 90,
-so that the README's main command trains in under 10 minutes on a 2-core CPU and still
-learns the embedded task (validation accuracy above 0.9; docs/results/main-command/).
+The defaults follow the paper's protocol except the number of epochs: 12 instead of
+90, so that the README's main command trains in under 10 minutes on a 2-core CPU and
+still learns the embedded task (validation accuracy above 0.9;
+docs/results/main-command/).
 The paper's protocol in full (90 epochs, 2,000 train / 1,000 validation images at
 180x180, Keras RMSprop defaults, flip/rotate 0.1/zoom 0.2, dropout 0.5):
 
@@ -86,10 +87,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.num_devices = 1
     c.microbatches = 0
     c.eval_batch_size = 100
-    # The paper: 90. The ConvNet stays at chance for 2 epochs, then learns the embedded
-    # task: validation accuracy 0.918 (seed 1001) and 0.914 (seed 1002) after 8 epochs,
-    # in about 9 minutes of training on 2 CPU cores (docs/results/main-command/).
-    c.num_epochs = 8
+    # The paper: 90. The ConvNet stays at chance for 2 or 3 epochs, then learns the
+    # embedded task; when it starts depends on the machine-mode bits, so 8 epochs ended
+    # at 0.86-0.94 validation accuracy on different CPUs and code; 12 end at 0.946 in 9
+    # minutes of training on 2 CPU cores (a Zen 3; docs/results/main-command/).
+    c.num_epochs = 12
 
     c.checkpoint_every_steps = 25
     c.keep_checkpoints = 3
