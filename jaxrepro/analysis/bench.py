@@ -18,8 +18,9 @@ sides. Systems:
                    (`jaxrepro.analysis.variants` "ynn-convs"; other bits)
   jax-flax-pool    jaxrepro with Flax's own max-pool gradient (select-and-scatter), i.e.
                    without `jaxrepro.models.ops.pooling` (the same bits)
-  jax-xla-pool     jaxrepro with the max-pool gradient as XLA ops instead of jaxrepro's
-                   kernel (`pooling.cc`), as the portable mode runs it (the same bits)
+  jax-xla-pool     jaxrepro with the max pool, forward and gradient, as XLA ops instead
+                   of jaxrepro's kernels (`pooling.cc`), as the portable mode runs it
+                   (the same bits)
   jax-xla-resample jaxrepro with the augmentation's resampling as XLA ops (gathers)
                    instead of jaxrepro's kernel (`resample.cc`), as the portable mode
                    runs it (the same bits)
@@ -97,7 +98,7 @@ SYSTEMS = {
     "jax-ynn": "jaxrepro + YNNPACK fusions",
     "jax-ynn-convs": "jaxrepro with YNNPACK convolutions (before)",
     "jax-flax-pool": "jaxrepro with Flax's select-and-scatter max-pool gradient (before)",
-    "jax-xla-pool": "jaxrepro with the max-pool gradient as XLA ops (before)",
+    "jax-xla-pool": "jaxrepro with the max pool as XLA ops (before)",
     "jax-xla-resample": "jaxrepro with the augmentation's resampling as XLA ops (before)",
     "jax-xla-first-conv": "jaxrepro with the first convolution as XLA's (before)",
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",

@@ -14,8 +14,8 @@ floating-point operations (`xla_form_flops`: with the kernels in their XLA forms
 operations XLA counts) and this process's fp32 peak (`fp32_peak_gflops`), whose
 quotient says how close training comes to what the cores can do. The switches run
 one of jaxrepro's speed-ups the way it was before (`--flax-pool`: Flax's
-select-and-scatter max-pool gradient; `--xla-pool`: the max-pool gradient as XLA ops
-instead of jaxrepro's kernel; `--xla-resample`: the augmentation's
+select-and-scatter max-pool gradient; `--xla-pool`: the max pool, forward and
+gradient, as XLA ops instead of jaxrepro's kernels; `--xla-resample`: the augmentation's
 resampling as XLA ops instead of jaxrepro's kernel; `--xla-first-conv`: the first
 convolution (over the image) as XLA's own instead of jaxrepro's kernel, other bits;
 `--xla-convs`: XLA's own
@@ -31,12 +31,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 
 from jaxrepro import cli, determinism, fingerprint, models
 from jaxrepro import config as configlib
@@ -82,7 +85,13 @@ def step_flops(compiled: jax.stages.Compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def xla_form_flops(config, tx, initial, batch, keys) -> float | None:
+def xla_form_flops(
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    initial: Any,
+    batch: tuple[np.ndarray, np.ndarray],
+    keys: Mapping[str, jax.Array],
+) -> float | None:
     """XLA's count of the operations of the config's training step with every jaxrepro
     kernel in its XLA form (the portable mode's pooling, XLA's first convolution and
     resampling, the depthwise convolutions as shifted sums): XLA counts no operations
