@@ -408,23 +408,31 @@ def table(rows: list[dict], made_by: dict) -> str:
     return "\n".join(lines)
 
 
+# The plot's rows: a measure per row, its key in the rows and its title.
+PLOTTED = (("train_images_per_s", "training"), ("infer_images_per_s", "inference"))
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Bar chart of training images/s (median, range as error bars) per model."""
+    """Bar charts of training and inference images/s (median, range as error bars), a
+    column per model."""
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mine = [r for r in rows if r["model"] == model]
-        stats = [summary(r["train_images_per_s"]) for r in mine]
-        med = [s["median"] for s in stats]
-        err = [
-            [m - s["min"] for m, s in zip(med, stats)],
-            [s["max"] - m for m, s in zip(med, stats)],
-        ]
-        colors = ["tab:blue" if r["system"].startswith("jax") else "tab:orange" for r in mine]
-        ax.bar([r["system"] for r in mine], med, yerr=err, color=colors, capsize=3)
-        ax.set_title(f"{model}: training throughput")
-        ax.set_ylabel("images / s")
-        ax.tick_params(axis="x", rotation=30)
+    fig, axes = plt.subplots(
+        len(PLOTTED), len(models), figsize=(5 * len(models), 3.6 * len(PLOTTED)), squeeze=False
+    )
+    for (key, title), row_axes in zip(PLOTTED, axes):
+        for ax, model in zip(row_axes, models):
+            mine = [r for r in rows if r["model"] == model and r.get(key)]
+            stats = [summary(r[key]) for r in mine]
+            med = [s["median"] for s in stats]
+            err = [
+                [m - s["min"] for m, s in zip(med, stats)],
+                [s["max"] - m for m, s in zip(med, stats)],
+            ]
+            colors = ["tab:blue" if r["system"].startswith("jax") else "tab:orange" for r in mine]
+            ax.bar([r["system"] for r in mine], med, yerr=err, color=colors, capsize=3)
+            ax.set_title(f"{model}: {title} throughput")
+            ax.set_ylabel("images / s")
+            ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
