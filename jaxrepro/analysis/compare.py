@@ -10,7 +10,9 @@ logit, Keras RMSprop's defaults against `jaxrepro.train.optim.keras_rmsprop`); t
 Keras half runs in its own process (`python -m jaxrepro.tfref matched`) under the
 paper's determinism recipe, on TF's default oneDNN kernels or, with `--tf-kernels
 eigen`, on its Eigen kernels (oneDNN off), the library XLA:CPU also calls for
-convolutions. What differs is the framework's numerics only. Reported
+convolutions; then the JAX half runs its first convolution as XLA's (Eigen's) too,
+not as jaxrepro's kernel (`convolutions.first_conv`), so that both sides run the same
+kernel library. What differs is the framework's numerics only. Reported
 (every figure an `ArrayDiff` of `jaxrepro.numerics`):
 
   forward     per sown activation and the logits of P validation images (inference
@@ -40,6 +42,7 @@ success, 2 on a user error (unknown config key, --against other than tensorflow)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -498,6 +501,14 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def eigen_convolutions(model: Any) -> Any:
+    """`model` with XLA's own (Eigen's) first convolution instead of jaxrepro's kernel,
+    where it has one: every convolution then runs the library Keras runs on Eigen."""
+    if "first_conv" in {f.name for f in dataclasses.fields(model)}:
+        return model.clone(first_conv=None)
+    return model
+
+
 def compare(
     config,
     num_steps: int,
@@ -516,6 +527,8 @@ def compare(
     if exchange.exists():
         shutil.rmtree(exchange)
     inputs = matched.matched_inputs(config, num_steps, probe)
+    if tf_kernels == "eigen":
+        inputs = dataclasses.replace(inputs, model=eigen_convolutions(inputs.model))
     matched.write_exchange(inputs, exchange)
     keras_result = run_keras(config.model, exchange, exchange / "keras", kernels=tf_kernels)
     jx = run_jax(inputs, setup.build_optimizer(config))
