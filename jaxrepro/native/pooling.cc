@@ -23,11 +23,12 @@
 //       window's maximum, and is added there to what earlier windows left. A -0.0
 //       gradient is added as +0.0, as select-and-scatter's add to a zero does.
 //
-// Only compares, selects and additions (vectorised over channels, which are independent),
-// each an IEEE float32 operation in the order written,
-// so any conforming compiler gives the same bits. Work items are whole images, each
-// written by one thread, so the core count changes no bit. Items run with
-// flush-to-zero and denormals-are-zero on, as XLA:CPU's own code does.
+// Only compares, selects and additions (vectorised over channels, which are
+// independent; the forward pass's as AVX instructions), each an IEEE float32 operation
+// in the order written, so any conforming compiler gives the same bits. Work items are
+// output rows (forward) or whole images (backward), each written by one thread, so the
+// core count changes no bit. Items run with flush-to-zero and denormals-are-zero on,
+// as XLA:CPU's own code does.
 
 #include <immintrin.h>
 
