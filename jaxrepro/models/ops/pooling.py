@@ -226,7 +226,19 @@ def _backward_3x3(residuals, g: jax.Array):
 max_pool_3x3_s2.defvjp(_forward_3x3, _backward_3x3)
 
 
-# --- the backward pass by jaxrepro's kernel (pooling.cc) ------------------------------
+# --- the forward and backward passes by jaxrepro's kernels (pooling.cc) ---------------
+
+
+def _window_attributes(window: tuple[int, int], pads: tuple[int, int]) -> dict[str, np.int64]:
+    """`pooling.cc`'s description of a stride-2 pool: window, strides, top and left pads."""
+    return {
+        "window_h": np.int64(window[0]),
+        "window_w": np.int64(window[1]),
+        "stride_h": np.int64(2),
+        "stride_w": np.int64(2),
+        "pad_top": np.int64(pads[0]),
+        "pad_left": np.int64(pads[1]),
+    }
 
 
 def _gradient_native(
@@ -248,12 +260,7 @@ def _gradient_native(
         x,
         y,
         g,
-        window_h=np.int64(window[0]),
-        window_w=np.int64(window[1]),
-        stride_h=np.int64(2),
-        stride_w=np.int64(2),
-        pad_top=np.int64(pads[0]),
-        pad_left=np.int64(pads[1]),
+        **_window_attributes(window, pads),
     )
 
 
@@ -275,12 +282,7 @@ def _max_native(x: jax.Array, window: tuple[int, int], pads: tuple[int, int]) ->
     )
     return call(
         x,
-        window_h=np.int64(window[0]),
-        window_w=np.int64(window[1]),
-        stride_h=np.int64(2),
-        stride_w=np.int64(2),
-        pad_top=np.int64(pads[0]),
-        pad_left=np.int64(pads[1]),
+        **_window_attributes(window, pads),
     )
 
 
