@@ -83,6 +83,17 @@ def test_the_same_kernels_factor_runs_keras_on_eigen_and_the_other_on_onednn(rep
         assert result["runtime"]["onednn"] == variable
 
 
+def test_the_same_kernels_factor_runs_jax_with_eigens_first_convolution(report):
+    """The stem is jaxrepro's kernel in the default runs and XLA's (Eigen's) in the
+    same-kernels runs: same seed, same inputs, other bits."""
+    seed = report["json"]["seed"]
+    runs = report["out"] / "runs"
+    eigen = (runs / f"jax-eigen-s{seed}" / "final.npz").read_bytes()
+    assert eigen != (runs / f"jax-s{seed}" / "final.npz").read_bytes()
+    (pair, _) = report["json"]["pairs"]["framework, same kernels"]
+    assert (pair["a"], pair["b"]) == (f"jax-eigen-s{seed}", f"keras-eigen-s{seed}")
+
+
 def test_a_jax_rerun_is_bitwise_identical_and_measures_zero(report):
     (pair,) = report["json"]["pairs"]["rerun JAX"]
     assert pair["bitwise"]
@@ -144,11 +155,14 @@ def test_pair_measures_on_known_values():
 def test_plan_pairs_runs_that_exist():
     runs, pairs = variance.plan(7, 3, ["ynn", "one-core"])
     names = {r.name for r in runs}
-    assert len(names) == len(runs) == 3 + 3 + 3 + 2 + 2 + 2
+    assert len(names) == len(runs) == 3 + 3 + 3 + 3 + 2 + 2 + 2
     assert len(pairs["seed"]) == 3 and len(pairs["framework"]) == 3
     assert pairs["framework, same kernels"] == [
-        (f"jax-s{s}", f"keras-eigen-s{s}") for s in (7, 8, 9)
+        (f"jax-eigen-s{s}", f"keras-eigen-s{s}") for s in (7, 8, 9)
     ]
+    by_name = {r.name: r for r in runs}
+    assert {by_name[f"jax-eigen-s{s}"].kernels for s in (7, 8, 9)} == {"eigen"}
+    assert {by_name[f"jax-s{s}"].kernels for s in (7, 8, 9)} == {"default"}
     assert pairs["code path"] == [("jax-s7", "jax-s7-ynn"), ("jax-s7", "jax-s7-one-core")]
     assert all(a in names and b in names for p in pairs.values() for a, b in p)
 

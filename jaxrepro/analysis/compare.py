@@ -11,7 +11,7 @@ Keras half runs in its own process (`python -m jaxrepro.tfref matched`) under th
 paper's determinism recipe, on TF's default oneDNN kernels or, with `--tf-kernels
 eigen`, on its Eigen kernels (oneDNN off), the library XLA:CPU also calls for
 convolutions; then the JAX half runs its first convolution as XLA's (Eigen's) too,
-not as jaxrepro's kernel (`convolutions.first_conv`), so that both sides run the same
+not as jaxrepro's kernel (`matched.eigen_convolutions`), so that both sides run the same
 kernel library. What differs is the framework's numerics only. Reported
 (every figure an `ArrayDiff` of `jaxrepro.numerics`):
 
@@ -501,14 +501,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def eigen_convolutions(model: Any) -> Any:
-    """`model` with XLA's own (Eigen's) first convolution instead of jaxrepro's kernel,
-    where it has one: every convolution then runs the library Keras runs on Eigen."""
-    if "first_conv" in {f.name for f in dataclasses.fields(model)}:
-        return model.clone(first_conv=None)
-    return model
-
-
 def compare(
     config,
     num_steps: int,
@@ -528,7 +520,7 @@ def compare(
         shutil.rmtree(exchange)
     inputs = matched.matched_inputs(config, num_steps, probe)
     if tf_kernels == "eigen":
-        inputs = dataclasses.replace(inputs, model=eigen_convolutions(inputs.model))
+        inputs = dataclasses.replace(inputs, model=matched.eigen_convolutions(inputs.model))
     matched.write_exchange(inputs, exchange)
     keras_result = run_keras(config.model, exchange, exchange / "keras", kernels=tf_kernels)
     jx = run_jax(inputs, setup.build_optimizer(config))

@@ -16,9 +16,12 @@ The JAX side builds them once, as a training run of the config would:
 Keras process (`python -m jaxrepro.tfref matched`) reads. Run as a module, this is the
 JAX trainer of that protocol in a process of its own:
 
-    python -m jaxrepro.analysis.matched EXCHANGE_DIR OUT_DIR CONFIG_FILE [--config.KEY=V ...]
+    python -m jaxrepro.analysis.matched EXCHANGE_DIR OUT_DIR CONFIG_FILE [--eigen]
+                                        [--config.KEY=V ...]
 
-writes OUT_DIR/final.npz (the weights after N steps) and OUT_DIR/losses.json.
+writes OUT_DIR/final.npz (the weights after N steps) and OUT_DIR/losses.json. With
+`--eigen` the model's first convolution is XLA's own (Eigen's) instead of jaxrepro's
+kernel (`eigen_convolutions`), for a comparison with Keras on TF's Eigen kernels.
 """
 
 from __future__ import annotations
@@ -132,11 +135,24 @@ def write_exchange(inputs: MatchedInputs, directory: Path, *, validation: bool =
     (directory / "layers.json").write_text(json.dumps(keras_layers(inputs.model), indent=1))
 
 
-def train_matched(config: ml_collections.ConfigDict, exchange: Path, out: Path) -> None:
+def eigen_convolutions(model: nn.Module) -> nn.Module:
+    """`model` with XLA's own (Eigen's) first convolution instead of jaxrepro's kernel,
+    where it has one: every convolution then runs the library Keras runs on Eigen."""
+    if "first_conv" in {f.name for f in dataclasses.fields(model)}:
+        return model.clone(first_conv=None)
+    return model
+
+
+def train_matched(
+    config: ml_collections.ConfigDict, exchange: Path, out: Path, *, eigen: bool = False
+) -> None:
     """N matched steps from the exchange's weights and batches, in the config's
-    determinism mode; final weights to `out`."""
+    determinism mode; final weights to `out`. `eigen`: the model's convolutions as
+    Eigen's (`eigen_convolutions`)."""
     determinism.apply_config(config)
     model, tx = setup.build_model(config, dropout_rate=0.0), setup.build_optimizer(config)
+    if eigen:
+        model = eigen_convolutions(model)
     variables = weights.unflatten(weights.load(exchange / "init.npz"))
     params = variables["params"]
     state = TrainState(
@@ -160,15 +176,18 @@ def train_matched(config: ml_collections.ConfigDict, exchange: Path, out: Path) 
 
 @cli.guarded
 def main(argv: Sequence[str] | None = None) -> int:
-    """The JAX trainer child: EXCHANGE_DIR OUT_DIR CONFIG_FILE [--config.KEY=VALUE ...]."""
+    """The JAX trainer child: EXCHANGE_DIR OUT_DIR CONFIG_FILE [--eigen]
+    [--config.KEY=VALUE ...]."""
     rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+    eigen = "--eigen" in rest
+    rest = [a for a in rest if a != "--eigen"]
     if len(rest) != 3:
         raise MatchedError(
             "usage: python -m jaxrepro.analysis.matched EXCHANGE_DIR OUT_DIR "
-            "CONFIG_FILE [--config.KEY=VALUE ...]"
+            "CONFIG_FILE [--eigen] [--config.KEY=VALUE ...]"
         )
     exchange, out, config_file = rest
-    train_matched(configlib.resolve(config_file, overrides), Path(exchange), Path(out))
+    train_matched(configlib.resolve(config_file, overrides), Path(exchange), Path(out), eigen=eigen)
     return 0
 
 

@@ -22,7 +22,9 @@ Runs, seeds s0 = config.seed, s1 = s0 + 1, ...:
               on TF's default oneDNN kernels)
   framework, same kernels
               Keras on TF's Eigen kernels (oneDNN off, the library XLA:CPU calls for
-              convolutions) vs JAX on each seed           (K pairs): the part of the
+              convolutions) vs JAX with its first convolution as XLA's (Eigen's)
+              instead of jaxrepro's kernel (`matched.eigen_convolutions`), on each
+              seed                                        (K pairs): the part of the
               framework effect that is not the kernel library
   code path   JAX on s0 under each of --variants (another XLA:CPU code path or core
               count, see `jaxrepro.analysis.variants`) vs JAX on s0   (one pair per variant)
@@ -89,7 +91,10 @@ class Run:
     name: str
     trainer: str  # "jax" | "keras"
     seed: int
-    variant: str = "default"  # JAX: a `variants` name; Keras: TF's kernel library
+    variant: str = "default"  # JAX only: a `variants` name
+    # "eigen": Keras on TF's Eigen kernels, JAX with Eigen's first convolution;
+    # "default": Keras on oneDNN, JAX with jaxrepro's.
+    kernels: str = "default"
 
 
 def plan(seed: int, k: int, variant_names: Sequence[str]) -> tuple[list[Run], dict]:
@@ -97,14 +102,15 @@ def plan(seed: int, k: int, variant_names: Sequence[str]) -> tuple[list[Run], di
     seeds = [seed + i for i in range(k)]
     runs = [Run(f"jax-s{s}", "jax", s) for s in seeds]
     runs += [Run(f"keras-s{s}", "keras", s) for s in seeds]
-    runs += [Run(f"keras-eigen-s{s}", "keras", s, "eigen") for s in seeds]
+    runs += [Run(f"jax-eigen-s{s}", "jax", s, kernels="eigen") for s in seeds]
+    runs += [Run(f"keras-eigen-s{s}", "keras", s, kernels="eigen") for s in seeds]
     runs += [Run(f"jax-s{seed}-rerun{j}", "jax", seed) for j in range(1, k)]
     runs += [Run(f"keras-s{seed}-rerun{j}", "keras", seed) for j in range(1, k)]
     runs += [Run(f"jax-s{seed}-{v}", "jax", seed, v) for v in variant_names]
     pairs = {
         "seed": [(f"jax-s{a}", f"jax-s{b}") for i, a in enumerate(seeds) for b in seeds[i + 1 :]],
         "framework": [(f"jax-s{s}", f"keras-s{s}") for s in seeds],
-        "framework, same kernels": [(f"jax-s{s}", f"keras-eigen-s{s}") for s in seeds],
+        "framework, same kernels": [(f"jax-eigen-s{s}", f"keras-eigen-s{s}") for s in seeds],
         "code path": [(f"jax-s{seed}", f"jax-s{seed}-{v}") for v in variant_names],
         "rerun JAX": [(f"jax-s{seed}", f"jax-s{seed}-rerun{j}") for j in range(1, k)],
         "rerun TF": [(f"keras-s{seed}", f"keras-s{seed}-rerun{j}") for j in range(1, k)],
@@ -132,7 +138,7 @@ def train_run(
     out.mkdir(parents=True)
     if run.trainer == "keras":
         model = configlib.resolve(config_file, overrides).model
-        kernels = "onednn" if run.variant == "default" else run.variant
+        kernels = "onednn" if run.kernels == "default" else run.kernels
         cli.run_child(
             "jaxrepro.tfref",
             [
@@ -160,6 +166,7 @@ def train_run(
             config_file,
             *cli.as_arguments(overrides),
             f"--config.seed={run.seed}",
+            *(["--eigen"] if run.kernels == "eigen" else []),
         ],
         env=variantslib.variant_env(variant, os.environ),
         cpus=variant.cpus,
