@@ -28,11 +28,8 @@ The training step resamples with jaxrepro's kernel instead (`native=True`,
 order in one pass over each image, where XLA:CPU runs the gathers element by element
 and the reflection's `mod` as integer divisions: a batch of 32 images of 180x180,
 flipped, rotated and zoomed, in 19-21 ms instead of 47-51 ms on 2 Zen 4 cores,
-jitted. The kernel also does the flip, by reading the image's columns mirrored in the
-first resampling; XLA:CPU ran the flipped copy as a loop over every float that also
-recomputed the flip's random draw, 47-77 ms of a ConvNet training step's thunk time
-(2-core Zen 3). The same bits (tested); the portable mode keeps the XLA form, as it
-keeps every op off the kernels, and so do other backends than the CPU.
+jitted. The same bits (tested); the portable mode keeps the XLA form, as it keeps
+every op off the kernels, and so do other backends than the CPU.
 
 Bits: a jitted call gives the same bits on every run. On x86-64 jaxrepro caps XLA:CPU
 at AVX, which has no FMA, so eager and jitted calls give the same bits too (tested).
@@ -227,42 +224,27 @@ def resample(image: jax.Array, coefficients: jax.Array) -> jax.Array:
     return out.astype(image.dtype)
 
 
-def resample_native(
-    image: jax.Array, coefficients: jax.Array, mirror: jax.Array | bool = False
-) -> jax.Array:
+def resample_native(image: jax.Array, coefficients: jax.Array) -> jax.Array:
     """`resample` of a float32 image [H, W, C] by jaxrepro's kernel (`resample.cc`,
     built by `jaxrepro.native`): the same operations in the same order, so
     the same bits, in one pass instead of gathers and integer divisions
-    (`docs/results/speed/resample-kernel/`). Where `mirror` (a bool scalar) is true,
-    `resample(flip_horizontal(image), coefficients)`: the kernel reads the columns
-    mirrored, so the flip costs no pass of its own. On other backends than the CPU,
-    the XLA form. Not differentiable: the training step augments data, never
-    parameters."""
+    (`docs/results/speed/resample-kernel/`). On other backends than the CPU, the XLA
+    form. Not differentiable: the training step augments data, never parameters."""
 
-    def kernel(image, coefficients, mirror):
+    def kernel(image, coefficients):
         kernels.library()
         call = jax.ffi.ffi_call(
             "jaxrepro_affine_resample",
             jax.ShapeDtypeStruct(image.shape, jnp.float32),
             vmap_method="broadcast_all",
         )
-        return call(image, coefficients, mirror)
-
-    def xla(image, coefficients, mirror):
-        return resample(jnp.where(mirror != 0, flip_horizontal(image), image), coefficients)
+        return call(image, coefficients)
 
     # The kernel is an XLA:CPU custom call; other backends run the XLA form.
-    mirror = jnp.asarray(mirror, jnp.int32)
-    return lax.platform_dependent(image, coefficients, mirror, cpu=kernel, default=xla)
+    return lax.platform_dependent(image, coefficients, cpu=kernel, default=resample)
 
 
-def affine_transform(
-    image: jax.Array,
-    transform: jax.Array,
-    *,
-    native: bool = False,
-    mirror: jax.Array | bool = False,
-) -> jax.Array:
+def affine_transform(image: jax.Array, transform: jax.Array, *, native: bool = False) -> jax.Array:
     """Resample `image` [H, W, C] at (x_in, y_in) = transform(x, y) of each output pixel.
 
     Bilinear, fill mode "reflect". `transform` is Keras's [a0, a1, a2, b0, b1, b2, 0, 0]:
@@ -272,14 +254,11 @@ def affine_transform(
     mode="reflect")` on each channel (same weights, products and summation order), with
     whole RGB pixels gathered at once (about 4x faster on CPU). `native=True` runs a
     float32 image through jaxrepro's kernel instead (`resample_native`, the same bits).
-    `mirror` (a bool scalar): resample the image flipped left-right where true.
     """
     height, width, _ = image.shape
     coefficients = affine_coefficients(transform, height, width)
     if native and image.dtype == jnp.float32:
-        return resample_native(image, coefficients, mirror)
-    if mirror is not False:
-        image = jnp.where(mirror, flip_horizontal(image), image)
+        return resample_native(image, coefficients)
     return resample(image, coefficients)
 
 
@@ -291,32 +270,16 @@ def flip_horizontal(image: jax.Array) -> jax.Array:
     return image[:, ::-1]
 
 
-def rotate_image(
-    image: jax.Array,
-    angle: jax.Array,
-    *,
-    native: bool = False,
-    mirror: jax.Array | bool = False,
-) -> jax.Array:
-    """Rotate one image [H, W, C] by `angle` radians, counter-clockwise, as Keras does
-    (`mirror`: flipped left-right first, where true)."""
+def rotate_image(image: jax.Array, angle: jax.Array, *, native: bool = False) -> jax.Array:
+    """Rotate one image [H, W, C] by `angle` radians, counter-clockwise, as Keras does."""
     height, width, _ = image.shape
-    transform = rotation_transform(angle, height, width)
-    return affine_transform(image, transform, native=native, mirror=mirror)
+    return affine_transform(image, rotation_transform(angle, height, width), native=native)
 
 
-def zoom_image(
-    image: jax.Array,
-    factor: jax.Array,
-    *,
-    native: bool = False,
-    mirror: jax.Array | bool = False,
-) -> jax.Array:
-    """Zoom one image [H, W, C] by `factor` (> 1 out, < 1 in), as Keras RandomZoom does
-    (`mirror`: flipped left-right first, where true)."""
+def zoom_image(image: jax.Array, factor: jax.Array, *, native: bool = False) -> jax.Array:
+    """Zoom one image [H, W, C] by `factor` (> 1 out, < 1 in), as Keras RandomZoom does."""
     height, width, _ = image.shape
-    transform = zoom_transform(factor, height, width)
-    return affine_transform(image, transform, native=native, mirror=mirror)
+    return affine_transform(image, zoom_transform(factor, height, width), native=native)
 
 
 def augment_params(
@@ -356,19 +319,12 @@ def augment_example(
     """
     image = jnp.asarray(image, jnp.float32)
     params = augment_params(key, flip=flip, rotation=rotation, zoom=zoom)
-    rotating = not _is_off(_factor_range(rotation, "rotation"))
-    zooming = not _is_off(_factor_range(zoom, "zoom"))
-    # The kernel flips as it resamples (it reads the columns mirrored: the same bits);
-    # otherwise the flip is a flipped copy of the image.
-    mirror = params["flip"] if flip else False
-    if mirror is not False and not (native and (rotating or zooming)):
-        image = jnp.where(mirror, flip_horizontal(image), image)
-        mirror = False
-    if rotating:
-        image = rotate_image(image, params["angle"], native=native, mirror=mirror)
-        mirror = False
-    if zooming:
-        image = zoom_image(image, params["zoom"], native=native, mirror=mirror)
+    if flip:
+        image = jnp.where(params["flip"], flip_horizontal(image), image)
+    if not _is_off(_factor_range(rotation, "rotation")):
+        image = rotate_image(image, params["angle"], native=native)
+    if not _is_off(_factor_range(zoom, "zoom")):
+        image = zoom_image(image, params["zoom"], native=native)
     return image
 
 

@@ -6,12 +6,9 @@
 // them with gathers; XLA:CPU runs the gathers element by element and the `mod` as a
 // division. This kernel does the same arithmetic in one loop over the output pixels.
 //
-//   jaxrepro_affine_resample: out[..., y, x, :] for images [..., H, W, C],
+//   jaxrepro_affine_resample: out[..., y, x, :] for images [..., H, W, C] and
 //       coefficients [..., 6] = (a0, a1, a2, b0, b1, b2) of each image, with the input
-//       coordinates x_in = a0*x + a1*y + a2 and y_in = b0*x + b1*y + b2, and mirror
-//       [...] (int32): where it is not 0, the image is read left-right flipped
-//       (column W-1-i for column i), which is the augmentation's flip before its first
-//       resampling without a flipped copy of the image.
+//       coordinates x_in = a0*x + a1*y + a2 and y_in = b0*x + b1*y + b2.
 //
 // Bits: those of the XLA form, operation for operation: the coordinates as
 // (a0*x + a1*y) + a2; per axis lower = floor(c), upper weight c - lower, lower weight
@@ -21,8 +18,7 @@
 // left, bottom right). Every multiply and add is a separate IEEE float32 operation
 // (the library is built with -ffp-contract=off and no fast-math; XLA's code has no
 // FMA under jaxrepro's AVX cap), so the two give the same bits (tested). Work items
-// are output rows, each written by one thread, so the core count changes no bit. A
-// mirrored read fetches the very pixels a flipped copy would hold, so it moves no bit.
+// are output rows, each written by one thread, so the core count changes no bit.
 
 #include <cmath>
 #include <cstdint>
@@ -75,20 +71,15 @@ Nodes Interpolate(float coordinate, int32_t size) {
   return {Reflect(index, size), Reflect(Next(index), size), lower_w, upper_w};
 }
 
-void ResampleRow(const float* image, const float* k, bool mirror, float* out, int64_t y,
-                 int64_t h, int64_t w, int64_t c) {
+void ResampleRow(const float* image, const float* k, float* out, int64_t y, int64_t h,
+                 int64_t w, int64_t c) {
   const float fy = static_cast<float>(y);
   const int32_t hh = static_cast<int32_t>(h), ww = static_cast<int32_t>(w);
   for (int64_t x = 0; x < w; ++x) {
     const float fx = static_cast<float>(x);
     const float x_in = (k[0] * fx + k[1] * fy) + k[2];
     const float y_in = (k[3] * fx + k[4] * fy) + k[5];
-    const Nodes ny = Interpolate(y_in, hh);
-    Nodes nx = Interpolate(x_in, ww);
-    if (mirror) {
-      nx.lower = w - 1 - nx.lower;
-      nx.upper = w - 1 - nx.upper;
-    }
+    const Nodes ny = Interpolate(y_in, hh), nx = Interpolate(x_in, ww);
     const float w00 = ny.lower_w * nx.lower_w, w01 = ny.lower_w * nx.upper_w;
     const float w10 = ny.upper_w * nx.lower_w, w11 = ny.upper_w * nx.upper_w;
     const float* __restrict__ p00 = image + (ny.lower * w + nx.lower) * c;
@@ -107,23 +98,19 @@ void ResampleRow(const float* image, const float* k, bool mirror, float* out, in
 }
 
 ffi::Error AffineResample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
-                          ffi::Buffer<ffi::F32> coefficients, ffi::Buffer<ffi::S32> mirror,
+                          ffi::Buffer<ffi::F32> coefficients,
                           ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  // images [..., H, W, C], coefficients [..., 6] and mirror [...]: the leading axes
-  // are the batch (any number of them, so that vmap can add its own).
+  // images [..., H, W, C] and coefficients [..., 6]: the leading axes are the batch
+  // (any number of them, so that vmap can add its own).
   auto d = images.dimensions();
   auto kd = coefficients.dimensions();
-  auto md = mirror.dimensions();
   const size_t rank = d.size();
-  if (rank < 3 || kd.size() != rank - 2 || kd[rank - 3] != 6 || md.size() != rank - 3) {
-    return ffi::Error::InvalidArgument(
-        "images must be [..., H, W, C], coefficients [..., 6], mirror [...]");
+  if (rank < 3 || kd.size() != rank - 2 || kd[rank - 3] != 6) {
+    return ffi::Error::InvalidArgument("images must be [..., H, W, C], coefficients [..., 6]");
   }
   int64_t n = 1;
   for (size_t i = 0; i + 3 < rank; ++i) {
-    if (kd[i] != d[i] || md[i] != d[i]) {
-      return ffi::Error::InvalidArgument("batch axes of images, coefficients and mirror differ");
-    }
+    if (kd[i] != d[i]) return ffi::Error::InvalidArgument("batch axes of images and coefficients differ");
     n *= d[i];
   }
   const int64_t h = d[rank - 3], w = d[rank - 2], c = d[rank - 1];
@@ -132,12 +119,11 @@ ffi::Error AffineResample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> images,
   }
   const float* ip = images.typed_data();
   const float* kp = coefficients.typed_data();
-  const int32_t* mp = mirror.typed_data();
   float* op = out->typed_data();
   jaxrepro::ParallelFor(pool, n * h, [&](int64_t item) {
     const int64_t image = item / h, y = item % h;
-    ResampleRow(ip + image * h * w * c, kp + image * 6, mp[image] != 0,
-                op + (image * h + y) * w * c, y, h, w, c);
+    ResampleRow(ip + image * h * w * c, kp + image * 6, op + (image * h + y) * w * c, y, h, w,
+                c);
   });
   return ffi::Error::Success();
 }
@@ -149,5 +135,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxreproAffineResample, AffineResample,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
