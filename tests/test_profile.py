@@ -31,6 +31,26 @@ def test_instructions_name_the_source_of_a_compiled_module():
     assert all(name and " " not in name for name in hlo)
 
 
+def test_convolutions_get_their_textbook_operation_count():
+    # N=4, 20x20x8 in, 3x3 kernel, 16 out: forward and kernel gradient each sum 9*8
+    # (resp. 18*18*4) products per output; the input gradient runs over the output
+    # gradient padded by 2, its window's zeros counted.
+    def loss(x, k):
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(y * y)
+
+    x, k = jnp.ones((4, 20, 20, 8)), jnp.ones((3, 3, 8, 16))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, k).compile().as_text()
+    hlo = profile.instructions(text)
+    counts = sorted(v["gflop"] for v in hlo.values() if v["opcode"] == "convolution")
+    forward = 2 * 4 * 18 * 18 * 16 * 9 * 8 / 1e9
+    assert counts == pytest.approx([forward, forward, 2 * 4 * 20 * 20 * 8 * 9 * 16 / 1e9])
+    assert all(v["gflop"] is None for v in hlo.values() if v["opcode"] != "convolution")
+    assert profile.gflops(forward, 2.0) == pytest.approx(forward * 500)
+
+
 @pytest.mark.parametrize(
     "op_name, expected",
     [
@@ -57,6 +77,9 @@ def test_the_profile_of_the_tiny_convnet_covers_every_layer_both_ways(tmp_path, 
             # conv1's forward pass is jaxrepro's kernel, a custom call (`first_conv.cc`).
             op = "ffi_call" if (layer, pass_) == ("conv1", "forward") else "conv_general_dilated"
             assert groups[layer, pass_]["primitives"].get(op, 0) > 0
+            # a rate for XLA's convolutions, none for the kernel's custom call
+            rate = groups[layer, pass_]["conv_gflops"]
+            assert (rate is None) if op == "ffi_call" else (rate > 0)
     assert ("dense", "backward") in groups and ("-", "outside the model") in groups
     assert sum(g["share"] for g in result["by_layer"]) == pytest.approx(1.0)
     assert result["mode"] == "machine" and len(result["step_wall_ms"]) == 1

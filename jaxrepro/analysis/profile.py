@@ -16,6 +16,12 @@ layer (the first path component that is a parameter of the model) and its pass
 loss, optimizer, fingerprints). Thunks may overlap on the thread pool, so their sum can
 exceed the step's wall time, which is measured separately without the profiler.
 
+Each convolution instruction also gets its nominal operation count, from the module's
+shapes: 2 x output elements x window positions x the kernel's input features, padding
+included (`convolution_gflop`), and the tables give GFLOP/s of its thunk time: the
+rate Eigen's kernels run at in each layer and pass, forward against both gradients.
+A custom call (jaxrepro's kernels) gets none: XLA knows nothing of what it computes.
+
 Writes DIR/profile.md (by layer and pass, then the `--top` instructions) and
 DIR/profile.json. The timings are the machine's and the load's; the table is a map of
 where to look, not a benchmark (that is `jaxrepro.analysis.bench`).
@@ -32,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -52,13 +59,54 @@ _INSTRUCTION = re.compile(
 )
 
 
-def instructions(hlo_text: str) -> dict[str, dict[str, str]]:
-    """Name -> {"opcode", "op_name"} for every instruction of a compiled module's text."""
+# An instruction's array result: its name, element type and dimensions.
+_ARRAY = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = \w+\[(?P<dims>[\d,]*)\]")
+_CONV_OPERANDS = re.compile(r" convolution\(%?(?P<lhs>[\w.\-]+), %?(?P<rhs>[\w.\-]+)\)")
+_DIM_LABELS = re.compile(r"dim_labels=(?P<lhs>\w+)_(?P<rhs>\w+)->(?P<out>\w+)")
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d)
+
+
+def convolution_gflop(hlo_text: str) -> dict[str, float]:
+    """Name -> nominal GFLOP of each convolution instruction of a compiled module's text:
+    2 x output elements x the kernel's window positions x its input features (per
+    group). Padding and dilation zeros count, as in the layer's textbook count; a
+    convolution with batch groups (whose sums are shorter) is left out."""
+    shapes, convolutions = {}, []
+    for line in hlo_text.splitlines():
+        m = _ARRAY.match(line)
+        if not m:
+            continue
+        shapes[m["name"]] = _dims(m["dims"])
+        if " convolution(" in line and "batch_group_count=" not in line:
+            convolutions.append((m["name"], line))
+    out = {}
+    for name, line in convolutions:
+        operands, labels = _CONV_OPERANDS.search(line), _DIM_LABELS.search(line)
+        rhs = shapes.get(operands["rhs"]) if operands else None
+        if rhs is None or labels is None or len(labels["rhs"]) != len(rhs):
+            continue
+        window = np.prod([n for d, n in zip(labels["rhs"], rhs) if d.isdigit()], dtype=float)
+        features = rhs[labels["rhs"].index("i")]
+        out[name] = float(2.0 * np.prod(shapes[name], dtype=float) * window * features / 1e9)
+    return out
+
+
+def instructions(hlo_text: str) -> dict[str, dict[str, Any]]:
+    """Name -> {"opcode", "op_name", "gflop"} for every instruction of a compiled
+    module's text; "gflop" (`convolution_gflop`) is None but for convolutions."""
+    gflop = convolution_gflop(hlo_text)
     out = {}
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
         if m:
-            out[m["name"]] = {"opcode": m["opcode"], "op_name": m["op_name"] or ""}
+            out[m["name"]] = {
+                "opcode": m["opcode"],
+                "op_name": m["op_name"] or "",
+                "gflop": gflop.get(m["name"]),
+            }
     return out
 
 
@@ -177,6 +225,7 @@ def profile(config_file: str, overrides: Sequence[str], steps: int, what: str = 
                 "layer": layer,
                 "pass": pass_,
                 "ms_per_step": 1e3 * s / steps,
+                "gflop": hlo[name]["gflop"],
                 "op_name": hlo[name]["op_name"],
             }
         )
@@ -201,15 +250,35 @@ def by_layer(rows: list[dict]) -> list[dict]:
     for r in rows:
         g = groups.setdefault(
             (r["layer"], r["pass"]),
-            {"layer": r["layer"], "pass": r["pass"], "ms_per_step": 0.0, "primitives": {}},
+            {
+                "layer": r["layer"],
+                "pass": r["pass"],
+                "ms_per_step": 0.0,
+                "primitives": {},
+                "conv_gflop": 0.0,
+                "conv_ms": 0.0,
+            },
         )
         g["ms_per_step"] += r["ms_per_step"]
+        if r.get("gflop") is not None:
+            g["conv_gflop"] += r["gflop"]
+            g["conv_ms"] += r["ms_per_step"]
         what = primitive(r)
         g["primitives"][what] = g["primitives"].get(what, 0.0) + r["ms_per_step"]
     out = sorted(groups.values(), key=lambda g: -g["ms_per_step"])
     for g in out:
         g["share"] = g["ms_per_step"] / total
+        g["conv_gflops"] = gflops(g["conv_gflop"], g["conv_ms"]) if g["conv_ms"] else None
     return out
+
+
+def gflops(gflop: float | None, ms: float) -> float | None:
+    """GFLOP/s of `gflop` computed in `ms` milliseconds (None without a count)."""
+    return None if gflop is None or ms <= 0 else gflop / (ms / 1e3)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def table(result: dict, made_by: dict, top: int) -> str:
@@ -225,27 +294,32 @@ def table(result: dict, made_by: dict, top: int) -> str:
         f"(without the profiler): median {statistics.median(result['step_wall_ms']):.0f} ms; "
         f"XLA thunks in the trace: {thunks:.0f} ms per step (thunks may overlap).",
         "",
-        "| layer | pass | ms per step | share of thunk time | largest parts (ms) |",
-        "|---|---|---|---|---|",
+        "| layer | pass | ms per step | share of thunk time | convolutions' GFLOP/s | "
+        "largest parts (ms) |",
+        "|---|---|---|---|---|---|",
     ]
     for g in by_layer(rows):
         parts = sorted(g["primitives"].items(), key=lambda kv: -kv[1])[:4]
         largest = ", ".join(f"{k} {v:.1f}" for k, v in parts)
         lines.append(
             f"| {g['layer']} | {g['pass']} | {g['ms_per_step']:.1f} | {g['share']:.1%} | "
-            f"{largest} |"
+            f"{_rate(g['conv_gflops'])} | {largest} |"
         )
     lines += [
         "",
+        "Convolutions' GFLOP/s: their nominal operations (padding included) over their "
+        "thunk time; a thunk that shares the cores with another runs slower than alone.",
+        "",
         f"The {min(top, len(rows))} longest instructions:",
         "",
-        "| instruction | opcode | layer | pass | ms per step | source (op_name) |",
-        "|---|---|---|---|---|---|",
+        "| instruction | opcode | layer | pass | ms per step | GFLOP/s | source (op_name) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows[:top]:
+        rate = gflops(r.get("gflop"), r["ms_per_step"])
         lines.append(
             f"| `{r['instruction']}` | {r['opcode']} | {r['layer']} | {r['pass']} | "
-            f"{r['ms_per_step']:.1f} | `{r['op_name']}` |"
+            f"{r['ms_per_step']:.1f} | {_rate(rate)} | `{r['op_name']}` |"
         )
     return "\n".join(lines)
 
