@@ -51,6 +51,11 @@ def test_convolutions_get_their_textbook_operation_count():
     assert profile.gflops(forward, 2.0) == pytest.approx(forward * 500)
 
 
+def test_a_rate_above_the_peak_is_marked_as_a_missed_event():
+    assert profile._rate(300.0, 200.0) == "300 (above peak)"
+    assert (profile._rate(150.0, 200.0), profile._rate(None, 200.0)) == ("150", "-")
+
+
 @pytest.mark.parametrize(
     "op_name, expected",
     [
@@ -83,6 +88,7 @@ def test_the_profile_of_the_tiny_convnet_covers_every_layer_both_ways(tmp_path, 
     assert ("dense", "backward") in groups and ("-", "outside the model") in groups
     assert sum(g["share"] for g in result["by_layer"]) == pytest.approx(1.0)
     assert result["mode"] == "machine" and len(result["step_wall_ms"]) == 1
+    assert result["fp32_peak_gflops"] > 0
     text = (out / "profile.md").read_text()
     assert (
         "| conv2 | backward |" in text

@@ -21,6 +21,10 @@ shapes: 2 x output elements x window positions x the kernel's input features, pa
 included (`convolution_gflop`), and the tables give GFLOP/s of its thunk time: the
 rate Eigen's kernels run at in each layer and pass, forward against both gradients.
 A custom call (jaxrepro's kernels) gets none: XLA knows nothing of what it computes.
+The process's fp32 peak (`bench_jax.fp32_peak_gflops`) is measured too, and a rate
+above it is marked: that instruction's trace events did not cover its work (XLA:CPU
+can close a convolution's event when it hands the work to the thread pool), so its
+time, and its layer's, are too low.
 
 Writes DIR/profile.md (by layer and pass, then the `--top` instructions) and
 DIR/profile.json. The timings are the machine's and the load's; the table is a map of
@@ -47,6 +51,7 @@ from jax.profiler import ProfileData
 from jaxrepro import cli, determinism, provenance
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
+from jaxrepro.analysis import bench_jax
 from jaxrepro.train import setup
 from jaxrepro.train import steps as steplib
 from jaxrepro.train.loop import load_data
@@ -239,6 +244,7 @@ def profile(config_file: str, overrides: Sequence[str], steps: int, what: str = 
         "steps": steps,
         "mode": determinism.mode(),
         "step_wall_ms": [1e3 * s for s in wall],
+        "fp32_peak_gflops": bench_jax.fp32_peak_gflops(),
         "instructions": rows,
     }
 
@@ -277,13 +283,17 @@ def gflops(gflop: float | None, ms: float) -> float | None:
     return None if gflop is None or ms <= 0 else gflop / (ms / 1e3)
 
 
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+def _rate(value: float | None, peak: float) -> str:
+    """A rate for the tables; above the fp32 peak it is marked (see the module doc)."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" + (" (above peak)" if value > peak else "")
 
 
 def table(result: dict, made_by: dict, top: int) -> str:
     """Markdown: the provenance, the time by layer and pass, the top instructions."""
     rows = result["instructions"]
+    peak = result["fp32_peak_gflops"]
     thunks = sum(r["ms_per_step"] for r in rows)
     lines = [
         provenance.markdown(made_by),
@@ -303,12 +313,14 @@ def table(result: dict, made_by: dict, top: int) -> str:
         largest = ", ".join(f"{k} {v:.1f}" for k, v in parts)
         lines.append(
             f"| {g['layer']} | {g['pass']} | {g['ms_per_step']:.1f} | {g['share']:.1%} | "
-            f"{_rate(g['conv_gflops'])} | {largest} |"
+            f"{_rate(g['conv_gflops'], peak)} | {largest} |"
         )
     lines += [
         "",
         "Convolutions' GFLOP/s: their nominal operations (padding included) over their "
-        "thunk time; a thunk that shares the cores with another runs slower than alone.",
+        "thunk time; a thunk that shares the cores with another runs slower than alone. "
+        f"The fp32 peak of this process: {peak:.0f} GFLOP/s; a rate above it means the "
+        "instruction's trace events missed part of its work, and its time is too low.",
         "",
         f"The {min(top, len(rows))} longest instructions:",
         "",
@@ -319,7 +331,7 @@ def table(result: dict, made_by: dict, top: int) -> str:
         rate = gflops(r.get("gflop"), r["ms_per_step"])
         lines.append(
             f"| `{r['instruction']}` | {r['opcode']} | {r['layer']} | {r['pass']} | "
-            f"{r['ms_per_step']:.1f} | {_rate(rate)} | `{r['op_name']}` |"
+            f"{r['ms_per_step']:.1f} | {_rate(rate, peak)} | `{r['op_name']}` |"
         )
     return "\n".join(lines)
 
