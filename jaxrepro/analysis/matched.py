@@ -137,7 +137,9 @@ def write_exchange(inputs: MatchedInputs, directory: Path, *, validation: bool =
 
 def eigen_convolutions(model: nn.Module) -> nn.Module:
     """`model` with XLA's own (Eigen's) first convolution instead of jaxrepro's kernel,
-    where it has one: every convolution then runs the library Keras runs on Eigen."""
+    where it has one. The ConvNet's convolutions then all run Eigen, the library Keras
+    runs with oneDNN off; the mini Xception's depthwise and 1x1 convolutions keep the
+    config's forms (`fast_convs`)."""
     if "first_conv" in {f.name for f in dataclasses.fields(model)}:
         return model.clone(first_conv=None)
     return model
@@ -147,7 +149,7 @@ def train_matched(
     config: ml_collections.ConfigDict, exchange: Path, out: Path, *, eigen: bool = False
 ) -> None:
     """N matched steps from the exchange's weights and batches, in the config's
-    determinism mode; final weights to `out`. `eigen`: the model's convolutions as
+    determinism mode; final weights to `out`. `eigen`: the first convolution as
     Eigen's (`eigen_convolutions`)."""
     determinism.apply_config(config)
     model, tx = setup.build_model(config, dropout_rate=0.0), setup.build_optimizer(config)
