@@ -274,7 +274,7 @@ def by_layer(rows: list[dict]) -> list[dict]:
     out = sorted(groups.values(), key=lambda g: -g["ms_per_step"])
     for g in out:
         g["share"] = g["ms_per_step"] / total
-        g["conv_gflops"] = gflops(g["conv_gflop"], g["conv_ms"]) if g["conv_ms"] else None
+        g["conv_gflops"] = gflops(g["conv_gflop"], g["conv_ms"])
     return out
 
 
