@@ -57,11 +57,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # "portable": the same bits on every x86-64 CPU and core count; "machine": the
     # fastest bits that repeat on one machine (jaxrepro.determinism).
     c.determinism = "machine"
-    # XLA:CPU's thunk scheduling; speed and memory only, never bits (either mode). Off,
-    # each convolution has the cores to itself: on 2 cores the ConvNet trained at 46.4
-    # against 43.6 images/s in 814 against 918 MiB (docs/results/speed/). True is XLA's
-    # default, its concurrency-optimized scheduler (jaxrepro.determinism.SCHEDULER_OFF).
-    c.concurrency_scheduler = False
 
     c.seed = 1001
     # Own seeds per PRNG stream (-1: derive from `seed`). Changing one changes only

@@ -37,7 +37,4 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # (jaxrepro.models.ops.convolutions): as deterministic from run to run, jitted equal
     # to op by op, but other bits than XLA's own convolutions (False).
     c.fast_convs = True
-    # XLA's concurrency-optimized thunk scheduler: its many small depthwise and 1x1 layers
-    # run side by side (22.5 against 19.1 images/s on 2 cores with it off; no bit changes).
-    c.concurrency_scheduler = True
     return base.apply_variant(c, variant, {**base.TINY, "image_size": 32})

@@ -91,14 +91,6 @@ PORTABLE_FLAGS = (
     "--xla_cpu_enable_platform_dependent_math=false",
 )
 MODES: dict[str, tuple[str, ...]] = {"machine": MACHINE_FLAGS, "portable": PORTABLE_FLAGS}
-# XLA:CPU's thunk scheduling, chosen per experiment (config key `concurrency_scheduler`,
-# in either mode). XLA's concurrency-optimized scheduler (its default) orders a step's
-# instructions so that independent ones run at once on the thread pool; off, it orders
-# them to keep memory low, and each convolution has the cores to itself. The order and
-# overlap of instructions change, not what any of them computes: the same bits either way
-# (tests/test_portable.py). On 2 cores the ConvNet trains faster with it off, the mini
-# Xception slower (docs/results/speed/).
-SCHEDULER_OFF = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 DEFAULT_MODE = "machine"
 CPU_FLAGS: tuple[str, ...] = MODES[DEFAULT_MODE]  # the CPU flags of the default mode
 # What portable mode needs of the CPU: x86-64 with AVX (the ISA cap). jaxlib's own
@@ -135,7 +127,6 @@ PACKAGES = (
 
 _applied = False
 _mode: str | None = None
-_concurrency_scheduler: bool | None = None
 
 
 class ModeError(UserError, RuntimeError):
@@ -185,33 +176,17 @@ def mode() -> str | None:
 
 def own_flags() -> set[str]:
     """Every flag jaxrepro adds, in any mode."""
-    return {*GPU_FLAGS, *(f for flags in MODES.values() for f in flags), SCHEDULER_OFF}
+    return {*GPU_FLAGS, *(f for flags in MODES.values() for f in flags)}
 
 
-def scheduling_flags(concurrency_scheduler: bool = True) -> tuple[str, ...]:
-    """The XLA flags of a thunk scheduling choice (none for XLA's default)."""
-    return () if concurrency_scheduler else (SCHEDULER_OFF,)
-
-
-def xla_flags(
-    mode_name: str, current: str | None = None, concurrency_scheduler: bool = True
-) -> str:
-    """The XLA_FLAGS value of `mode_name` and a thunk scheduling: the user's own flags
-    (those of `current`, default $XLA_FLAGS, that jaxrepro did not add), then the mode's
-    and the scheduling's."""
+def xla_flags(mode_name: str, current: str | None = None) -> str:
+    """The XLA_FLAGS value of `mode_name`: the user's own flags (those of `current`,
+    default $XLA_FLAGS, that jaxrepro did not add), then the mode's."""
     current = os.environ.get("XLA_FLAGS", "") if current is None else current
     user = [f for f in current.split() if f not in own_flags()]
     named = {f.split("=")[0] for f in user}  # a flag the user set keeps the user's value
-    wanted = [
-        f
-        for f in (*GPU_FLAGS, *MODES[mode_name], *scheduling_flags(concurrency_scheduler))
-        if f.split("=")[0] not in named
-    ]
+    wanted = [f for f in (*GPU_FLAGS, *MODES[mode_name]) if f.split("=")[0] not in named]
     return " ".join(user + wanted)
-
-
-def _without_scheduling(flags: str) -> list[str]:
-    return [f for f in flags.split() if f != SCHEDULER_OFF]
 
 
 def without_own_flags(value: str) -> str:
@@ -316,24 +291,21 @@ def backend_started() -> bool:
     return True if backends is None else bool(backends)
 
 
-def apply(mode_name: str | None = None, concurrency_scheduler: bool = True) -> str:
+def apply(mode_name: str | None = None) -> str:
     """Set the XLA flags of a determinism mode and the JAX config; returns the mode.
 
     `mode_name`: "machine" or "portable" (default: `$JAXREPRO_DETERMINISM`, else
-    `DEFAULT_MODE`). `concurrency_scheduler`: XLA:CPU's thunk scheduling
-    (`SCHEDULER_OFF`). Before a backend starts, a later call may change either. Once a
-    backend runs, its flags can no longer change: asking for another mode then raises
-    ModeError, because the run would silently differ; asking for another scheduling
-    keeps the one the backend runs with (it changes no bit; `XLA_FLAGS` in `fingerprint()`
-    says which ran).
+    `DEFAULT_MODE`). Before a backend starts, a later call may change the mode. Once a
+    backend runs, its flags can no longer change: asking for other flags then raises
+    ModeError, because the run would silently differ.
     """
-    global _applied, _mode, _concurrency_scheduler
+    global _applied, _mode
     mode_name = requested_mode() if mode_name is None else mode_name
     check_mode(mode_name)
     check_cpu(mode_name)
-    flags = known_flags(xla_flags(mode_name, concurrency_scheduler=concurrency_scheduler))
+    flags = known_flags(xla_flags(mode_name))
     if backend_started():
-        if _without_scheduling(flags) != _without_scheduling(os.environ.get("XLA_FLAGS", "")):
+        if flags != os.environ.get("XLA_FLAGS", ""):
             raise ModeError(
                 f"jaxrepro: determinism mode {mode_name!r} needs other XLA flags than this "
                 f"process's JAX backend started with (mode {_mode!r}); they can no longer "
@@ -342,7 +314,6 @@ def apply(mode_name: str | None = None, concurrency_scheduler: bool = True) -> s
             )
     else:
         os.environ["XLA_FLAGS"] = flags
-        _concurrency_scheduler = concurrency_scheduler
     import jax  # noqa: PLC0415  (must come after XLA_FLAGS is set)
 
     for name, value in JAX_CONFIG.items():
@@ -352,24 +323,19 @@ def apply(mode_name: str | None = None, concurrency_scheduler: bool = True) -> s
 
 
 def apply_config(config: Any) -> str:
-    """Run in the mode and with the thunk scheduling a (run's) config names; a config
-    without the keys ran `machine` with XLA's default scheduling.
+    """Run in the mode a (run's) config names; a config without the key ran `machine`.
 
-    A no-op when the process already runs so; else `apply` (ModeError once a
+    A no-op when the process already runs in that mode; else `apply` (ModeError once a
     backend runs with the other mode's flags, or when `$JAXREPRO_DETERMINISM` asks for
     another mode: the config is what the run records, so it must say the mode)."""
     wanted = config.get("determinism") or "machine"
-    scheduler = config.get("concurrency_scheduler")
-    scheduler = True if scheduler is None else bool(scheduler)
     asked = os.environ.get(ENV_VARIABLE)
     if asked and asked != wanted:
         raise ModeError(
             f"{ENV_VARIABLE}={asked} but the config asks for determinism mode {wanted!r}; "
             f"pass --config.determinism={asked} (or unset {ENV_VARIABLE})"
         )
-    if _mode == wanted and _concurrency_scheduler == scheduler:
-        return wanted
-    return apply(wanted, scheduler)
+    return wanted if _mode == wanted else apply(wanted)
 
 
 def _cpu_info() -> dict[str, Any]:

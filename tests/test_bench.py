@@ -232,19 +232,6 @@ def test_fast_convs_systems_run_only_for_a_model_that_has_them():
     }
 
 
-def test_the_scheduler_system_runs_only_where_the_config_turns_it_off(tmp_path):
-    args = argparse.Namespace(
-        configs=[CONVNET, MINIXCEPTION], image_size=80, systems=["jax", "jax-xla-scheduler"]
-    )
-    plan = {model: systems for _, model, systems in bench.plan(args)}
-    assert plan == {"convnet": ["jax", "jax-xla-scheduler"], "minixception": ["jax"]}
-    args = argparse.Namespace(image_size=80, batch_size=16, steps=2, repeats=1)
-    _, cmd = bench.child_command("jax-xla-scheduler", CONVNET, "convnet", args, tmp_path / "o")
-    assert "--config.concurrency_scheduler=True" in cmd
-    _, cmd = bench.child_command("jax", CONVNET, "convnet", args, tmp_path / "o")
-    assert not any("concurrency_scheduler" in a for a in cmd)
-
-
 def test_rounds_run_every_system_once_per_round_round_after_round():
     todo = [("a.py", "a", ["jax", "tf-none"]), ("b.py", "b", ["jax"])]
     assert bench.schedule(todo, 2) == [

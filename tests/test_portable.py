@@ -81,53 +81,6 @@ def test_portable_flags_keep_the_users_own():
     }
 
 
-# -- the thunk scheduling: per experiment, never the bits ---------------------------------
-
-
-def test_the_scheduling_is_a_flag_of_its_own_and_the_users_value_wins():
-    off = determinism.xla_flags("machine", "", concurrency_scheduler=False).split()
-    on = determinism.xla_flags("machine", " ".join(off)).split()
-    assert determinism.SCHEDULER_OFF in off and set(off) - set(on) == {determinism.SCHEDULER_OFF}
-    assert determinism.SCHEDULER_OFF not in determinism.without_own_flags(" ".join(off))
-    users = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-    flags = determinism.xla_flags("portable", users, concurrency_scheduler=False).split()
-    assert users in flags and determinism.SCHEDULER_OFF not in flags
-
-
-def test_another_scheduling_keeps_the_running_backends():
-    jax.devices()  # the backend runs
-    before = os.environ["XLA_FLAGS"]
-    running = determinism.SCHEDULER_OFF not in before.split()
-    config = {"determinism": "machine", "concurrency_scheduler": not running}
-    assert determinism.apply_config(config) == "machine"  # no ModeError: no bit depends on it
-    assert os.environ["XLA_FLAGS"] == before
-
-
-def test_the_thunk_scheduling_changes_no_bit():
-    """One compiled ConvNet step, 40 calls, with XLA's concurrency-optimized scheduler on
-    in one process and off in the other: one SHA-256 of its outputs."""
-    import repeat_step  # noqa: PLC0415  (tests/repeat_step.py, the child's own code)
-
-    here_off = determinism.SCHEDULER_OFF in os.environ["XLA_FLAGS"].split()
-    value = "true" if here_off else "false"
-    r = subprocess.run(
-        [sys.executable, "tests/repeat_step.py", "machine", tiny_spec("convnet")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={
-            **os.environ,
-            "XLA_FLAGS": f"--xla_cpu_enable_concurrency_optimized_scheduler={value}",
-        },
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    child = json.loads(r.stdout.splitlines()[-1])["convnet"]
-    assert (determinism.SCHEDULER_OFF in child["xla_flags"].split()) != here_off
-    here = repeat_step.distinct_outputs(tiny_spec("convnet"), "machine")
-    assert len(here["distinct"]) == 1 and child["distinct"] == here["distinct"]
-
-
 def test_portable_names_the_cpu_feature_it_lacks(monkeypatch):
     monkeypatch.setattr(determinism, "__cpu_features__", {"AVX": False, "SSE42": True})
     with pytest.raises(determinism.ModeError, match="needs the CPU feature.* AVX"):

@@ -38,9 +38,6 @@ sides. Systems:
   jax-one-chunk    those shifted sums with the backward pass over the whole batch at
                    once, without their batch chunks (other bits); only for a model with
                    the `fast_convs` option
-  jax-xla-scheduler jaxrepro with XLA's concurrency-optimized thunk scheduler (XLA's
-                   default; `--config.concurrency_scheduler=True`; the same bits); only
-                   for a config that turns it off (the ConvNet's)
   jax-gpu-nondet   jaxrepro without its XLA:GPU determinism flags (`jaxrepro.analysis.
                    variants` "gpu-nondeterministic"): what determinism costs on a GPU.
                    Not in the default list: on a CPU it is the plain `jax` system
@@ -83,7 +80,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
-import ml_collections
 
 from jaxrepro import cli, models, provenance
 from jaxrepro import config as configlib
@@ -108,7 +104,6 @@ SYSTEMS = {
     "jax-xla-convs": "jaxrepro with XLA's own convolutions (before)",
     "jax-shifted-sums": "jaxrepro with the depthwise convolution as XLA shifted sums (before)",
     "jax-one-chunk": "jaxrepro with the depthwise backward pass unchunked (before)",
-    "jax-xla-scheduler": "jaxrepro with XLA's concurrency-optimized scheduler (before)",
     "jax-gpu-nondet": "jaxrepro without the XLA:GPU determinism flags",
     "tf-recipe": "Keras/TF, determinism recipe",
     "tf-none": "Keras/TF default",
@@ -127,8 +122,6 @@ CHILD_SWITCHES = {
 }
 # Systems that change the `fast_convs` convolutions only (a model spec's config option).
 FAST_CONVS_ONLY = ("jax-xla-convs", "jax-one-chunk", "jax-shifted-sums")
-# Config overrides of the systems that are a config setting.
-CONFIG_OVERRIDES = {"jax-xla-scheduler": ["concurrency_scheduler=True"]}
 # The determinism mode a JAX system runs in (the others: the config's).
 JAX_MODES = {"jax-machine": "machine", "jax-portable": "portable"}
 # The `jaxrepro.analysis.variants` variant each JAX system runs under.
@@ -199,7 +192,6 @@ def child_command(
         *common,
         *([switch] if switch else []),
         *([f"--config.determinism={mode}"] if mode else []),
-        *cli.as_arguments(CONFIG_OVERRIDES.get(system, [])),
     ]
 
 
@@ -484,20 +476,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def skip_reason(system: str, config: ml_collections.ConfigDict) -> str | None:
-    """Why `system` is not measured on `config` (None: it is)."""
-    spec = models.get_spec(config.model)
-    if system in FAST_CONVS_ONLY and "fast_convs" not in spec.config_options:
-        return "it changes the fast_convs convolutions only"
-    if system == "jax-xla-first-conv" and "first_conv" not in {
-        f.name for f in dataclasses.fields(spec.module)
-    }:
-        return "the model has no first_conv option"
-    if system == "jax-xla-scheduler" and config.get("concurrency_scheduler", True) is not False:
-        return "the config runs XLA's concurrency-optimized scheduler already"
-    return None
-
-
 def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     """(config file, model name, systems) per config, checked before anything runs."""
     out = []
@@ -509,7 +487,13 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
                 f"{config_file}: the {config.model} needs --image-size of at "
                 f"least {spec.min_image_size}"
             )
-        systems = [s for s in args.systems if skip_reason(s, config) is None]
+        fields = {f.name for f in dataclasses.fields(spec.module)}
+        systems = [
+            s
+            for s in args.systems
+            if (s not in FAST_CONVS_ONLY or "fast_convs" in spec.config_options)
+            and (s != "jax-xla-first-conv" or "first_conv" in fields)
+        ]
         out.append((config_file, config.model, systems))
     return out
 
@@ -523,11 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = plan(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for config_file, model, systems in todo:
-        config = configlib.resolve(config_file)
-        for system in (s for s in args.systems if s not in systems):
+    for _, model, systems in todo:
+        skipped = [s for s in args.systems if s not in systems]
+        if skipped:
             print(
-                f"skipping {system} on {model}: {skip_reason(system, config)}",
+                f"skipping {', '.join(skipped)} on {model}: they change the fast_convs "
+                "convolutions only",
                 file=sys.stderr,
                 flush=True,
             )

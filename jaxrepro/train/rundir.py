@@ -39,10 +39,9 @@ from jaxrepro.train import setup
 # Keys a resumed run may change: where it runs, not what it computes (with
 # microbatches > 0 not even the bits). A config saved without `microbatches` ran the
 # plain program, one without `fast_convs` what fast_convs=False runs, one without
-# `determinism` the machine mode; the thunk scheduling changes no bit either way.
+# `determinism` the machine mode.
 PLACEMENT_ONLY = (
     "num_devices: ",
-    "concurrency_scheduler: ",
     "microbatches: None -> 0",
     "fast_convs: None -> False",
     "determinism: None -> 'machine'",
