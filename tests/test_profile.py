@@ -11,10 +11,25 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import tiny_spec
 
+from jaxrepro import config as configlib
+from jaxrepro import train
 from jaxrepro.analysis import profile
+
+
+@pytest.fixture(scope="module")
+def tiny_convnet():
+    """The tiny ConvNet's model, initial variables and a batch of its images."""
+    config = configlib.resolve(tiny_spec("convnet"))
+    model = train.build_model(config)
+    keys = train.stream_keys(config)
+    size = config.data.image_size
+    state = train.init_state(model, train.build_optimizer(config), keys["init"], size)
+    images = np.zeros((2, size, size, 3), np.uint8)
+    return model, state.variables, images
 
 
 def test_instructions_name_the_source_of_a_compiled_module():
@@ -79,8 +94,9 @@ def test_the_profile_of_the_tiny_convnet_covers_every_layer_both_ways(tmp_path, 
     groups = {(g["layer"], g["pass"]): g for g in result["by_layer"]}
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         for pass_ in ("forward", "backward"):
-            # conv1's forward pass is jaxrepro's kernel, a custom call (`first_conv.cc`).
-            op = "ffi_call" if (layer, pass_) == ("conv1", "forward") else "conv_general_dilated"
+            # conv1 is jaxrepro's kernels, custom calls (`first_conv.cc`, forward, and
+            # `first_conv_grad.cc`, its kernel gradient; the step needs no input gradient).
+            op = "ffi_call" if layer == "conv1" else "conv_general_dilated"
             assert groups[layer, pass_]["primitives"].get(op, 0) > 0
             # a rate for XLA's convolutions, none for the kernel's custom call
             rate = groups[layer, pass_]["conv_gflops"]
@@ -110,8 +126,51 @@ def test_the_profile_of_inference_is_the_forward_pass_alone(tmp_path):
     assert {"conv1", "conv5", "dense"} <= layers
 
 
+def test_conv_calls_find_every_convolution_with_its_input(tiny_convnet):
+    model, variables, images = tiny_convnet
+    calls = profile.conv_calls(model, variables, images)
+    assert [conv.name for conv, _ in calls] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    size = images.shape[1]
+    assert calls[0][1].shape == (*images.shape[:3], 3)
+    assert calls[1][1].shape == (images.shape[0], (size - 2) // 2, (size - 2) // 2, 32)
+    # the unbound module computes what the model's layer computes
+    conv, x = calls[1]
+    y = conv.apply({"params": variables["params"]["conv2"]}, x)
+    assert y.shape == (*x.shape[:3], 64)
+
+
+def test_convolutions_alone_and_the_ceiling_they_set(tmp_path, capsys):
+    out = tmp_path / "alone"
+    spec = tiny_spec("convnet")
+    args = [spec, "--steps", "1", "--top", "0", "--convolutions-alone", "--out", str(out)]
+    assert profile.main(args) == 0
+    result = json.loads((out / "profile.json").read_text())
+    rows = {(r["layer"], r["pass"]): r for r in result["convolutions_alone"]}
+    both = {"forward", "kernel gradient"}
+    assert {p for (layer, p) in rows if layer == "conv1"} == both  # its input is the image's
+    assert {p for (layer, p) in rows if layer == "conv2"} == both | {"input gradient"}
+    assert all(r["ms"] > 0 for r in rows.values())
+    # conv2 of the tiny ConvNet: 80 px -> conv1 78 -> pool 39 -> conv2 37x37x64, 3x3x32
+    batch = configlib.resolve(spec).batch_size
+    want = 2 * batch * 37 * 37 * 64 * 9 * 32 / 1e9
+    assert rows["conv2", "kernel gradient"]["gflop"] == pytest.approx(want)
+    assert result["step_gflop"] > sum(r["gflop"] for r in rows.values()) / 2
+    text = (out / "profile.md").read_text()
+    assert "Each convolution alone" in text and "| conv2 |" in text
+    total = sum(r["ms"] for r in rows.values())
+    assert f"The convolutions alone: {total:.0f} ms per step" in text
+    assert text.strip() in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
-    "args", [["--steps", "0"], ["--config.no_such_key=1"], ["--top", "-1"], ["--step", "predict"]]
+    "args",
+    [
+        ["--steps", "0"],
+        ["--config.no_such_key=1"],
+        ["--top", "-1"],
+        ["--step", "predict"],
+        ["--step", "infer", "--convolutions-alone"],
+    ],
 )
 def test_bad_input_is_exit_status_2(tmp_path, args):
     try:

@@ -1,7 +1,7 @@
 """Where a training step's or an inference batch's time goes, by XLA:CPU's own profiler.
 
     python -m jaxrepro.analysis.profile CONFIG_FILE [--step train|infer] [--steps 3]
-                     [--top 25] [--out DIR] [--config.KEY=VALUE ...]
+                     [--top 25] [--convolutions-alone] [--out DIR] [--config.KEY=VALUE ...]
 
 Compiles the config's training step (`--step train`, augmentation and optimizer
 included) or its evaluation step on a batch (`--step infer`, what the bench's inference
@@ -26,6 +26,16 @@ above it is marked: that instruction's trace events did not cover its work (XLA:
 can close a convolution's event when it hands the work to the thread pool), so its
 time, and its layer's, are too low.
 
+`--convolutions-alone` also times each `nn.Conv` of the model by itself, on the
+input it gets in the step: its forward pass, and for a training step the gradient
+with respect to its kernel and (but for the first convolution, whose input the step
+does not differentiate) its input, each jitted alone and called `--steps` times after
+a warm-up (the median). Their sum is what the step would take if it were its
+convolutions alone, each with the cores to itself; with the step's operation count
+(`bench_jax.xla_form_flops`, as the bench counts) that sum gives the fraction of the
+fp32 peak the step could reach with these convolution kernels and nothing else: a
+ceiling, next to the step's own wall time.
+
 Writes DIR/profile.md (by layer and pass, then the `--top` instructions) and
 DIR/profile.json. The timings are the machine's and the load's; the table is a map of
 where to look, not a benchmark (that is `jaxrepro.analysis.bench`).
@@ -44,6 +54,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.profiler import ProfileData
@@ -52,6 +63,7 @@ from jaxrepro import cli, determinism, provenance
 from jaxrepro import config as configlib
 from jaxrepro import data as datalib
 from jaxrepro.analysis import bench_jax
+from jaxrepro.timing import timed
 from jaxrepro.train import setup
 from jaxrepro.train import steps as steplib
 from jaxrepro.train.loop import load_data
@@ -171,11 +183,80 @@ def thunk_seconds(xspace: bytes, names: set[str]) -> dict[str, float]:
 STEPS = ("train", "infer")
 
 
-def profile(config_file: str, overrides: Sequence[str], steps: int, what: str = "train") -> dict:
+def conv_calls(model: nn.Module, variables: Any, images: np.ndarray) -> list[tuple[nn.Conv, Any]]:
+    """(module, input) of each `nn.Conv` call of `model`'s inference forward pass on
+    `images`, in call order: the module unbound (callable with `apply` and its own
+    parameters, `variables["params"][module.name]`), the input as it gets it."""
+    calls: list[tuple[nn.Conv, Any]] = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.Conv) and context.method_name == "__call__":
+            calls.append((module.clone(parent=None, name=module.name), args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, images.astype(np.float32), train=False)
+    return calls
+
+
+def convolutions_alone(
+    model: nn.Module, variables: Any, images: np.ndarray, calls: int
+) -> list[dict]:
+    """Each `nn.Conv` of `model` timed alone on its own input (see the module doc): per
+    convolution and pass ("forward", "kernel gradient", "input gradient"; no input
+    gradient for the first convolution), the median ms of `calls` calls after a
+    warm-up, and the pass's nominal GFLOP (the same for all three)."""
+    rows = []
+    for index, (conv, x) in enumerate(conv_calls(model, variables, images)):
+        params, x = variables["params"][conv.name], jax.device_put(np.asarray(x))
+
+        def forward(p, x, conv=conv):
+            return conv.apply({"params": p}, x)
+
+        def kernel_gradient(p, x, g, forward=forward):
+            return jax.vjp(lambda k: forward({**p, "kernel": k}, x), p["kernel"])[1](g)[0]
+
+        def input_gradient(p, x, g, forward=forward):
+            return jax.vjp(lambda x: forward(p, x), x)[1](g)[0]
+
+        y = jax.jit(forward)(params, x)
+        kh, kw, cin, _ = params["kernel"].shape
+        g = jax.device_put(np.ones(y.shape, np.float32))
+        passes = {
+            "forward": (forward, (params, x)),
+            "kernel gradient": (kernel_gradient, (params, x, g)),
+            **({"input gradient": (input_gradient, (params, x, g))} if index else {}),
+        }
+        for pass_, (fn, args) in passes.items():
+            fn = jax.jit(fn)
+            jax.block_until_ready(fn(*args))  # compile and warm up
+            seconds = timed(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), calls)
+            rows.append(
+                {
+                    "layer": conv.name,
+                    "pass": pass_,
+                    "ms": 1e3 * statistics.median(seconds),
+                    "gflop": 2 * y.size * kh * kw * cin / 1e9,
+                }
+            )
+    return rows
+
+
+def profile(
+    config_file: str,
+    overrides: Sequence[str],
+    steps: int,
+    what: str = "train",
+    alone: bool = False,
+) -> dict:
     """Profile `steps` calls of the config's training step (`what="train"`) or of its
-    evaluation step on one batch (`what="infer"`) in this process."""
+    evaluation step on one batch (`what="infer"`) in this process; with `alone` (a
+    training step only), also each convolution by itself (`convolutions_alone`)."""
     if what not in STEPS:
         raise ValueError(f"what={what!r}: one of {STEPS}")
+    if alone and what != "train":
+        raise ValueError("convolutions alone are timed for a training step only")
     config = configlib.resolve(config_file, overrides)
     determinism.apply_config(config)  # before any JAX work
     data = load_data(config)
@@ -235,6 +316,15 @@ def profile(config_file: str, overrides: Sequence[str], steps: int, what: str = 
             }
         )
     rows.sort(key=lambda r: -r["ms_per_step"])
+    extra = {}
+    if alone:
+        flops = bench_jax.xla_form_flops(config, tx, state, batches[0], keys)
+        extra = {
+            "convolutions_alone": convolutions_alone(
+                model, state.variables, np.asarray(batches[0][0]), steps
+            ),
+            "step_gflop": None if flops is None else flops / 1e9,
+        }
     return {
         "config": config_file,
         "model": config.model,
@@ -246,6 +336,7 @@ def profile(config_file: str, overrides: Sequence[str], steps: int, what: str = 
         "step_wall_ms": [1e3 * s for s in wall],
         "fp32_peak_gflops": bench_jax.fp32_peak_gflops(),
         "instructions": rows,
+        **extra,
     }
 
 
@@ -333,7 +424,54 @@ def table(result: dict, made_by: dict, top: int) -> str:
             f"| `{r['instruction']}` | {r['opcode']} | {r['layer']} | {r['pass']} | "
             f"{r['ms_per_step']:.1f} | {_rate(rate, peak)} | `{r['op_name']}` |"
         )
+    if "convolutions_alone" in result:
+        lines += ["", *alone_table(result)]
     return "\n".join(lines)
+
+
+ALONE_PASSES = ("forward", "kernel gradient", "input gradient")
+
+
+def alone_table(result: dict) -> list[str]:
+    """Markdown lines: each convolution alone, their sum, and the ceiling it sets."""
+    peak, rows = result["fp32_peak_gflops"], result["convolutions_alone"]
+    cells = {(r["layer"], r["pass"]): r for r in rows}
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    lines = [
+        f"Each convolution alone (`--convolutions-alone`): jitted by itself on the input "
+        f"it gets in the step, median of {result['steps']} calls after a warm-up.",
+        "",
+        "| layer | " + " | ".join(f"{p} ms | GFLOP/s" for p in ALONE_PASSES) + " |",
+        "|---|" + "---|---|" * len(ALONE_PASSES),
+    ]
+    for layer in layers:
+        parts = []
+        for p in ALONE_PASSES:
+            r = cells.get((layer, p))
+            parts += (
+                ["-", "-"]
+                if r is None
+                else [f"{r['ms']:.1f}", _rate(gflops(r["gflop"], r["ms"]), peak)]
+            )
+        lines.append(f"| {layer} | " + " | ".join(parts) + " |")
+    total = sum(r["ms"] for r in rows)
+    wall = statistics.median(result["step_wall_ms"])
+    lines += [
+        "",
+        f"The convolutions alone: {total:.0f} ms per step; the step itself: {wall:.0f} ms "
+        "(median wall time without the profiler).",
+    ]
+    if result.get("step_gflop"):
+        ceiling = gflops(result["step_gflop"], total)
+        actual = gflops(result["step_gflop"], wall)
+        lines.append(
+            f"The step's {result['step_gflop']:.1f} GFLOP (XLA's count, as the bench's) in "
+            f"the convolutions' time alone would be {ceiling:.0f} GFLOP/s, "
+            f"{ceiling / peak:.2f} of the fp32 peak ({peak:.0f}): the most this step can "
+            "reach with these convolution kernels, were everything else free. In its own "
+            f"wall time: {actual:.0f} GFLOP/s, {actual / peak:.2f}."
+        )
+    return lines
 
 
 @cli.guarded
@@ -355,12 +493,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=3, help="profiled calls of the step")
     parser.add_argument("--top", type=int, default=25, help="instructions listed one by one")
+    parser.add_argument(
+        "--convolutions-alone",
+        action="store_true",
+        help="also time each convolution by itself, forward and gradients, and the "
+        "ceiling they set (training step only)",
+    )
     parser.add_argument("--out", default="checkpoints/profile", help="output directory")
     args = parser.parse_args(rest)
     if args.steps < 1 or args.top < 0:
         parser.error("--steps must be at least 1 and --top at least 0")
+    if args.convolutions_alone and args.step != "train":
+        parser.error("--convolutions-alone needs --step train")
     made_by = provenance.record("python -m jaxrepro.analysis.profile", argv)
-    result = profile(args.config_file, overrides, args.steps, args.step)
+    result = profile(args.config_file, overrides, args.steps, args.step, args.convolutions_alone)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = table(result, made_by, args.top)
