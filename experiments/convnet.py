@@ -89,8 +89,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 100
     # The paper: 90. The ConvNet stays at chance for 2 or 3 epochs, then learns the
     # embedded task; when it starts depends on the machine-mode bits, so 8 epochs ended
-    # at 0.86-0.94 validation accuracy on different CPUs and code; 12 end at 0.946-0.964
-    # in 9 minutes of training on 2 CPU cores (a Zen 3; docs/results/main-command/).
+    # at 0.86-0.94 validation accuracy on different CPUs and code; 12 end at 0.946 in 9
+    # minutes of training on 2 CPU cores (a Zen 3; docs/results/main-command/).
     c.num_epochs = 12
 
     c.checkpoint_every_steps = 25

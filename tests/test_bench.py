@@ -167,16 +167,12 @@ def test_each_before_system_passes_its_own_switch(tmp_path):
         "--flax-pool",
         "--xla-pool",
         "--xla-resample",
-        "--xla-first-conv",
-        "--xla-first-conv-gradient",
         "--xla-convs",
         "--one-chunk",
         "--shifted-sums",
     }
     for system, switch in [
         ("jax", None),
-        ("jax-xla-first-conv", "--xla-first-conv"),
-        ("jax-xla-first-conv-gradient", "--xla-first-conv-gradient"),
         ("jax-flax-pool", "--flax-pool"),
         ("jax-xla-pool", "--xla-pool"),
         ("jax-xla-resample", "--xla-resample"),

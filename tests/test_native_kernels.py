@@ -1,13 +1,11 @@
 """jaxrepro's own kernels (`jaxrepro/native/depthwise.cc`, `first_conv.cc`,
-`first_conv_grad.cc`, `pooling.cc`, `resample.cc`; the pooling kernel's bits against
-Flax's are checked in test_pooling.py, the resampling's against its XLA form in
-test_augment.py).
+`pooling.cc`, `resample.cc`; the pooling kernel's bits against Flax's are checked in
+test_pooling.py, the resampling's against its XLA form in test_augment.py).
 
 Claims: the depthwise forward pass and input gradient are the XLA shifted sums' bits;
-the tap gradients and the first convolution and its kernel gradient are the documented
-order of sums (checked against the same order in NumPy, bit for bit), within float32
-rounding of XLA's own convolution; the first convolution's input gradient is XLA's
-bits; every kernel gives the
+the tap gradients and the first convolution are the documented order of sums (checked
+against the same order in NumPy, bit for bit), within float32 rounding of XLA's own
+convolution; the first convolution's gradients are XLA's bits; every kernel gives the
 same bits on one core as on all; jitted equals op by op; no compiler is an error that
 says what to install; the portable mode runs none of the kernels.
 """
@@ -197,73 +195,19 @@ def test_the_first_convolution_is_the_documented_order_of_sums(x_shape, kernel_s
     assert np.max(np.abs(got - xla)) <= 1e-6 * np.max(np.abs(xla))
 
 
-def _first_conv_kernel_gradient_in_numpy(x: np.ndarray, g: np.ndarray, kernel_shape):
-    """The documented order: per image, from +0.0, add each output pixel's products in
-    (row, column) order; then, from +0.0, the images' sums in image order; every
-    product and sum rounded to float32."""
-    kh, kw, _, _ = kernel_shape
-    n, ho, wo, _ = g.shape
-    total = np.zeros(kernel_shape, np.float32)
-    for image in range(n):
-        partial = np.zeros(kernel_shape, np.float32)
-        for a in range(ho):
-            for b in range(wo):
-                partial = partial + x[image, a : a + kh, b : b + kw, :, None] * g[image, a, b]
-        total = total + partial
-    return total
-
-
-@pytest.mark.parametrize("x_shape, kernel_shape", FIRST_CONV_CASES)
-def test_the_first_convolutions_kernel_gradient_is_the_documented_order(x_shape, kernel_shape):
-    rng = np.random.default_rng(30)
-    x = rng.uniform(0.0, 1.0, x_shape).astype(np.float32)
-    x[0, 0, :2] = 0.0
-    kernel = rng.normal(size=kernel_shape).astype(np.float32)
-    y, back = jax.vjp(_first_conv, x, kernel)
-    g = (rng.normal(size=y.shape) * 10.0 ** rng.integers(-3, 3, y.shape)).astype(np.float32)
-    dx, dkernel = jax.jit(back)(g)
-    want = _first_conv_kernel_gradient_in_numpy(x, g, kernel_shape)
-    np.testing.assert_array_equal(np.asarray(dkernel).view(np.uint32), want.view(np.uint32))
-    # Another order of the same sums gives other bits: the comparison can fail. (The
-    # output rows from the last up; flipping the input too mirrors the kernel's rows.)
-    flipped = _first_conv_kernel_gradient_in_numpy(x[:, ::-1], g[:, ::-1], kernel_shape)
-    assert not np.array_equal(flipped[::-1].view(np.uint32), want.view(np.uint32))
-    np.testing.assert_allclose(flipped[::-1], want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
-    # XLA's kernel gradient sums in another order: equal to float32 rounding; the input
-    # gradient is XLA's own, bit for bit.
-    want_dx, want_dkernel = jax.vjp(_xla_conv, x, kernel)[1](g)
-    scale = np.max(np.abs(np.asarray(want_dkernel)))
-    assert np.max(np.abs(np.asarray(dkernel) - np.asarray(want_dkernel))) <= 1e-6 * scale
-    assert_bitwise_equal(dx, want_dx)
-
-
-def test_the_bench_s_before_form_has_xlas_kernel_gradient():
+def test_the_first_convolutions_gradients_are_xlas():
     x, g = _inputs((2, 11, 10, 3), 21), _inputs((2, 7, 6, 32), 22)
     kernel = _inputs((5, 5, 3, 32), 23)
-
-    def before(x, kernel):
-        return convolutions.first_conv_xla_gradient(
-            x, kernel, (1, 1), "VALID", dimension_numbers=NHWC
-        )
-
-    y, back = jax.vjp(before, x, kernel)
-    want_y = _first_conv(x, kernel)
+    _, back = jax.vjp(_first_conv, x, kernel)
     _, want_back = jax.vjp(_xla_conv, x, kernel)
-    assert_bitwise_equal(y, want_y)  # the forward kernel's bits
     assert_bitwise_equal(jax.jit(back)(g), jax.jit(want_back)(g))
 
 
 def test_the_first_convolution_jitted_equals_op_by_op():
     x, kernel = _inputs((2, 10, 10, 3), 24), _inputs((3, 3, 3, 32), 25)
-    g = _inputs((2, 8, 8, 32), 21)
-
-    def forward_and_back(x, kernel):
-        y, back = jax.vjp(_first_conv, x, kernel)
-        return y, back(g)
-
-    jitted = jax.jit(forward_and_back)(x, kernel)
+    jitted = jax.jit(_first_conv)(x, kernel)
     with jax.disable_jit():
-        assert_bitwise_equal(forward_and_back(x, kernel), jitted)
+        assert_bitwise_equal(_first_conv(x, kernel), jitted)
 
 
 @pytest.mark.parametrize(
@@ -298,7 +242,7 @@ def test_other_convolutions_fall_through_to_xla(case):
 
 
 # Every kernel: the depthwise convolution's three, the max-pool gradient's, the first
-# convolution's two and the augmentation's resampling.
+# convolution's and the augmentation's resampling.
 CORE_COUNT_CHILD = """
 import hashlib, sys, jax, numpy as np
 from jaxrepro.models.ops import convolutions, pooling
@@ -308,13 +252,11 @@ taps = jax.random.normal(jax.random.key(2), (3, 3, 32))
 y, back = jax.vjp(lambda x, t: convolutions._depthwise_same(x, t, True), x, taps)
 pooled, pool_back = jax.vjp(pooling.max_pool_3x3_s2_native, jax.numpy.round(x))
 kernel = jax.random.normal(jax.random.key(4), (5, 5, 3, 32))
-first, first_back = jax.vjp(
-    lambda k: convolutions.first_conv(jax.numpy.abs(x[..., :3]), k, (1, 1), "VALID",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
+first = convolutions.first_conv(jax.numpy.abs(x[..., :3]), kernel, (1, 1), "VALID",
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
 from jaxrepro.data import augment
 images = jax.numpy.abs(x[..., :3]) * 60.0
 out = [np.asarray(a) for a in (y, *back(g), *pool_back(pooled * 1e-3 + 1.0), first,
-       *first_back(g[:, :36, :36]),
        augment.augment_batch(jax.random.key(3), images, native=True))]
 print(len(jax.devices()), hashlib.sha256(b"".join(a.tobytes() for a in out)).hexdigest())
 """
@@ -412,11 +354,6 @@ def test_the_training_step_runs_the_image_kernels_in_the_machine_mode_only(model
         return step.trace(state, images, jnp.zeros((2,), jnp.int32), keys).lower().as_text()
 
     machine, portable_ = program("machine"), program("portable")
-    targets = (
-        "jaxrepro_affine_resample",
-        "jaxrepro_first_conv",
-        "jaxrepro_first_conv_kernel_gradient",
-    )
-    for target in targets:
+    for target in ("jaxrepro_affine_resample", "jaxrepro_first_conv"):
         assert target in machine
         assert target not in portable_

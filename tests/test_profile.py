@@ -94,9 +94,8 @@ def test_the_profile_of_the_tiny_convnet_covers_every_layer_both_ways(tmp_path, 
     groups = {(g["layer"], g["pass"]): g for g in result["by_layer"]}
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         for pass_ in ("forward", "backward"):
-            # conv1 is jaxrepro's kernels, custom calls (`first_conv.cc`, forward, and
-            # `first_conv_grad.cc`, its kernel gradient; the step needs no input gradient).
-            op = "ffi_call" if layer == "conv1" else "conv_general_dilated"
+            # conv1's forward pass is jaxrepro's kernel, a custom call (`first_conv.cc`).
+            op = "ffi_call" if (layer, pass_) == ("conv1", "forward") else "conv_general_dilated"
             assert groups[layer, pass_]["primitives"].get(op, 0) > 0
             # a rate for XLA's convolutions, none for the kernel's custom call
             rate = groups[layer, pass_]["conv_gflops"]

@@ -2,8 +2,7 @@
 
     python -m jaxrepro.analysis.bench_jax CONFIG_FILE --json OUT [--steps 6] [--repeats 3]
                      [--flax-pool | --xla-pool | --xla-resample | --xla-first-conv |
-                      --xla-first-conv-gradient | --xla-convs | --one-chunk |
-                      --shifted-sums]
+                      --xla-convs | --one-chunk | --shifted-sums]
                      [--config.KEY=VALUE ...]
 
 Compile time of the train step, one untimed step (as the TF side runs one), then
@@ -18,9 +17,8 @@ one of jaxrepro's speed-ups the way it was before (`--flax-pool`: Flax's
 select-and-scatter max-pool gradient; `--xla-pool`: the max pool, forward and
 gradient, as XLA ops instead of jaxrepro's kernels; `--xla-resample`: the augmentation's
 resampling as XLA ops instead of jaxrepro's kernel; `--xla-first-conv`: the first
-convolution (over the image) as XLA's own instead of jaxrepro's kernels, other bits;
-`--xla-first-conv-gradient`: its kernel gradient as XLA's, other bits; `--xla-convs`:
-XLA's own
+convolution (over the image) as XLA's own instead of jaxrepro's kernel, other bits;
+`--xla-convs`: XLA's own
 depthwise and 1x1 convolutions; `--shifted-sums`: the depthwise convolution as XLA's
 shifted sums instead of jaxrepro's kernels; `--one-chunk`: those, with the backward
 pass over the whole batch at once).
@@ -57,7 +55,6 @@ SWITCHES = (
     "xla_pool",
     "xla_resample",
     "xla_first_conv",
-    "xla_first_conv_gradient",
     "xla_convs",
     "one_chunk",
     "shifted_sums",
@@ -121,7 +118,6 @@ def measure(
     xla_pool: bool = False,
     xla_resample: bool = False,
     xla_first_conv: bool = False,
-    xla_first_conv_gradient: bool = False,
     xla_convs: bool = False,
     one_chunk: bool = False,
     shifted_sums: bool = False,
@@ -143,8 +139,6 @@ def measure(
         model = model.clone(pool=pooling.REFERENCE[model.pool])
     if xla_first_conv:
         model = model.clone(first_conv=None)
-    if xla_first_conv_gradient:
-        model = model.clone(first_conv=convolutions.first_conv_xla_gradient)
     keys = setup.stream_keys(config)
     initial = jax.device_get(setup.init_state(model, tx, keys["init"], config.data.image_size))
     batch_size = config.batch_size

@@ -4,9 +4,8 @@ A core package, below the data pipeline and the models that both call kernels: t
 augmentation (`jaxrepro.data.augment`) and the models' ops (`jaxrepro.models.ops`)
 hold the JAX side of each kernel, this package its C++ source and the build.
 
-`depthwise.cc` (depthwise convolutions), `first_conv.cc` and `first_conv_grad.cc` (a
-network's first convolution, over an image's few channels, and its kernel gradient),
-`pooling.cc` (max pooling's forward and
+`depthwise.cc` (depthwise convolutions), `first_conv.cc` (a network's first
+convolution, over an image's few channels), `pooling.cc` (max pooling's forward and
 backward passes) and `resample.cc` (the training augmentation's bilinear resampling)
 share `parallel.h`.
 They are compiled into one library once per source, compiler and jaxlib (whose FFI
@@ -46,7 +45,6 @@ HERE = Path(__file__).parent
 SOURCES = (
     HERE / "depthwise.cc",
     HERE / "first_conv.cc",
-    HERE / "first_conv_grad.cc",
     HERE / "pooling.cc",
     HERE / "resample.cc",
 )
@@ -68,7 +66,6 @@ TARGETS = {
     "jaxrepro_max_pool_gradient": "JaxreproMaxPoolGradient",
     "jaxrepro_affine_resample": "JaxreproAffineResample",
     "jaxrepro_first_conv": "JaxreproFirstConv",
-    "jaxrepro_first_conv_kernel_gradient": "JaxreproFirstConvKernelGradient",
 }
 
 

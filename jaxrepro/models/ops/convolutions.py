@@ -31,14 +31,10 @@
 * `first_conv`: a network's first convolution, over an image's few channels (VALID,
   stride 1, at most `FIRST_CONV_CHANNELS` inputs, float32), forward by jaxrepro's
   kernel (`first_conv.cc`), which sums each output in (row, column, input channel)
-  order, and its kernel gradient by another (`first_conv_grad.cc`), which sums per
-  image over the output pixels in (row, column) order, then over the images in order;
-  the input gradient is XLA's convolution (the training step needs none: the input is
-  the image). Eigen's packed product is short there and ran at a fifth to a third of
-  the layers after it: the mini Xception's 5x5 stem took 76 against 45 ms, the
-  ConvNet's 3x3 conv1 50 against 25 ms (batch 32 at 180 px, 2-core AMD EPYC Zen 3,
-  huge pages; the best of 15 calls); the kernel gradients 74 against 39 ms and 52
-  against 23 ms (the best of 7). Both paper models
+  order; the gradients are XLA's convolutions. Eigen's packed product is short there
+  and ran at a fifth to a third of the layers after it: the mini Xception's 5x5 stem
+  took 76 against 45 ms, the ConvNet's 3x3 conv1 50 against 25 ms (batch 32 at 180
+  px, 2-core AMD EPYC Zen 3, huge pages; the best of 15 calls). Both paper models
   use it in `machine` mode (their `first_conv` field); the portable mode's own
   convolution replaces it.
 
@@ -353,13 +349,12 @@ def first_conv(
     dimension_numbers: Any = None,
     feature_group_count: int = 1,
     precision: Any = None,
-    kernel_gradient_kernel: bool = True,
     **kwargs: Any,
 ) -> jax.Array:
     """`lax.conv_general_dilated`, with a float32 VALID stride-1 NHWC convolution of at
-    most `FIRST_CONV_CHANNELS` input channels (a network's first, over the image) and
-    its kernel gradient by jaxrepro's kernels (`first_conv.cc`, `first_conv_grad.cc`;
-    other bits than XLA's); its input gradient stays XLA's convolution."""
+    most `FIRST_CONV_CHANNELS` input channels (a network's first, over the image) by
+    jaxrepro's kernel (`first_conv.cc`, other bits than XLA's); its gradients stay
+    XLA's convolutions."""
     ones = (None, (1, 1), [1, 1])
     if (
         kwargs
@@ -386,13 +381,7 @@ def first_conv(
             precision=precision,
             **kwargs,
         )
-    return _first_conv(lhs, rhs, precision, kernel_gradient_kernel)
-
-
-def first_conv_xla_gradient(*args: Any, **kwargs: Any) -> jax.Array:
-    """`first_conv` with XLA's kernel gradient instead of `first_conv_grad.cc`'s: the
-    form before that kernel, for the bench (`jax-xla-first-conv-gradient`)."""
-    return first_conv(*args, kernel_gradient_kernel=False, **kwargs)
+    return _first_conv(lhs, rhs, precision)
 
 
 def _is_valid(padding: Any) -> bool:
@@ -414,36 +403,19 @@ def _first_conv_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return call(x, kernel)
 
 
-def _first_conv_kernel_gradient_native(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
-    native.library()
-    call = jax.ffi.ffi_call(
-        "jaxrepro_first_conv_kernel_gradient",
-        jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
-        vmap_method="sequential",
-    )
-    return call(x, g)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _first_conv(
-    x: jax.Array, kernel: jax.Array, precision: Any, kernel_gradient_kernel: bool
-) -> jax.Array:
-    """The VALID stride-1 convolution by `first_conv.cc`; its kernel gradient by
-    `first_conv_grad.cc` (XLA's without `kernel_gradient_kernel`), its input gradient
-    XLA's."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _first_conv(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
+    """The VALID stride-1 convolution by `first_conv.cc`; the gradients are XLA's."""
     return _first_conv_native(x, kernel)
 
 
-def _first_conv_forward(x, kernel, precision, kernel_gradient_kernel):
+def _first_conv_forward(x, kernel, precision):
     return _first_conv_native(x, kernel), (x, kernel)
 
 
-def _first_conv_backward(precision, kernel_gradient_kernel, residuals, g):
+def _first_conv_backward(precision, residuals, g):
     x, kernel = residuals
-    if not kernel_gradient_kernel:
-        return jax.vjp(lambda a, k: _xla_conv(a, k, "VALID", precision), x, kernel)[1](g)
-    (dx,) = jax.vjp(lambda a: _xla_conv(a, kernel, "VALID", precision), x)[1](g)
-    return dx, _first_conv_kernel_gradient_native(x, g, kernel.shape)
+    return jax.vjp(lambda a, k: _xla_conv(a, k, "VALID", precision), x, kernel)[1](g)
 
 
 _first_conv.defvjp(_first_conv_forward, _first_conv_backward)
