@@ -27,14 +27,14 @@ can close a convolution's event when it hands the work to the thread pool), so i
 time, and its layer's, are too low.
 
 `--convolutions-alone` also times each `nn.Conv` of the model by itself, on the
-input it gets in the step: its forward pass, and for a training step the gradient
-with respect to its kernel and (but for the first convolution, whose input the step
-does not differentiate) its input, each jitted alone and called `--steps` times after
-a warm-up (the median). Their sum is what the step would take if it were its
-convolutions alone, each with the cores to itself; with the step's operation count
-(`bench_jax.xla_form_flops`, as the bench counts) that sum gives the fraction of the
-fp32 peak the step could reach with these convolution kernels and nothing else: a
-ceiling, next to the step's own wall time.
+input it gets in the step: its forward pass (its bias added too: one more pass over
+the output), and the gradient with respect to its kernel and (but for the first
+convolution, whose input the step does not differentiate) its input, each jitted
+alone and called `--steps` times after a warm-up (the median). Their sum is what the
+step would take if it were its convolutions alone, each with the cores to itself;
+with the step's operation count (`bench_jax.xla_form_flops`, as the bench counts)
+that sum gives the fraction of the fp32 peak the step could reach with these
+convolution kernels and nothing else: a ceiling, next to the step's own wall time.
 
 Writes DIR/profile.md (by layer and pass, then the `--top` instructions) and
 DIR/profile.json. The timings are the machine's and the load's; the table is a map of
