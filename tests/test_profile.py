@@ -28,7 +28,7 @@ def tiny_convnet():
     keys = train.stream_keys(config)
     size = config.data.image_size
     state = train.init_state(model, train.build_optimizer(config), keys["init"], size)
-    images = np.zeros((2, size, size, 3), np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     return model, state.variables, images
 
 
@@ -135,7 +135,12 @@ def test_conv_calls_find_every_convolution_with_its_input(tiny_convnet):
     # the unbound module computes what the model's layer computes
     conv, x = calls[1]
     y = conv.apply({"params": variables["params"]["conv2"]}, x)
-    assert y.shape == (*x.shape[:3], 64)
+    _, sown = model.apply(
+        variables, images.astype(np.float32), train=False, mutable=["intermediates"]
+    )
+    relu = np.asarray(jnp.maximum(y, 0.0))
+    assert np.count_nonzero(relu) > relu.size // 10  # not a trivial all-zero map
+    np.testing.assert_array_equal(relu, np.asarray(sown["intermediates"]["conv2_out"][0]))
 
 
 def test_convolutions_alone_and_the_ceiling_they_set(tmp_path, capsys):
