@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if skipped:
             print(
                 f"skipping {', '.join(skipped)} on {model}: they change the fast_convs "
-                "convolutions only",
+                "convolutions or the first_conv kernel, which this model does not have",
                 file=sys.stderr,
                 flush=True,
             )
