@@ -128,13 +128,13 @@ def test_the_profile_of_inference_is_the_forward_pass_alone(tmp_path):
 def test_conv_calls_find_every_convolution_with_its_input(tiny_convnet):
     model, variables, images = tiny_convnet
     calls = profile.conv_calls(model, variables, images)
-    assert [conv.name for conv, _ in calls] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert [c.layer for c in calls] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     size = images.shape[1]
-    assert calls[0][1].shape == (*images.shape[:3], 3)
-    assert calls[1][1].shape == (images.shape[0], (size - 2) // 2, (size - 2) // 2, 32)
+    assert calls[0].input.shape == (*images.shape[:3], 3)
+    assert calls[1].input.shape == (images.shape[0], (size - 2) // 2, (size - 2) // 2, 32)
     # the unbound module computes what the model's layer computes
-    conv, x = calls[1]
-    y = conv.apply({"params": variables["params"]["conv2"]}, x)
+    _, conv, params, x = calls[1]
+    y = conv.apply({"params": params}, x)
     _, sown = model.apply(
         variables, images.astype(np.float32), train=False, mutable=["intermediates"]
     )

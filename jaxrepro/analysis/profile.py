@@ -52,7 +52,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -183,16 +183,32 @@ def thunk_seconds(xspace: bytes, names: set[str]) -> dict[str, float]:
 STEPS = ("train", "infer")
 
 
-def conv_calls(model: nn.Module, variables: Any, images: np.ndarray) -> list[tuple[nn.Conv, Any]]:
-    """(module, input) of each `nn.Conv` call of `model`'s inference forward pass on
-    `images`, in call order: the module unbound (callable with `apply` and its own
-    parameters, `variables["params"][module.name]`), the input as it gets it."""
-    calls: list[tuple[nn.Conv, Any]] = []
+class ConvCall(NamedTuple):
+    """One `nn.Conv` call of a forward pass (`conv_calls`)."""
+
+    layer: str
+    module: nn.Conv
+    params: Any
+    input: Any
+
+
+def conv_calls(model: nn.Module, variables: Any, images: np.ndarray) -> list[ConvCall]:
+    """Each `nn.Conv` call of `model`'s inference forward pass on `images`, in call
+    order: the layer's path ("conv2", "block1/pointwise"), the module unbound (callable
+    with `apply`), its parameters and the input as it gets it."""
+    calls: list[ConvCall] = []
 
     def record(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, nn.Conv) and context.method_name == "__call__":
-            calls.append((module.clone(parent=None, name=module.name), args[0]))
+            calls.append(
+                ConvCall(
+                    "/".join(module.path),
+                    module.clone(parent=None, name=module.name),
+                    module.variables["params"],
+                    args[0],
+                )
+            )
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
@@ -208,8 +224,8 @@ def convolutions_alone(
     gradient for the first convolution), the median ms of `calls` calls after a
     warm-up, and the pass's nominal GFLOP (the same for all three)."""
     rows = []
-    for index, (conv, x) in enumerate(conv_calls(model, variables, images)):
-        params, x = variables["params"][conv.name], jax.device_put(np.asarray(x))
+    for index, (layer, conv, params, x) in enumerate(conv_calls(model, variables, images)):
+        x = jax.device_put(np.asarray(x))
 
         def forward(p, x, conv=conv):
             return conv.apply({"params": p}, x)
@@ -234,7 +250,7 @@ def convolutions_alone(
             seconds = timed(lambda fn=fn, args=args: jax.block_until_ready(fn(*args)), calls)
             rows.append(
                 {
-                    "layer": conv.name,
+                    "layer": layer,
                     "pass": pass_,
                     "ms": 1e3 * statistics.median(seconds),
                     "gflop": 2 * y.size * kh * kw * cin / 1e9,
